@@ -1,0 +1,93 @@
+"""Config errors: one line naming file, section and key; status 2; no traceback."""
+import logging
+
+import pytest
+
+from harness import run_script
+from zmqami.config import ConfigError, load_broker_config
+
+GOOD = """[general]
+device_state = yes
+presence = no
+log_level = info
+request_timeout = 1000
+count_messages = no
+verbose_messages = no
+
+[servers]
+sections = server-1, server-2
+
+[server-1]
+name = Console 1
+addr = 127.0.0.1
+cmd_port = 30967
+evt_port = 30968
+ami_trace = no
+
+[server-2]
+name = Console 2
+addr = 127.0.0.1
+cmd_port = 40967
+evt_port = 40968
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_key_of_the_original_is_read(tmp_path):
+    config = load_broker_config(write(tmp_path, GOOD.replace("request_timeout = 1000",
+                                                             "request_timeout = 250")))
+    assert (config.device_state, config.presence, config.log_level) == (True, False, logging.INFO)
+    assert config.request_timeout == 250 and not config.count_messages
+    first, second = config.servers
+    assert (first.name, first.cmd_url, first.evt_url, first.ami_trace) == (
+        "Console 1", "tcp://127.0.0.1:30967", "tcp://127.0.0.1:30968", False)
+    assert second.name == "Console 2"
+
+
+def test_general_keys_have_defaults(tmp_path):
+    text = GOOD.split("[servers]")[1]
+    config = load_broker_config(write(tmp_path, "[servers]" + text))
+    assert (config.device_state, config.presence, config.request_timeout) == (True, False, 1000)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("device_state = yes", "device_state = maybe"), "[general] device_state: 'maybe' is not yes or no"),
+    (("request_timeout = 1000", "request_timeout = 1s"), "[general] request_timeout: '1s' is not a whole number"),
+    (("log_level = info", "log_level = loud"), "[general] log_level: 'loud' is not one of debug, info, warning, error"),
+    (("addr = 127.0.0.1\ncmd_port = 30967", "cmd_port = 30967"), "[server-1] addr: missing"),
+    (("cmd_port = 40967", "cmd_port = 99999"), "[server-2] cmd_port: 99999 is not between 1 and 65535"),
+    (("sections = server-1, server-2", "sections = server-1, server-3"), "[server-3]: section missing"),
+    (("[servers]\nsections = server-1, server-2", ""), "[servers]: section missing"),
+    (("name = Console 2", "name = Console 1"), "[server-2] name: 'Console 1' is used by another server"),
+])
+def test_errors_name_file_section_and_key(tmp_path, change, expected):
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError) as error:
+        load_broker_config(path)
+    assert any(line.startswith(f"{path}: {expected}") for line in error.value.errors)
+
+
+def test_log_level_is_looked_up_never_evaluated(tmp_path):
+    path = write(tmp_path, GOOD.replace("log_level = info", "log_level = __import__('os')"))
+    with pytest.raises(ConfigError):
+        load_broker_config(path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, "cannot read the file"),
+    ("not an ini file", "not a valid ini file"),
+    (GOOD.replace("evt_port = 30968", "evt_port = x"), "[server-1] evt_port: 'x' is not a whole number"),
+])
+def test_the_broker_prints_one_line_and_exits_with_status_2(tmp_path, text, expected):
+    path = tmp_path / "config.ini"
+    if text is not None:
+        path.write_text(text)
+    result = run_script("broker.py", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and expected in result.stderr
+    assert str(path) in result.stderr and "Traceback" not in result.stderr

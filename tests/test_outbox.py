@@ -1,0 +1,101 @@
+"""The delivery policy to one server: newest state wins, one write per device in flight, retries."""
+from zmqami.asterisk import MAX_IN_FLIGHT, LinkStats, Outbox
+from zmqami.rules import StateUpdate
+
+
+def device(name, state):
+    return StateUpdate(f"DEVICE_STATE(Custom:{name})", state)
+
+
+def send_all(outbox):
+    sent = []
+    while True:
+        request = outbox.next_request()
+        if request is None:
+            return sent
+        outbox.sent(request)
+        sent.append(request)
+
+
+def ok(action_id):
+    return [{"Response": "Success", "ActionID": action_id, "Message": "Variable Set"}]
+
+
+def new_outbox():
+    return Outbox("B", timeout=1.0, stats=LinkStats())
+
+
+def test_a_newer_state_replaces_one_not_yet_sent():
+    outbox = new_outbox()
+    for i, state in enumerate(["RINGING", "INUSE", "NOT_INUSE"]):
+        outbox.write_state(device("SIP/100", state), f"id{i}")
+    sent = send_all(outbox)
+    assert [r.action["Value"] for r in sent] == ["NOT_INUSE"]
+
+
+def test_one_write_per_device_in_flight_keeps_the_order_of_states():
+    outbox = new_outbox()
+    outbox.write_state(device("SIP/100", "RINGING"), "a")
+    assert [r.action_id for r in send_all(outbox)] == ["a"]
+    outbox.write_state(device("SIP/100", "INUSE"), "b")
+    outbox.write_state(device("SIP/100", "NOT_INUSE"), "c")
+    assert send_all(outbox) == []           # waits for RINGING's reply
+    outbox.reply("a", ok("a"))
+    assert [r.action["Value"] for r in send_all(outbox)] == ["NOT_INUSE"]
+
+
+def test_a_lost_write_is_sent_again_unless_superseded():
+    outbox = new_outbox()
+    outbox.write_state(device("SIP/100", "RINGING"), "a")
+    outbox.write_state(device("SIP/200", "BUSY"), "b")
+    send_all(outbox)
+    outbox.write_state(device("SIP/200", "NOT_INUSE"), "c")
+    outbox.requeue_in_flight()              # the connection was reset
+    assert sorted(r.action["Value"] for r in send_all(outbox)) == ["NOT_INUSE", "RINGING"]
+
+
+def test_a_reply_shows_older_requests_were_lost():
+    outbox = new_outbox()
+    outbox.write_state(device("SIP/1", "BUSY"), "a")
+    outbox.write_state(device("SIP/2", "BUSY"), "b")
+    send_all(outbox)
+    outbox.reply("b", ok("b"))              # REP answers in order: "a" never arrived
+    assert [r.action_id for r in send_all(outbox)] == ["a"]
+    assert outbox.stats.acknowledged == 1
+
+
+def test_a_reply_without_action_id_belongs_to_the_oldest_request():
+    outbox = new_outbox()
+    replies = []
+    outbox.send_action({"Action": "NoSuchAction"}, replies.append)
+    send_all(outbox)
+    outbox.reply(None, [{"Response": "Error"}, {"Message": "Internal error."}])
+    assert replies == [[{"Response": "Error"}, {"Message": "Internal error."}]]
+
+
+def test_one_shot_actions_get_their_own_action_id_back_and_none_when_lost():
+    outbox = new_outbox()
+    replies = []
+    outbox.send_action({"Action": "Ping", "ActionID": "mine"}, replies.append)
+    outbox.send_action({"Action": "Ping"}, replies.append)
+    first, second = send_all(outbox)
+    assert first.action["ActionID"] != "mine"
+    outbox.reply(first.action_id, [{"Response": "Success", "ActionID": first.action_id}])
+    outbox.requeue_in_flight()
+    assert replies == [[{"Response": "Success", "ActionID": "mine"}], None]
+
+
+def test_a_refused_write_is_counted_and_not_sent_again():
+    outbox = new_outbox()
+    outbox.write_state(device("SIP/1", "BUSY"), "a")
+    send_all(outbox)
+    outbox.reply("a", [{"Response": "Error", "ActionID": "a", "Message": "Variable not set"}])
+    assert outbox.stats.refused == 1 and send_all(outbox) == [] and len(outbox) == 0
+
+
+def test_in_flight_is_bounded_and_the_rest_waits_conflated():
+    outbox = new_outbox()
+    for i in range(MAX_IN_FLIGHT + 5):
+        outbox.write_state(device(f"SIP/{i}", "INUSE"), f"id{i}")
+    assert len(send_all(outbox)) == MAX_IN_FLIGHT
+    assert len(outbox) == 5

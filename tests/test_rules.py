@@ -1,0 +1,139 @@
+"""The relay rules on their own: which events are relayed, as what, and what is refused."""
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zmqami.rules import (BadInput, PresenceEchoFilter, StateUpdate, decode_event,
+                          parse_presence_value, presence_value, relayed_update)
+
+
+def device_event(device="SIP/100", state="INUSE"):
+    return {"Event": "DeviceStateChange", "Privilege": "call,all", "Device": device, "State": state}
+
+
+def presence_event(presentity="CustomPresence:100", status="away", subtype="", message="Lunch"):
+    return {"Event": "PresenceStateChange", "Privilege": "call,all", "Presentity": presentity,
+            "Status": status, "Subtype": subtype, "Message": message}
+
+
+def test_device_state_becomes_setvar_of_its_custom_mirror():
+    update = relayed_update(device_event("SIP/100", "RINGING"))
+    assert update == StateUpdate("DEVICE_STATE(Custom:SIP/100)", "RINGING")
+    assert update.action("abc") == {"Action": "Setvar", "ActionID": "abc",
+                                    "Variable": "DEVICE_STATE(Custom:SIP/100)", "Value": "RINGING"}
+    assert update.action("abc", verb="SetVar")["Action"] == "SetVar"
+
+
+@pytest.mark.parametrize("state", ["NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE",
+                                   "RINGING", "RINGINUSE", "ONHOLD", "inuse"])
+def test_every_writable_state_is_relayed_in_upper_case(state):
+    assert relayed_update(device_event(state=state)).value == state.upper()
+
+
+def test_custom_devices_and_unknown_are_not_relayed():
+    assert relayed_update(device_event("Custom:SIP/100", "INUSE")) is None
+    assert relayed_update(device_event("SIP/100", "UNKNOWN")) is None
+
+
+def test_presence_is_relayed_only_when_enabled_and_only_custom_presence():
+    assert relayed_update(presence_event()) is None
+    assert relayed_update(presence_event(), presence=True) == StateUpdate(
+        "PRESENCE_STATE(CustomPresence:100)", "away,,Lunch")
+    assert relayed_update(presence_event("XMPP:alice"), presence=True) is None
+    assert relayed_update(device_event(), device_state=False) is None
+
+
+def test_other_events_are_not_relayed():
+    assert relayed_update({"Event": "FullyBooted"}) is None
+    assert relayed_update({"Event": "ExtensionStatus", "Exten": "100"}) is None
+
+
+@pytest.mark.parametrize("event, reason", [
+    ({"Event": "DeviceStateChange", "State": "INUSE"}, "Device missing"),
+    (device_event(device=5), "Device missing or not a string"),
+    (device_event(device=""), "Device missing"),
+    (device_event(state=None), "State missing"),
+    (device_event(state="FOO"), "not a device state"),
+    (device_event(device="SIP/1\nAction: Originate"), "control character"),
+    (device_event(device="SIP/1)"), "parenthesis"),
+    (device_event(device="SIP/1,2"), "comma"),
+    (device_event(device="x" * 201), "longer than"),
+    (presence_event(status="sleeping"), "not a presence state"),
+    (presence_event(message="a\r\nAction: Originate"), "control character"),
+    (presence_event(subtype=3), "not a string"),
+    (presence_event(message="m" * 1001), "longer than"),
+])
+def test_values_that_must_not_reach_asterisk_are_refused(event, reason):
+    with pytest.raises(BadInput, match=reason):
+        relayed_update(event, presence=True)
+
+
+def test_presence_value_syntax_and_base64_when_a_comma_would_split_it():
+    assert presence_value("available", "", "") == "available"
+    assert presence_value("dnd", "meeting", "In a meeting") == "dnd,meeting,In a meeting"
+    # The capture 23_presence_base64 wrote exactly this value.
+    assert presence_value("xa", "office", "Out, of office").endswith(",e")
+    assert parse_presence_value("xa,b2ZmaWNl,T3V0IG9mIG9mZmljZQ==,e") == ("xa", "office",
+                                                                           "Out of office")
+
+
+@given(st.sampled_from(["not_set", "available", "away", "xa", "chat", "dnd", "unavailable"]),
+       st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs"))),
+       st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs"))))
+def test_presence_value_round_trips_through_asterisks_parser(status, subtype, message):
+    assert parse_presence_value(presence_value(status, subtype, message)) == (status, subtype,
+                                                                              message)
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"not json", "not JSON"), (b"\xff\xfe{}", "not UTF-8"), (b"[1,2]", "not an object"),
+    (b'"Ping"', "not an object"), (b"", "not JSON"), (b"{}", "no Event"),
+    (b'{"Event": 5}', "no Event"), (b"[" * 100000, "not JSON"),
+])
+def test_event_decoding_refuses_what_is_not_an_event(raw, reason):
+    with pytest.raises(BadInput, match=reason):
+        decode_event(raw)
+
+
+def test_event_decoding_reads_the_captured_events():
+    event = decode_event(b'{"Event":"PresenceStateChange","Privilege":"call,all","Presentity":'
+                         b'"CustomPresence:102","Status":"away","Subtype":"","Message":'
+                         b'"Caf\xc3\xa9: back at 2"}')
+    assert relayed_update(event, presence=True).value == "away,,Café: back at 2"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=20)
+event_like = st.fixed_dictionaries(
+    {"Event": st.sampled_from(["DeviceStateChange", "PresenceStateChange"])},
+    optional={"Device": json_values | st.text(), "State": json_values | st.text(),
+              "Presentity": json_values | st.text(), "Status": json_values | st.text(),
+              "Subtype": json_values | st.text(), "Message": json_values | st.text()})
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.binary(), json_values.map(lambda v: json.dumps(v).encode()),
+                 event_like.map(lambda v: json.dumps(v).encode())))
+def test_any_bytes_give_an_update_none_or_bad_input_and_never_a_control_character(raw):
+    try:
+        update = relayed_update(decode_event(raw), device_state=True, presence=True)
+    except BadInput:
+        return
+    if update is not None:
+        for text in (update.variable, update.value):
+            assert not any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def test_echo_filter_drops_only_the_value_written_to_that_server():
+    echoes = PresenceEchoFilter()
+    away = StateUpdate("PRESENCE_STATE(CustomPresence:1)", "away")
+    back = StateUpdate("PRESENCE_STATE(CustomPresence:1)", "available")
+    echoes.written("B", away)
+    assert not echoes.is_echo("C", away)      # C was not written
+    assert echoes.is_echo("B", away)          # B's echo of our write
+    assert not echoes.is_echo("B", away)      # a second event is a genuine write on B
+    echoes.written("B", away)
+    assert not echoes.is_echo("B", back)      # a different value is a genuine change

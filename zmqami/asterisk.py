@@ -1,0 +1,359 @@
+"""The connection to one Asterisk server, and what is still to be sent to it.
+
+``Outbox`` is the delivery policy, independent of how Asterisk is reached:
+- per variable (one device, one presentity) only the newest state waits to be sent: a slow server
+  gets the newest state of each device, not a backlog, and memory is bounded by the devices;
+- at most one write per variable is in flight, so per device the order of states is kept;
+- a write that is not acknowledged (timeout, lost connection) is sent again, unless superseded;
+- one-shot actions (a Ping, an action a client asked for) are sent once, their reply or None
+  handed to a callback.
+
+``ZmqManagerLink`` reaches Asterisk through res_zmq_manager: a SUB socket for events and a DEALER
+socket for actions.  The module's cmd socket is REP, which answers requests one by one in order, so
+a DEALER may keep several requests in flight (the Guide's pipelining).  A reply is matched to its
+request by ActionID; one without (the module's own errors) belongs to the oldest request in flight,
+and requests older than the one answered were lost on a reconnect.  When the oldest request is not
+answered in time, the socket is closed and opened again (the Guide's Lazy Pirate) and what was in
+flight is queued again: nothing the loop does ever waits for Asterisk.
+"""
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+import zmq
+
+from .loop import EventLoop, Timer
+from .rules import BadInput, StateUpdate, decode_event
+from .stats import DropLog
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 10  # requests queued at Asterisk per server; small, so that newer states conflate
+EVENT_BATCH = 1000  # messages read per wake-up before other sockets get their turn
+EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
+
+ReplyCallback = Callable[[Optional[List[Dict[str, Any]]]], None]
+
+
+@dataclass
+class Request:
+    action_id: str
+    action: Dict[str, Any]
+    update: Optional[StateUpdate] = None      # a state write: retried until acknowledged
+    on_reply: Optional[ReplyCallback] = None  # a one-shot action: told its reply, or None
+    caller_action_id: Any = None              # the ActionID the caller gave a one-shot action
+    sent_at: float = 0.0
+
+
+@dataclass
+class LinkStats:
+    events: int = 0
+    sent: int = 0
+    acknowledged: int = 0
+    refused: int = 0
+    timeouts: int = 0
+
+
+class Outbox:
+    """What is still to be sent to one Asterisk server, and what is waiting for its reply."""
+
+    def __init__(self, name: str, timeout: float, stats: LinkStats) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.stats = stats
+        self.pending: "OrderedDict[str, Request]" = OrderedDict()  # ready to send, by variable
+        self.waiting: Dict[str, Request] = {}   # newer state of a variable that is in flight
+        self.one_shots: Deque[Request] = deque()
+        self.in_flight: "OrderedDict[str, Request]" = OrderedDict()  # by ActionID, oldest first
+        self.busy: set = set()                   # variables in flight
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.waiting) + len(self.one_shots)
+
+    def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar") -> None:
+        request = Request(action_id, update.action(action_id, verb), update=update)
+        if update.variable in self.busy:
+            self.waiting[update.variable] = request
+        else:
+            self.pending[update.variable] = request
+
+    def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
+        # Our own ActionID makes the reply ours to match; the caller's is put back into the reply.
+        action_id = "zab-" + uuid.uuid4().hex
+        request = Request(action_id, dict(action, ActionID=action_id), on_reply=on_reply,
+                          caller_action_id=action.get("ActionID"))
+        self.one_shots.append(request)
+
+    def next_request(self) -> Optional[Request]:
+        if len(self.in_flight) >= MAX_IN_FLIGHT:
+            return None
+        if self.one_shots:
+            return self.one_shots.popleft()
+        if self.pending:
+            return self.pending.popitem(last=False)[1]
+        return None
+
+    def sent(self, request: Request) -> None:
+        request.sent_at = time.monotonic()
+        self.in_flight[request.action_id] = request
+        if request.update is not None:
+            self.busy.add(request.update.variable)
+        self.stats.sent += 1
+
+    def unsent(self, request: Request) -> None:
+        """Put back a request the socket would not take."""
+        if request.update is None:
+            self.one_shots.appendleft(request)
+        else:
+            self._requeue(request)
+
+    def oldest_deadline(self) -> Optional[float]:
+        for request in self.in_flight.values():
+            return request.sent_at + self.timeout
+        return None
+
+    def reply(self, action_id: Optional[str], reply: Optional[List[Dict[str, Any]]]) -> None:
+        """A reply arrived: complete its request and requeue those it shows were lost."""
+        if action_id is None or action_id not in self.in_flight:
+            if action_id is not None or not self.in_flight:
+                log.debug("Reply from %s matches no request in flight: %s", self.name, action_id)
+                return
+            action_id = next(iter(self.in_flight))
+        while True:
+            oldest_id, request = self.in_flight.popitem(last=False)
+            if oldest_id == action_id:
+                break
+            self._lost(request)
+        self._complete(request, reply)
+
+    def requeue_in_flight(self) -> None:
+        """The connection was reset: everything in flight is lost."""
+        while self.in_flight:
+            self._lost(self.in_flight.popitem(last=False)[1])
+
+    def _complete(self, request: Request, reply: Optional[List[Dict[str, Any]]]) -> None:
+        if request.on_reply is not None:
+            request.on_reply(_restore_action_id(reply, request))
+            return
+        self._release(request.update.variable)
+        response = reply[0].get("Response") if reply and isinstance(reply[0], dict) else None
+        if response == "Success":
+            self.stats.acknowledged += 1
+            return
+        # Asterisk refused the value: sending it again would be refused again.
+        self.stats.refused += 1
+        message = _reply_message(reply)
+        log.warning("%s refused Setvar %s=%s: %s", self.name, request.update.variable,
+                    request.update.value, message)
+
+    def _lost(self, request: Request) -> None:
+        if request.on_reply is not None:
+            request.on_reply(None)
+            return
+        self._release(request.update.variable)
+        self._requeue(request)
+
+    def _requeue(self, request: Request) -> None:
+        variable = request.update.variable
+        if variable in self.pending:
+            return  # superseded by a newer state that is already queued
+        self.pending[variable] = request
+        self.pending.move_to_end(variable, last=False)
+
+    def _release(self, variable: str) -> None:
+        self.busy.discard(variable)
+        newer = self.waiting.pop(variable, None)
+        if newer is not None:
+            self.pending[variable] = newer
+
+
+def _reply_message(reply: Optional[List[Dict[str, Any]]]) -> str:
+    for item in reply or ():
+        if isinstance(item, dict) and isinstance(item.get("Message"), str):
+            return item["Message"]
+    return "no reply" if reply is None else "unexpected reply"
+
+
+def _restore_action_id(reply: Optional[List[Dict[str, Any]]], request: Request) -> Any:
+    for item in reply or ():
+        if isinstance(item, dict) and item.get("ActionID") == request.action_id:
+            if request.caller_action_id is None:
+                del item["ActionID"]
+            else:
+                item["ActionID"] = request.caller_action_id
+    return reply
+
+
+def decode_reply(raw: bytes) -> List[Dict[str, Any]]:
+    """res_zmq_manager's reply: a JSON array of AMI messages (objects)."""
+    try:
+        reply = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadInput("reply is not JSON") from None
+    if not isinstance(reply, list) or not all(isinstance(item, dict) for item in reply):
+        raise BadInput("reply is not a JSON array of objects")
+    return reply
+
+
+@dataclass
+class LinkHandlers:
+    """What a link tells its owner: each event, and each piece of input it dropped."""
+    on_event: Callable[["ZmqManagerLink", Dict[str, Any]], None]
+    drops: DropLog
+
+
+class ZmqManagerLink:
+    """One Asterisk server reached through res_zmq_manager (SUB for events, DEALER for actions)."""
+
+    def __init__(self, loop: EventLoop, context: zmq.Context, name: str, cmd_url: str,
+                 evt_url: str, request_timeout_ms: int, handlers: LinkHandlers) -> None:
+        self.loop = loop
+        self.context = context
+        self.name = name
+        self.cmd_url = cmd_url
+        self.evt_url = evt_url
+        self.handlers = handlers
+        self.stats = LinkStats()
+        self.outbox = Outbox(name, request_timeout_ms / 1000.0, self.stats)
+        self.answering: Optional[bool] = None  # None until the first reply or timeout
+        self.evt_socket: Optional[zmq.Socket] = None
+        self.cmd_socket: Optional[zmq.Socket] = None
+        self._timeout_timer: Optional[Timer] = None
+
+    # --- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.evt_socket = self.context.socket(zmq.SUB)
+        _common_options(self.evt_socket)
+        self.evt_socket.setsockopt(zmq.RCVHWM, EVENT_HWM)
+        # Everything, not just "{": what is not a JSON object is counted and reported, not hidden.
+        self.evt_socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.evt_socket.connect(self.evt_url)
+        self.loop.add_reader(self.evt_socket, self._read_events)
+        log.info("Connected to %s events on %s", self.name, self.evt_url)
+        self._open_cmd_socket()
+        log.info("Connected to %s commands on %s", self.name, self.cmd_url)
+
+    def close(self) -> None:
+        for sock in (self.evt_socket, self.cmd_socket):
+            if sock is not None:
+                self.loop.remove_reader(sock)
+                sock.close(linger=0)
+        self.evt_socket = self.cmd_socket = None
+        if self._timeout_timer:
+            self._timeout_timer.cancel()
+
+    def _open_cmd_socket(self) -> None:
+        self.cmd_socket = self.context.socket(zmq.DEALER)
+        _common_options(self.cmd_socket)
+        self.cmd_socket.connect(self.cmd_url)
+        self.loop.add_reader(self.cmd_socket, self._read_replies)
+
+    def _reset_cmd_socket(self) -> None:
+        self.loop.remove_reader(self.cmd_socket)
+        self.cmd_socket.close(linger=0)
+        self._open_cmd_socket()
+
+    # --- sending ---------------------------------------------------------------------------------
+    def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar") -> None:
+        self.outbox.write_state(update, action_id, verb)
+        self._send_pending()
+
+    def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
+        self.outbox.send_action(action, on_reply)
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        while True:
+            request = self.outbox.next_request()
+            if request is None:
+                break
+            payload = _encode_action(request.action)
+            try:
+                self.cmd_socket.send_multipart([b"", payload], zmq.NOBLOCK)
+            except zmq.Again:
+                self.outbox.unsent(request)
+                break
+            self.outbox.sent(request)
+        self._arm_timeout()
+
+    def _arm_timeout(self) -> None:
+        if self._timeout_timer is None or self._timeout_timer.cancelled:
+            deadline = self.outbox.oldest_deadline()
+            if deadline is not None:
+                self._timeout_timer = self.loop.call_later(
+                    max(0.0, deadline - time.monotonic()), self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self._timeout_timer = None
+        deadline = self.outbox.oldest_deadline()
+        if deadline is not None and deadline <= time.monotonic():
+            self._on_timeout()
+        self._arm_timeout()
+
+    def _on_timeout(self) -> None:
+        self.stats.timeouts += 1
+        if self.answering is not False:
+            log.error("Did not receive REP from %s within %d ms: reconnecting, and sending again "
+                      "until it answers", self.name, self.outbox.timeout * 1000)
+        else:
+            log.debug("Still no REP from %s: reconnecting", self.name)
+        self.answering = False
+        self.outbox.requeue_in_flight()
+        self._reset_cmd_socket()
+        self._send_pending()
+
+    # --- receiving -------------------------------------------------------------------------------
+    def _read_replies(self) -> None:
+        for _ in range(EVENT_BATCH):
+            try:
+                frames = self.cmd_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_reply(frames)
+        self._send_pending()
+
+    def _on_reply(self, frames: List[bytes]) -> None:
+        if self.answering is False:
+            log.info("%s answers again", self.name)
+        self.answering = True
+        raw = frames[-1]
+        try:
+            if len(frames) != 2 or frames[0]:
+                raise BadInput(f"reply of {len(frames)} frames")
+            reply = decode_reply(raw)
+        except BadInput as exc:
+            self.handlers.drops.drop(self.name, str(exc), raw)
+            self.outbox.reply(None, None)
+            return
+        action_id = reply[0].get("ActionID") if reply else None
+        log.debug("Reply from %s: %s", self.name, raw)
+        self.outbox.reply(action_id if isinstance(action_id, str) else None, reply)
+
+    def _read_events(self) -> None:
+        for _ in range(EVENT_BATCH):
+            try:
+                frames = self.evt_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats.events += 1
+            try:
+                if len(frames) != 1:
+                    raise BadInput(f"event of {len(frames)} frames")
+                event = decode_event(frames[0])
+            except BadInput as exc:
+                self.handlers.drops.drop(self.name, str(exc), b"".join(frames))
+                continue
+            self.handlers.on_event(self, event)
+
+
+def _encode_action(action: Dict[str, Any]) -> bytes:
+    return json.dumps(action).encode("ascii")
+
+
+def _common_options(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)

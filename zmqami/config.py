@@ -1,0 +1,245 @@
+"""Configuration loading for the three scripts, and the logging set-up they share.
+
+Every error names the file, the section (for ini files) and the key, in one line, so an
+administrator can fix it without reading code.  Loaders collect every error they find and raise one
+ConfigError holding them all; the scripts print them and exit with status 2.
+"""
+import configparser
+import ipaddress
+import logging
+import os
+import runpy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
+              "warning": logging.WARNING, "error": logging.ERROR}
+CONFIG_ERROR_EXIT = 2
+
+
+class ConfigError(Exception):
+    """One or more configuration errors, each a line naming file, section and key."""
+
+    def __init__(self, errors: List[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def setup_logging(level: int) -> None:
+    """Log to stderr in the original project's format (the journal picks stderr up)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: the addresses the demo and tests may use."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# --- broker: config.ini --------------------------------------------------------------------------
+
+@dataclass
+class ServerConfig:
+    """One Asterisk server running res_zmq_manager, as a [server-N] section describes it."""
+    section: str
+    name: str
+    addr: str
+    cmd_port: int
+    evt_port: int
+    ami_trace: bool = False
+
+    @property
+    def cmd_url(self) -> str:
+        return f"tcp://{_url_host(self.addr)}:{self.cmd_port}"
+
+    @property
+    def evt_url(self) -> str:
+        return f"tcp://{_url_host(self.addr)}:{self.evt_port}"
+
+
+@dataclass
+class BrokerConfig:
+    path: str
+    device_state: bool = True
+    presence: bool = False
+    log_level: int = logging.INFO
+    request_timeout: int = 1000
+    count_messages: bool = False
+    verbose_messages: bool = False
+    servers: List[ServerConfig] = field(default_factory=list)
+
+
+def _url_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+class _IniReader:
+    """Reads typed values from one ini file, collecting errors instead of stopping at the first."""
+
+    def __init__(self, path: str, parser: configparser.ConfigParser) -> None:
+        self.path = path
+        self.parser = parser
+        self.errors: List[str] = []
+
+    def error(self, section: str, key: Optional[str], message: str) -> None:
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        self.errors.append(f"{self.path}: {where}: {message}")
+
+    def raw(self, section: str, key: str, default: Optional[str] = None) -> Optional[str]:
+        if not self.parser.has_section(section):
+            return default
+        value = self.parser.get(section, key, fallback=None)
+        if value is None or value.strip() == "":
+            if default is None:
+                self.error(section, key, "missing")
+            return default
+        return value.strip()
+
+    def boolean(self, section: str, key: str, default: bool) -> bool:
+        value = self.raw(section, key, "yes" if default else "no")
+        if value.lower() not in configparser.ConfigParser.BOOLEAN_STATES:
+            self.error(section, key, f"{value!r} is not yes or no")
+            return default
+        return configparser.ConfigParser.BOOLEAN_STATES[value.lower()]
+
+    def integer(self, section: str, key: str, default: Optional[int], low: int, high: int) -> int:
+        value = self.raw(section, key, None if default is None else str(default))
+        if value is None:
+            return 0
+        try:
+            number = int(value)
+        except ValueError:
+            self.error(section, key, f"{value!r} is not a whole number")
+            return default or 0
+        if not low <= number <= high:
+            self.error(section, key, f"{number} is not between {low} and {high}")
+        return number
+
+    def choice(self, section: str, key: str, default: str, choices: Dict[str, Any]) -> Any:
+        value = self.raw(section, key, default).lower()
+        if value not in choices:
+            self.error(section, key, f"{value!r} is not one of {', '.join(choices)}")
+            return choices[default]
+        return choices[value]
+
+
+def load_broker_config(path: str) -> BrokerConfig:
+    """Read and check the broker's ini file (example_config.ini documents every key)."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file: {exc.strerror}"]) from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: not a valid ini file: {first_line}"]) from None
+
+    ini = _IniReader(path, parser)
+    config = BrokerConfig(path=path)
+    config.device_state = ini.boolean("general", "device_state", True)
+    config.presence = ini.boolean("general", "presence", False)
+    config.log_level = ini.choice("general", "log_level", "info", LOG_LEVELS)
+    config.request_timeout = ini.integer("general", "request_timeout", 1000, 10, 600_000)
+    config.count_messages = ini.boolean("general", "count_messages", False)
+    config.verbose_messages = ini.boolean("general", "verbose_messages", False)
+
+    if not parser.has_section("servers"):
+        ini.errors.append(f"{path}: [servers]: section missing")
+        raise ConfigError(ini.errors)
+    sections = [s.strip() for s in (ini.raw("servers", "sections") or "").split(",") if s.strip()]
+    for section in sections:
+        if not parser.has_section(section):
+            ini.error(section, None, "section missing (listed in [servers] sections)")
+            continue
+        config.servers.append(ServerConfig(
+            section=section,
+            name=ini.raw(section, "name", section),
+            addr=ini.raw(section, "addr") or "",
+            cmd_port=ini.integer(section, "cmd_port", None, 1, 65535),
+            evt_port=ini.integer(section, "evt_port", None, 1, 65535),
+            ami_trace=ini.boolean(section, "ami_trace", False),
+        ))
+    _check_server_names(ini, config.servers)
+    if ini.errors:
+        raise ConfigError(ini.errors)
+    return config
+
+
+def _check_server_names(ini: _IniReader, servers: List[ServerConfig]) -> None:
+    if len(set(s.section for s in servers)) < len(servers):
+        ini.error("servers", "sections", "a section is listed twice")
+    names = [s.name for s in servers]
+    for server in servers:
+        if names.count(server.name) > 1:
+            ini.error(server.section, "name", f"{server.name!r} is used by another server")
+
+
+# --- agent and hub: Python settings files ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a Python settings file: its default and a check that returns an error or None."""
+    default: Any
+    check: Callable[[Any], Optional[str]]
+
+
+def is_text(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) and value else "must be a non-empty string"
+
+
+def is_optional_text(value: Any) -> Optional[str]:
+    return None if value is None or isinstance(value, str) else "must be a string or None"
+
+
+def is_url(value: Any) -> Optional[str]:
+    if not isinstance(value, str) or "://" not in value:
+        return "must be a ZeroMQ address such as 'tcp://127.0.0.1:55555'"
+    return None
+
+
+def is_positive_number(value: Any) -> Optional[str]:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return None if ok else "must be a number above 0"
+
+
+def is_bool(value: Any) -> Optional[str]:
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def is_log_level(value: Any) -> Optional[str]:
+    ok = isinstance(value, str) and value.lower() in LOG_LEVELS
+    return None if ok else f"must be one of {', '.join(LOG_LEVELS)}"
+
+
+def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any], List[str]]:
+    """Run a Python settings file (as the original's ``import agent_config`` did) and check it.
+
+    Returns every setting of the schema, from the file or its default, and the upper-case names the
+    schema does not know (most often a misspelt setting: the caller warns about them).
+    """
+    if not os.path.isfile(path):
+        raise ConfigError([f"{path}: cannot read the file: No such file"])
+    try:
+        namespace = runpy.run_path(path)
+    except SyntaxError as exc:
+        raise ConfigError([f"{path}: line {exc.lineno}: {exc.msg}"]) from None
+    except Exception as exc:  # the settings file is code: report whatever it raised, in one line
+        raise ConfigError([f"{path}: {type(exc).__name__}: {exc}"]) from None
+    errors = []
+    settings = {}
+    for key, setting in schema.items():
+        value = namespace.get(key, setting.default)
+        problem = setting.check(value)
+        if problem:
+            errors.append(f"{path}: {key}: {problem} (found {value!r})")
+        settings[key] = value
+    if errors:
+        raise ConfigError(errors)
+    unknown = [key for key in namespace if key.isupper() and key not in schema]
+    return settings, unknown

@@ -1,0 +1,157 @@
+"""``python broker.py --demo``: the broker at work on three stand-in Asterisk servers.
+
+Starts three stand-in servers on free 127.0.0.1 ports, runs ``python broker.py`` on them as a user
+would, plays a few phones and shows each state arriving on the other servers, as the Custom:
+device (or presence) Asterisk would show there.  Ends by itself after a few seconds, or on Ctrl-C.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Set, Tuple
+
+import zmq
+
+from .standin import HOST, Standin, start_standin
+
+SERVERS = ("asterisk-1", "asterisk-2", "asterisk-3")
+STEP_DEADLINE = 3.0  # seconds to wait for a change to show on every other server
+
+# (server index, what changes, device or presentity, new state)
+SCRIPT = [
+    (0, "device", "SIP/100", "RINGING"),
+    (0, "device", "SIP/100", "INUSE"),
+    (1, "device", "PJSIP/alice", "BUSY"),
+    (2, "presence", "CustomPresence:300", ("away", "lunch", "Back at 2, promise")),
+    (0, "device", "SIP/100", "NOT_INUSE"),
+]
+
+
+def _config_text(standins: List[Standin]) -> str:
+    lines = ["[general]", "device_state = yes", "presence = yes", "log_level = warning",
+             "[servers]", "sections = " + ", ".join(SERVERS)]
+    for name, standin in zip(SERVERS, standins):
+        lines += [f"[{name}]", f"name = {name}", f"addr = {HOST}",
+                  f"cmd_port = {standin.cmd_port}", f"evt_port = {standin.evt_port}"]
+    return "\n".join(lines) + "\n"
+
+
+class Observer:
+    """Watches every stand-in's events, as an administrator watching the Asterisk consoles."""
+
+    def __init__(self, context: zmq.Context, standins: List[Standin]) -> None:
+        self.poller = zmq.Poller()
+        self.servers: Dict[zmq.Socket, str] = {}
+        for name, standin in zip(SERVERS, standins):
+            sock = context.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.connect(f"tcp://{HOST}:{standin.evt_port}")
+            self.poller.register(sock, zmq.POLLIN)
+            self.servers[sock] = name
+
+    def wait_for(self, expected: Set[Tuple[str, str, str]], started: float) -> Set:
+        """Print each expected (server, mirror, value) as it shows; return those that never did."""
+        deadline = time.monotonic() + STEP_DEADLINE
+        while expected and time.monotonic() < deadline:
+            for sock, _ in self.poller.poll(100):
+                seen = _mirror_of(json.loads(sock.recv()))
+                item = (self.servers[sock],) + seen if seen else None
+                if item in expected:
+                    expected.discard(item)
+                    elapsed = (time.monotonic() - started) * 1000
+                    print(f"      -> {item[0]} now shows {item[1]} = {item[2]}"
+                          f"   ({elapsed:.1f} ms later)")
+        return expected
+
+    def close(self) -> None:
+        for sock in self.servers:
+            sock.close()
+
+
+def _mirror_of(event: Dict[str, str]) -> Optional[Tuple[str, str]]:
+    if event.get("Event") == "DeviceStateChange" and event.get("Device", "").startswith("Custom:"):
+        return event["Device"], event["State"]
+    if event.get("Event") == "PresenceStateChange":
+        return event["Presentity"], _presence_text(event["Status"], event["Subtype"], event["Message"])
+    return None
+
+
+def _presence_text(status: str, subtype: str, message: str) -> str:
+    return f"{status} ({subtype}: {message})"
+
+
+def _wait_until_subscribed(standins: List[Standin], subscribers: int, broker: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 10
+    while any(s.control.state()["subscriptions"] < subscribers for s in standins):
+        if broker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the broker did not connect to the stand-in servers")
+        time.sleep(0.02)
+
+
+def _play(observer: Observer, standins: List[Standin]) -> bool:
+    everything_arrived = True
+    for index, kind, name, state in SCRIPT:
+        source = SERVERS[index]
+        others = [server for server in SERVERS if server != source]
+        started = time.monotonic()
+        if kind == "device":
+            print(f"\n  {source}: phone {name} is now {state}")
+            standins[index].control.set_device(name, state)
+            expected = {(server, "Custom:" + name, state) for server in others}
+        else:
+            print(f"\n  {source}: {name} sets presence {_presence_text(*state)}")
+            standins[index].control.set_presence(name, *state)
+            expected = {(server, name, _presence_text(*state)) for server in others}
+        for server, mirror, value in sorted(observer.wait_for(expected, started)):
+            everything_arrived = False
+            print(f"      !! {server} did not show {mirror} = {value}")
+    return everything_arrived
+
+
+def _print_mirrors(standins: List[Standin]) -> None:
+    print("\nWhat each server holds now (Custom: devices are the mirrors the broker wrote):")
+    states = [standin.control.devices() for standin in standins]
+    devices = sorted({device for state in states for device in state})
+    print(f"    {'device':<22}" + "".join(f"{name:<14}" for name in SERVERS))
+    for device in devices:
+        print(f"    {device:<22}" + "".join(f"{state.get(device, '-'):<14}" for state in states))
+
+
+def run_demo() -> int:
+    context = zmq.Context()
+    standins = [start_standin(context) for _ in SERVERS]
+    workdir = tempfile.mkdtemp(prefix="zmq-ami-broker-demo-")
+    config_path = os.path.join(workdir, "demo_config.ini")
+    with open(config_path, "w", encoding="utf-8") as handle:
+        handle.write(_config_text(standins))
+    broker_script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "broker.py")
+    print("zmq-ami-broker demo: three stand-in Asterisk servers on 127.0.0.1, "
+          "and the broker between them")
+    print(f"    python broker.py {config_path}")
+    broker = subprocess.Popen([sys.executable, broker_script, config_path])
+    # Ctrl-C reaches the broker too (same process group) and stops it; here it is KeyboardInterrupt.
+    observer = Observer(context, standins)
+    ok = False
+    try:
+        _wait_until_subscribed(standins, 2, broker)  # the broker and the observer
+        ok = _play(observer, standins)
+        _print_mirrors(standins)
+        print("\nEvery change reached every other server." if ok else
+              "\nSome changes did not arrive: see the broker's messages above.")
+    except KeyboardInterrupt:
+        print("\nInterrupted.")
+        ok = True
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        observer.close()
+        for standin in standins:
+            standin.stop()
+        context.destroy(linger=0)
+        os.unlink(config_path)
+        os.rmdir(workdir)
+    return 0 if ok else 1

@@ -1,0 +1,129 @@
+"""The one event loop each script runs: a zmq.Poller, timers, and a clean stop on SIGTERM/SIGINT.
+
+Readers are called when their socket has input; timers when they are due.  Nothing else runs, so
+the whole program is single-threaded and every handler may assume it runs alone.
+"""
+import heapq
+import itertools
+import logging
+import signal
+import socket
+import time
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+Pollable = Union[zmq.Socket, int]
+
+
+class Timer:
+    """A call scheduled by EventLoop.call_later or call_every; cancel() stops it."""
+
+    def __init__(self, when: float, callback: Callable[[], None], interval: Optional[float]) -> None:
+        self.when = when
+        self.callback = callback
+        self.interval = interval
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self.poller = zmq.Poller()
+        self.running = False
+        self.stop_signal: Optional[str] = None
+        self._readers: Dict[Pollable, Callable[[], None]] = {}
+        self._timers: List[Tuple[float, int, Timer]] = []
+        self._sequence = itertools.count()
+        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+
+    # --- readers ---------------------------------------------------------------------------------
+    def add_reader(self, sock: Pollable, callback: Callable[[], None]) -> None:
+        self._readers[sock] = callback
+        self.poller.register(sock, zmq.POLLIN)
+
+    def remove_reader(self, sock: Pollable) -> None:
+        if self._readers.pop(sock, None) is not None:
+            self.poller.unregister(sock)
+
+    # --- timers ----------------------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self._schedule(Timer(time.monotonic() + delay, callback, None))
+
+    def call_every(self, interval: float, callback: Callable[[], None]) -> Timer:
+        return self._schedule(Timer(time.monotonic() + interval, callback, interval))
+
+    def _schedule(self, timer: Timer) -> Timer:
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            if timer.interval is not None:
+                timer.when = max(timer.when + timer.interval, now)
+                self._schedule(timer)
+            timer.callback()
+
+    def _poll_timeout_ms(self) -> Optional[int]:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
+
+    # --- stopping --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.running = False
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM and SIGINT (Ctrl-C) end run() after the handler that is running returns.
+
+        The signal's number is written to a socketpair the poller watches (signal.set_wakeup_fd),
+        so a blocking poll wakes at once instead of at its next timeout.
+        """
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        signal.set_wakeup_fd(writer.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        self.add_reader(reader.fileno(), self._drain_wakeup)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        self.stop()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            self._wakeup[0].recv(64)
+        except BlockingIOError:
+            pass
+
+    # --- running ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.running = True
+        while self.running:
+            for sock, _ in self.poller.poll(self._poll_timeout_ms()):
+                callback = self._readers.get(sock)
+                if callback is not None:
+                    callback()
+                if not self.running:
+                    break
+            self._run_due_timers()
+
+    def close(self) -> None:
+        if self._wakeup:
+            signal.set_wakeup_fd(-1)
+            self.remove_reader(self._wakeup[0].fileno())
+            for sock in self._wakeup:
+                sock.close()
+            self._wakeup = None

@@ -1,0 +1,414 @@
+"""A stand-in Asterisk 20 with res_zmq_manager, for the tests, the demo and the benchmarks.
+
+It answers like the captures of two real Asterisk 20 servers (../shared/asterisk-captures):
+- cmd socket (REP): one JSON object in, one JSON array out; the module's two-object error for
+  anything it cannot hand to Asterisk; Ping, Setvar of DEVICE_STATE(Custom:...) and
+  PRESENCE_STATE(CustomPresence:...), DeviceStateList, PresenceStateList, ExtensionStateList,
+  CoreStatus, async Originate.  Getvar, Status and the other actions that crash Asterisk through
+  the module make the stand-in stop answering, as the real server does.
+- evt socket (PUB, as an XPUB so the stand-in can tell when somebody subscribed): LoadZmq shortly
+  after start, FullyBooted, and a DeviceStateChange when a device's state changes (a Setvar of the
+  same state publishes nothing), a PresenceStateChange on every presence write.
+
+A third socket, the control socket (REP, JSON), lets a test or the demo play the phones (change a
+device's state as a ringing phone would), publish any bytes, make the server hang or answer slowly,
+and read back what it holds.  StandinControl is its client.
+
+Run it in a thread (start_standin) or as its own process:
+    python -m zmqami.standin --cmd-port 0 --evt-port 0 --control-port 0
+prints one JSON line with the ports it bound, then serves until SIGTERM or Ctrl-C.
+"""
+import argparse
+import base64
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import zmq
+
+from .config import setup_logging
+from .loop import EventLoop
+from .rules import (CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
+                    parse_presence_value)
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+INTERNAL_ERROR = [{"Response": "Error"}, {"Message": "Internal error."}]
+# Asterisk 20 segfaults on these when they come through res_zmq_manager (PROTOCOL.md).
+CRASHING_ACTIONS = frozenset({"getvar", "status", "challenge", "listcommands", "waitevent", "filter"})
+_FUNCTION = re.compile(r"^([A-Za-z_]+)\((.*)\)$", re.S)
+REQUEST_LOG = 10_000  # requests kept for StandinControl.requests()
+
+
+def _compact(obj: Any) -> bytes:
+    """JSON as the module writes it: no spaces, raw UTF-8."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class StandinAsterisk:
+    """The stand-in server; serve() runs its loop until stop()."""
+
+    def __init__(self, cmd_port: int = 0, evt_port: int = 0, control_port: int = 0,
+                 loadzmq_delay: float = 0.1) -> None:
+        self.context = zmq.Context()
+        self.loop = EventLoop()
+        self.loadzmq_delay = loadzmq_delay
+        self.devices: Dict[str, str] = {}
+        self.presences: Dict[str, Tuple[str, str, str]] = {}
+        self.requests: Deque[str] = deque(maxlen=REQUEST_LOG)
+        self.request_count = 0
+        self.subscriptions = 0
+        self.mode = "normal"      # normal, hung, slow or crashed
+        self.delay = 0.0          # seconds, in slow mode
+        self.stuck = False        # a request was read and never answered
+        self.cmd = self._bind(zmq.REP, cmd_port)
+        self.evt = self._bind(zmq.XPUB, evt_port)
+        self.evt.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.evt.setsockopt(zmq.SNDHWM, 100_000)
+        self.control = self._bind(zmq.REP, control_port)
+        self.ports = {"cmd_port": self._port(self.cmd), "evt_port": self._port(self.evt),
+                      "control_port": self._port(self.control)}
+        self.loop.add_reader(self.cmd, self._on_request)
+        self.loop.add_reader(self.evt, self._on_subscription)
+        self.loop.add_reader(self.control, self._on_control)
+
+    def _bind(self, kind: int, port: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"tcp://{HOST}:{port or '*'}")
+        return sock
+
+    @staticmethod
+    def _port(sock: zmq.Socket) -> int:
+        return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+
+    def serve(self) -> None:
+        self.loop.call_later(self.loadzmq_delay, self._booted)
+        try:
+            self.loop.run()
+        finally:
+            self.loop.close()
+            self.context.destroy(linger=0)
+
+    def _booted(self) -> None:
+        # The module publishes LoadZmq with its own spacing; every other event is compact.
+        self.evt.send(b'{"Event": "LoadZmq"}')
+        self.publish({"Event": "FullyBooted", "Privilege": "system,all", "Status": "Fully Booted",
+                      "Uptime": "1", "LastReload": "1"})
+
+    # --- the evt socket --------------------------------------------------------------------------
+    def publish(self, event: Dict[str, Any]) -> None:
+        if self.mode != "crashed":
+            self.evt.send(_compact(event))
+
+    def _on_subscription(self) -> None:
+        message = self.evt.recv()
+        if message[:1] == b"\x01":
+            self.subscriptions += 1
+        elif message[:1] == b"\x00":
+            self.subscriptions -= 1
+
+    def set_device(self, device: str, state: str) -> None:
+        """A device changes state, as a phone ringing or a Setvar would make it."""
+        if self.devices.get(device) != state:
+            self.devices[device] = state
+            self.publish({"Event": "DeviceStateChange", "Privilege": "call,all",
+                          "Device": device, "State": state})
+
+    def set_presence(self, presentity: str, status: str, subtype: str, message: str) -> None:
+        self.presences[presentity] = (status, subtype, message)
+        self.publish({"Event": "PresenceStateChange", "Privilege": "call,all",
+                      "Presentity": presentity, "Status": status, "Subtype": subtype,
+                      "Message": message})
+
+    # --- the cmd socket --------------------------------------------------------------------------
+    def _on_request(self) -> None:
+        raw = self.cmd.recv()
+        self.request_count += 1
+        self.requests.append(raw.decode("utf-8", "replace"))
+        reply = self.answer(raw)
+        if reply is None or self.mode in ("hung", "crashed"):
+            # REP cannot read again before it answers: the server now reads nothing more.
+            self.loop.remove_reader(self.cmd)
+            self.stuck = True
+            return
+        if self.mode == "slow":
+            self.loop.remove_reader(self.cmd)
+            self.loop.call_later(self.delay, lambda: self._send_reply(reply, resume=True))
+            return
+        self._send_reply(reply)
+
+    def _send_reply(self, reply: List[Dict[str, str]], resume: bool = False) -> None:
+        self.cmd.send(_compact(reply))
+        if resume:
+            self.loop.add_reader(self.cmd, self._on_request)
+
+    def answer(self, raw: bytes) -> Optional[List[Dict[str, str]]]:
+        """The module's reply to one request; None when the request crashes Asterisk."""
+        try:
+            request = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return INTERNAL_ERROR
+        if not isinstance(request, dict) or "Action" not in request:
+            return INTERNAL_ERROR
+        # The module sends a non-string value to Asterisk as "(null)"; header names are
+        # case-insensitive in Asterisk, the "Action" key is not in the module.
+        headers = {str(k).lower(): (v if isinstance(v, str) else "(null)")
+                   for k, v in request.items()}
+        action = headers["action"].lower()
+        if action in CRASHING_ACTIONS:
+            log.warning("Stand-in Asterisk: %s crashes a real Asterisk; playing dead", action)
+            self.mode = "crashed"
+            return None
+        handler = getattr(self, "_action_" + action, None) if action.isalpha() else None
+        if handler is None:  # unknown actions, and Login, which the module refuses
+            return INTERNAL_ERROR
+        return handler(headers)
+
+    @staticmethod
+    def _response(headers: Dict[str, str], response: str, **fields: str) -> Dict[str, str]:
+        message = {"Response": response}
+        if "actionid" in headers:
+            message["ActionID"] = headers["actionid"]
+        message.update(fields)
+        return message
+
+    def _action_ping(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
+        return [self._response(headers, "Success", Ping="Pong", Timestamp=f"{time.time():.6f}")]
+
+    def _action_corestatus(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
+        now = time.localtime()
+        return [self._response(headers, "Success", CoreStartupDate=time.strftime("%Y-%m-%d", now),
+                               CoreStartupTime=time.strftime("%H:%M:%S", now),
+                               CoreReloadDate=time.strftime("%Y-%m-%d", now),
+                               CoreReloadTime=time.strftime("%H:%M:%S", now), CoreCurrentCalls="0")]
+
+    def _action_originate(self, headers: Dict[str, str]) -> Optional[List[Dict[str, str]]]:
+        if headers.get("async", "").lower() not in ("true", "yes", "1", "on"):
+            # A synchronous Originate holds the module's only thread until the call is answered.
+            log.warning("Stand-in Asterisk: synchronous Originate blocks the module; playing hung")
+            self.mode = "hung"
+            return None
+        return [self._response(headers, "Success", Message="Originate successfully queued")]
+
+    def _action_setvar(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
+        variable = headers.get("variable")
+        if not variable:
+            return [self._response(headers, "Error", Message="No variable specified")]
+        value = headers.get("value", "")
+        function = _FUNCTION.match(variable)
+        if function is None:
+            return [self._response(headers, "Success", Message="Variable Set")]  # a global variable
+        name, argument = function.group(1).upper(), function.group(2)
+        if name == "DEVICE_STATE" and self._write_device_state(argument, value):
+            return [self._response(headers, "Success", Message="Variable Set")]
+        if name == "PRESENCE_STATE" and self._write_presence(argument, value):
+            return [self._response(headers, "Success", Message="Variable Set")]
+        return [self._response(headers, "Error", Message="Variable not set")]
+
+    def _write_device_state(self, device: str, value: str) -> bool:
+        if not device.lower().startswith(CUSTOM_DEVICE.lower()) or value.upper() not in DEVICE_STATES:
+            return False
+        self.set_device(CUSTOM_DEVICE + device[len(CUSTOM_DEVICE):], value.upper())
+        return True
+
+    def _write_presence(self, presentity: str, value: str) -> bool:
+        if not presentity.lower().startswith(CUSTOM_PRESENCE.lower()):
+            return False
+        try:
+            status, subtype, message = parse_presence_value(value)
+        except BadInput:
+            return False
+        self.set_presence(CUSTOM_PRESENCE + presentity[len(CUSTOM_PRESENCE):],
+                          status, subtype, message)
+        return True
+
+    def _list(self, headers: Dict[str, str], intro: str, items: List[Dict[str, str]],
+              complete: str) -> List[Dict[str, str]]:
+        """A list action's reply: the ack, one object per item, then the Complete object."""
+        action_id = {"ActionID": headers["actionid"]} if "actionid" in headers else {}
+        reply = [self._response(headers, "Success", EventList="start", Message=intro)]
+        for item in items:
+            reply.append({"Event": item.pop("Event"), **action_id, **item})
+        reply.append({"Event": complete, **action_id, "EventList": "Complete",
+                      "ListItems": str(len(items))})
+        return reply
+
+    def _action_devicestatelist(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
+        items = [{"Event": "DeviceStateChange", "Device": device, "State": state}
+                 for device, state in self.devices.items()]
+        return self._list(headers, "Device State Changes will follow", items,
+                          "DeviceStateListComplete")
+
+    def _action_presencestatelist(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
+        items = [{"Event": "PresenceStateChange", "Presentity": presentity, "Status": status,
+                  "Subtype": subtype, "Message": message}
+                 for presentity, (status, subtype, message) in self.presences.items()]
+        return self._list(headers, "Presence State Changes will follow", items,
+                          "PresenceStateListComplete")
+
+    def _action_extensionstatelist(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
+        return self._list(headers, "Extension Statuses will follow", [],
+                          "ExtensionStateListComplete")
+
+    # --- the control socket ----------------------------------------------------------------------
+    def _on_control(self) -> None:
+        try:
+            command = json.loads(self.control.recv())
+            answer = getattr(self, "_control_" + command["cmd"])(command)
+        except Exception as exc:  # a test's mistake: say so to the test, keep serving
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        self.control.send_json(answer)
+
+    def _control_set_device(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        self.set_device(command["device"], command["state"])
+        return {}
+
+    def _control_set_presence(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        self.set_presence(command["presentity"], command["status"], command.get("subtype", ""),
+                          command.get("message", ""))
+        return {}
+
+    def _control_publish(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        frames = [base64.b64decode(frame) for frame in command["frames"]]
+        self.evt.send_multipart(frames)
+        return {}
+
+    def _control_state(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        return {"devices": self.devices, "presences": self.presences, "mode": self.mode,
+                "requests": self.request_count, "subscriptions": self.subscriptions}
+
+    def _control_requests(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        return {"requests": list(self.requests)}
+
+    def _control_mode(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        self.mode = command["mode"]
+        self.delay = command.get("delay_ms", 0) / 1000.0
+        if self.stuck and self.mode not in ("hung", "crashed"):
+            self.stuck = False
+            # The REP socket read a request it never answered: answer it now (if its sender has
+            # gone, ZeroMQ drops the answer) so that the socket reads again.
+            self._send_reply(INTERNAL_ERROR, resume=True)
+        return {}
+
+    def _control_stop(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        self.loop.stop()
+        return {}
+
+
+class StandinControl:
+    """Client of a stand-in's control socket, for tests, the demo and benchmarks."""
+
+    def __init__(self, context: zmq.Context, port: int, timeout_ms: int = 5000) -> None:
+        self.context = context
+        self.url = f"tcp://{HOST}:{port}"
+        self.timeout_ms = timeout_ms
+        self.sock = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        sock.connect(self.url)
+        return sock
+
+    def call(self, cmd: str, **fields: Any) -> Dict[str, Any]:
+        self.sock.send_json(dict(fields, cmd=cmd))
+        try:
+            answer = self.sock.recv_json()
+        except zmq.Again:
+            self.sock.close()
+            self.sock = self._connect()
+            raise TimeoutError(f"stand-in Asterisk at {self.url} did not answer {cmd}") from None
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def set_device(self, device: str, state: str) -> None:
+        self.call("set_device", device=device, state=state)
+
+    def set_presence(self, presentity: str, status: str, subtype: str = "",
+                     message: str = "") -> None:
+        self.call("set_presence", presentity=presentity, status=status, subtype=subtype,
+                  message=message)
+
+    def publish_raw(self, *frames: bytes) -> None:
+        self.call("publish", frames=[base64.b64encode(frame).decode("ascii") for frame in frames])
+
+    def state(self) -> Dict[str, Any]:
+        return self.call("state")
+
+    def devices(self) -> Dict[str, str]:
+        return self.state()["devices"]
+
+    def presences(self) -> Dict[str, List[str]]:
+        return self.state()["presences"]
+
+    def requests(self) -> List[str]:
+        return self.call("requests")["requests"]
+
+    def set_mode(self, mode: str, delay_ms: int = 0) -> None:
+        self.call("mode", mode=mode, delay_ms=delay_ms)
+
+    def stop(self) -> None:
+        self.call("stop")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Standin:
+    """A running stand-in, in a thread or a process: its ports and its control client."""
+    cmd_port: int
+    evt_port: int
+    control: StandinControl
+    thread: Optional[threading.Thread] = None
+
+    def stop(self) -> None:
+        try:
+            self.control.stop()
+        except TimeoutError:
+            pass
+        self.control.close()
+        if self.thread is not None:
+            self.thread.join(5)
+
+
+def start_standin(context: zmq.Context, **options: Any) -> Standin:
+    """Start a stand-in Asterisk in a thread of this process (ports chosen free unless given)."""
+    server = StandinAsterisk(**options)
+    thread = threading.Thread(target=server.serve, name="standin-asterisk", daemon=True)
+    thread.start()
+    return Standin(server.ports["cmd_port"], server.ports["evt_port"],
+                   StandinControl(context, server.ports["control_port"]), thread)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m zmqami.standin",
+        description="A stand-in Asterisk with res_zmq_manager, on 127.0.0.1 (for tests and demos).")
+    parser.add_argument("--cmd-port", type=int, default=0, help="REP port for actions (0: free)")
+    parser.add_argument("--evt-port", type=int, default=0, help="PUB port for events (0: free)")
+    parser.add_argument("--control-port", type=int, default=0, help="control port (0: free)")
+    parser.add_argument("--mode", choices=("normal", "hung", "slow"), default="normal")
+    parser.add_argument("--delay-ms", type=int, default=0, help="reply delay in slow mode")
+    args = parser.parse_args(argv)
+    setup_logging(logging.INFO)
+    server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port)
+    server.mode, server.delay = args.mode, args.delay_ms / 1000.0
+    server.loop.stop_on_signals()
+    print(json.dumps(server.ports), flush=True)
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
