@@ -94,3 +94,72 @@ def broker_config(servers: list, names: Optional[List[str]] = None, **general: s
 def setvars(standin) -> List[Dict]:
     """The Setvar requests a stand-in received, decoded."""
     return [json.loads(r) for r in standin.control.requests() if '"Setvar"' in r or '"SetVar"' in r]
+
+
+def python_settings(path: Path, **settings) -> Path:
+    """Write a Python settings file (agent_config.py or server_config.py style)."""
+    path.write_text("".join(f"{key} = {value!r}\n" for key, value in settings.items()))
+    return path
+
+
+class HubClient:
+    """A client of the hub written the way the original Python 2 agents wrote their messages."""
+
+    def __init__(self, context, hub, name: str = "client", topics=None) -> None:
+        import zmq
+        self.name = name
+        self.push = context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(hub.pull_url)
+        self.sub = context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        for topic in topics if topics is not None else [f"[{name}]"]:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.sub.connect(hub.pub_url)
+        self.topics = topics
+        self.received: List = []
+        if topics is not None:
+            self.wait_subscribed()
+
+    def wait_subscribed(self) -> None:
+        """Send to our own first topic until it comes back: the subscription has reached the hub."""
+        target = self.topics[0].strip("[]")
+        wait_until(lambda: self.send(target, "HarnessSync") and self.find("HarnessSync"),
+                   message=f"{self.name}'s subscription to {self.topics[0]}")
+
+    def send_frames(self, *frames: bytes) -> None:
+        self.push.send_multipart(list(frames))
+
+    def send(self, target: str, msg_type: str, origin: Optional[str] = None, **fields) -> str:
+        """A message exactly as the original's ZmqMessage.dump() built it; returns its uuid."""
+        import uuid
+        body = {"msg_type": msg_type, "uuid": uuid.uuid4().hex, "origin": origin or self.name}
+        body.update({"x_" + key: value for key, value in fields.items()})
+        self.send_frames(f"[{target}]".encode(), json.dumps(body).encode())
+        return body["uuid"]
+
+    def poll(self, timeout_ms: int = 10) -> None:
+        while self.sub.poll(timeout_ms):
+            target, body = self.sub.recv_multipart()
+            self.received.append((target.decode(), json.loads(body)))
+            timeout_ms = 0
+
+    def find(self, msg_type: str, origin: Optional[str] = None) -> List[Dict]:
+        self.poll()
+        return [body for _, body in self.received if body.get("msg_type") == msg_type
+                and (origin is None or body.get("origin") == origin)]
+
+    def wait_for(self, msg_type: str, origin: Optional[str] = None, timeout: float = DEADLINE):
+        return wait_until(lambda: self.find(msg_type, origin), timeout,
+                          f"{msg_type} from {origin or 'anyone'}")[0]
+
+    def ping_until_pong(self, agent: str, timeout: float = DEADLINE) -> Dict:
+        """AgentPing to [agent] until its AgentPong comes back: both ways through the hub work."""
+        def pong():
+            self.send(agent, "AgentPing")
+            return self.find("AgentPong", agent)
+        return wait_until(pong, timeout, f"AgentPong from {agent}")[0]
+
+    def close(self) -> None:
+        self.push.close()
+        self.sub.close()

@@ -130,9 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_broker_config(args.config)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return CONFIG_ERROR_EXIT
+        return exc.report()
     setup_logging(config.log_level)
     context = zmq.Context()
     try:

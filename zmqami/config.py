@@ -9,9 +9,11 @@ import ipaddress
 import logging
 import os
 import runpy
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts' folder
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
               "warning": logging.WARNING, "error": logging.ERROR}
@@ -24,6 +26,12 @@ class ConfigError(Exception):
     def __init__(self, errors: List[str]) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
+
+    def report(self) -> int:
+        """Print the errors, one a line, on stderr; return the exit status for them."""
+        for line in self.errors:
+            print(line, file=sys.stderr)
+        return CONFIG_ERROR_EXIT
 
 
 def setup_logging(level: int) -> None:
@@ -243,3 +251,13 @@ def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any]
         raise ConfigError(errors)
     unknown = [key for key in namespace if key.isupper() and key not in schema]
     return settings, unknown
+
+
+def load_script_settings(path: str, schema: Dict[str, Setting],
+                         log: logging.Logger) -> Dict[str, Any]:
+    """load_settings for a script: also sets up logging at LOG_LEVEL and warns of unknown names."""
+    settings, unknown = load_settings(path, schema)
+    setup_logging(LOG_LEVELS[settings["LOG_LEVEL"].lower()])
+    for key in unknown:
+        log.warning("%s: %s is not a known setting; ignored", path, key)
+    return settings

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import zmq
 
+from .config import PROJECT_DIR
 from .standin import HOST, Standin, start_standin
 
 SERVERS = ("asterisk-1", "asterisk-2", "asterisk-3")
@@ -127,8 +128,7 @@ def run_demo() -> int:
     config_path = os.path.join(workdir, "demo_config.ini")
     with open(config_path, "w", encoding="utf-8") as handle:
         handle.write(_config_text(standins))
-    broker_script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "broker.py")
+    broker_script = os.path.join(PROJECT_DIR, "broker.py")
     print("zmq-ami-broker demo: three stand-in Asterisk servers on 127.0.0.1, "
           "and the broker between them")
     print(f"    python broker.py {config_path}")

@@ -30,6 +30,12 @@ CUSTOM_PRESENCE = "CustomPresence:"
 MAX_NAME_LENGTH = 200
 MAX_TEXT_LENGTH = 1000
 
+# Actions that crash Asterisk 20 when they come through res_zmq_manager (its hook sessions have no
+# manager session): Getvar and Status were seen to, the others do by code inspection.
+CRASHING_ACTIONS = frozenset({"getvar", "status", "challenge", "listcommands", "waitevent", "filter"})
+MAX_ACTION_BYTES = 4096  # res_zmq_manager copies an action into a 10240-byte stack buffer
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # Characters that would change the meaning of VARIABLE(arg) or split the function's arguments.
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f(),]")
@@ -100,6 +106,33 @@ def check_text(what: str, value: Any) -> str:
     if _CONTROL_CHARS.search(value):
         raise BadInput(f"{what} {value!r} contains a control character")
     return value
+
+
+def safe_action(action: Any) -> Dict[str, str]:
+    """A copy of an AMI action a peer asked for that is safe to hand to res_zmq_manager.
+
+    Raises BadInput for anything that would crash Asterisk, inject AMI headers or overflow the
+    module's buffer.  Originate is always made asynchronous: a synchronous one holds the module's
+    only command thread until the call is answered.
+    """
+    if not isinstance(action, dict):
+        raise BadInput("the action is not a JSON object")
+    name = action.get("Action")
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise BadInput("the action has no valid Action name")
+    if name.lower() in CRASHING_ACTIONS:
+        raise BadInput(f"{name} crashes Asterisk when sent through res_zmq_manager")
+    checked = {}
+    for key, value in action.items():
+        if not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
+            raise BadInput(f"header name {str(key)[:40]!r} is not valid")
+        checked[key] = check_text(key, value) if value is not None else ""
+    if name.lower() == "originate":
+        checked = {k: v for k, v in checked.items() if k.lower() != "async"}
+        checked["Async"] = "true"
+    if sum(len(k) + len(v) + 4 for k, v in checked.items()) > MAX_ACTION_BYTES:
+        raise BadInput(f"the action is longer than {MAX_ACTION_BYTES} bytes")
+    return checked
 
 
 def device_state_update(event: Dict[str, Any]) -> Optional[StateUpdate]:

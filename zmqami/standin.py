@@ -34,15 +34,13 @@ import zmq
 
 from .config import setup_logging
 from .loop import EventLoop
-from .rules import (CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
+from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
                     parse_presence_value)
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 INTERNAL_ERROR = [{"Response": "Error"}, {"Message": "Internal error."}]
-# Asterisk 20 segfaults on these when they come through res_zmq_manager (PROTOCOL.md).
-CRASHING_ACTIONS = frozenset({"getvar", "status", "challenge", "listcommands", "waitevent", "filter"})
 _FUNCTION = re.compile(r"^([A-Za-z_]+)\((.*)\)$", re.S)
 REQUEST_LOG = 10_000  # requests kept for StandinControl.requests()
 

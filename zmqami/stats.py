@@ -21,9 +21,10 @@ class DropLog:
     with the next warning, and every drop is counted for the statistics line.
     """
 
-    def __init__(self, log: logging.Logger, interval: float = 60.0) -> None:
+    def __init__(self, log: logging.Logger, interval: float = 60.0, what: str = "input from") -> None:
         self.log = log
         self.interval = interval
+        self.what = what
         self.counts: Counter = Counter()
         self._last_warning: Dict[str, float] = {}
         self._not_logged: Counter = Counter()
@@ -37,5 +38,5 @@ class DropLog:
             return
         self._last_warning[source] = now
         more = self._not_logged.pop(source, 0)
-        self.log.warning("Dropped input from %s: %s: %s%s", source, reason, preview(raw),
+        self.log.warning("Dropped %s %s: %s: %s%s", self.what, source, reason, preview(raw),
                          f" ({more} more dropped since the last warning)" if more else "")

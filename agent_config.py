@@ -1,0 +1,38 @@
+# Settings of the agent (python agent.py), one agent on each Asterisk host.
+# Each setting has the default shown; a setting left out takes its default.
+
+# How much to log: 'debug', 'info', 'warning' or 'error'.
+LOG_LEVEL = 'info'
+
+# This node's name, unique in the network: other nodes send to '[<SYSTEM_NAME>]'.
+# No brackets and no control characters.
+SYSTEM_NAME = 'Moscow'
+
+# This host's Asterisk, res_zmq_manager's sockets (addr_cmd and addr_evt of
+# /etc/asterisk/zmq_manager.conf).  The agent runs on the Asterisk host: keep 127.0.0.1.
+ASTERISK_CMD_URL = 'tcp://127.0.0.1:1967'
+ASTERISK_EVT_URL = 'tcp://127.0.0.1:1968'
+
+# Seconds between keep-alives: a Ping to Asterisk, reported to '[AsteriskStats]', and an
+# AgentPing through the hub.
+KEEP_ALIVE_INTERVAL = 30
+
+# The hub (python server.py): its SUB_BIND_URL, where this agent pushes its messages, and its
+# PUB_BIND_URL, where it subscribes.  127.0.0.1 is for a hub on this host: put the hub's real
+# address here when it runs elsewhere.
+ZMQ_PUB_URL = 'tcp://127.0.0.1:55556'
+ZMQ_SUB_URL = 'tcp://127.0.0.1:55555'
+
+# The pid file that keeps a second agent from starting; None: zmq_agent.pid beside agent.py.
+PID_FILE = None
+
+# Milliseconds to wait for Asterisk to answer an action before reconnecting (and sending a
+# state again, or answering an AsteriskAction with null).
+ASTERISK_TIMEOUT = 5000
+
+# Relay device states (DeviceStateChange -> DEVICE_STATE(Custom:<device>) on the other hosts).
+DEVICE_STATE = True
+
+# Relay presences (PresenceStateChange -> PRESENCE_STATE(CustomPresence:<name>)); the original
+# agent did not.  Every agent of the network should have the same value.
+PRESENCE = False

@@ -1,0 +1,17 @@
+# Settings of the hub (python server.py).  Each has the default shown.
+
+# How much to log: 'debug', 'info', 'warning' or 'error'.
+LOG_LEVEL = 'info'
+
+# Where the hub publishes every message to the agents (agents' ZMQ_SUB_URL connects here).
+# 127.0.0.1 accepts only agents on this machine.  To accept agents on other hosts, bind the
+# hub's address on the network that joins them, e.g. 'tcp://<hub address>:55555' ('tcp://*:55555'
+# for every interface), and firewall the port to the agents' addresses.
+PUB_BIND_URL = 'tcp://127.0.0.1:55555'
+
+# Kept from the original configuration; not used.
+PUB_CONNECT_URL = 'tcp://127.0.0.1:55555'
+
+# Where agents push their messages to the hub (agents' ZMQ_PUB_URL connects here).  Open it up
+# the same way as PUB_BIND_URL.
+SUB_BIND_URL = 'tcp://127.0.0.1:55556'

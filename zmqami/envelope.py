@@ -1,0 +1,84 @@
+"""The envelope of the agent/server network, byte-compatible with the original Python 2 agents.
+
+Every message has two frames:
+1. the target topic: ``[*]`` (everyone), ``[<SYSTEM_NAME>]`` (one node), ``[AsteriskStats]``;
+   subscriptions are prefix matches, and the closing ``]`` keeps ``[Node]`` from matching ``[Node2]``;
+2. the body, a JSON object: ``{"msg_type": ..., "uuid": <32 hex>, "origin": <sender>, "x_<field>": ...}``
+   written with json.dumps' default separators, as the original's ``ZmqMessage.dump()`` wrote it.
+"""
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+from .rules import MAX_NAME_LENGTH, BadInput, decode_json_object
+
+ALL = "*"
+STATS = "AsteriskStats"
+MSG_TYPES = ("AsteriskEvent", "AsteriskAction", "AsteriskActionStatus", "AgentPing", "AgentPong",
+             "AsteriskConfig")
+_TOPIC = re.compile(rb"\[[^\[\]\x00-\x1f]{1,200}\]")
+_NODE_NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,%d}" % MAX_NAME_LENGTH)
+_UUID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # the original's uuid4().hex, used as an ActionID
+
+
+def topic(name: str) -> bytes:
+    return f"[{name}]".encode("utf-8")
+
+
+def is_node_name(name: Any) -> bool:
+    """A SYSTEM_NAME that can stand inside a topic: no brackets, no control characters."""
+    return isinstance(name, str) and _NODE_NAME.fullmatch(name) is not None
+
+
+def build(target: str, msg_type: str, origin: str, **fields: Any) -> List[bytes]:
+    """The two frames of a message to ``[target]``; each field becomes ``x_<field>``."""
+    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": uuid.uuid4().hex, "origin": origin}
+    for key, value in fields.items():
+        body["x_" + key] = value
+    return [topic(target), json.dumps(body).encode("utf-8")]
+
+
+@dataclass
+class Envelope:
+    target: bytes
+    body: Dict[str, Any]
+
+    @property
+    def msg_type(self) -> str:
+        return self.body["msg_type"]
+
+    @property
+    def origin(self) -> Any:
+        return self.body.get("origin")
+
+    @property
+    def uuid(self) -> Any:
+        return self.body.get("uuid")
+
+    def field(self, name: str) -> Any:
+        return self.body.get("x_" + name)
+
+
+def parse_frames(frames: List[bytes]) -> Envelope:
+    """What the hub checks: two frames, a topic ``[...]``, a JSON object with a string msg_type."""
+    if len(frames) != 2:
+        raise BadInput(f"{len(frames)} frames, not 2")
+    target, raw = frames
+    if not _TOPIC.fullmatch(target):
+        raise BadInput("first frame is not a topic of the form [name]")
+    body = decode_json_object(raw)
+    if not isinstance(body.get("msg_type"), str):
+        raise BadInput("no msg_type")
+    return Envelope(target, body)
+
+
+def parse_message(frames: List[bytes]) -> Envelope:
+    """What an agent checks on top: a uuid and an origin it can answer to."""
+    envelope = parse_frames(frames)
+    if not isinstance(envelope.uuid, str) or not _UUID.fullmatch(envelope.uuid):
+        raise BadInput(f"{envelope.msg_type} without a valid uuid")
+    if not is_node_name(envelope.origin):
+        raise BadInput(f"{envelope.msg_type} without a valid origin")
+    return envelope

@@ -1,0 +1,109 @@
+"""The hub of the agent/server network: ``python server.py [CONFIG.py]``.
+
+Agents PUSH to its PULL socket; it re-publishes every message, unchanged, on its PUB socket, to
+which the agents subscribe.  It keeps no state.  It checks each message's shape (two frames, a topic
+``[...]``, a JSON object with a string msg_type) so that one bad sender cannot stop it; message
+types it does not know are relayed all the same, for newer agents.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import zmq
+
+from . import __version__
+from .config import (PROJECT_DIR, ConfigError, Setting, is_log_level, is_url,
+                     load_script_settings)
+from .envelope import parse_frames
+from .loop import EventLoop
+from .rules import BadInput
+from .stats import DropLog
+
+log = logging.getLogger("esb_server")
+
+HUB_SETTINGS = {
+    "LOG_LEVEL": Setting("info", is_log_level),
+    "PUB_BIND_URL": Setting("tcp://127.0.0.1:55555", is_url),
+    "PUB_CONNECT_URL": Setting("tcp://127.0.0.1:55555", is_url),  # kept from the original; unused
+    "SUB_BIND_URL": Setting("tcp://127.0.0.1:55556", is_url),
+}
+BATCH = 1000  # messages relayed per wake-up
+
+
+class Hub:
+    def __init__(self, settings: dict, context: zmq.Context) -> None:
+        self.settings = settings
+        self.loop = EventLoop()
+        self.drops = DropLog(log)
+        self.relayed = 0
+        self.pull = context.socket(zmq.PULL)
+        self.pub = context.socket(zmq.PUB)
+        for sock in (self.pull, self.pub):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        self.source = f"agents on {settings['SUB_BIND_URL']}"
+
+    def bind(self, config_path: str) -> None:
+        for sock, key in ((self.pull, "SUB_BIND_URL"), (self.pub, "PUB_BIND_URL")):
+            try:
+                sock.bind(self.settings[key])
+            except zmq.ZMQError as exc:
+                raise ConfigError([f"{config_path}: {key}: cannot bind {self.settings[key]}: "
+                                   f"{exc.strerror}"]) from None
+
+    def run(self) -> None:
+        self.loop.add_reader(self.pull, self.relay_messages)
+        self.loop.stop_on_signals()
+        log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
+                 self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
+        try:
+            self.loop.run()
+        finally:
+            log.info("Received %s: %d messages relayed, %d dropped. ESB - exit.",
+                     self.loop.stop_signal or "stop", self.relayed, sum(self.drops.counts.values()))
+            self.loop.close()
+
+    def relay_messages(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.relay(frames)
+
+    def relay(self, frames: List[bytes]) -> None:
+        try:
+            envelope = parse_frames(frames)
+        except BadInput as exc:
+            self.drops.drop(self.source, str(exc), b" | ".join(frames))
+            return
+        log.info("Message %s from %s to %s, uuid %s.", envelope.msg_type, envelope.origin,
+                 envelope.target.decode("utf-8", "replace"), envelope.uuid)
+        log.debug("%s", envelope.body)
+        self.pub.send_multipart(frames)
+        self.relayed += 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python server.py",
+                                     description="The hub between zmq-ami-broker agents.")
+    parser.add_argument("config", nargs="?", help="settings file (default: server_config.py "
+                                                  "beside server.py)")
+    parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    config_path = args.config or os.path.join(PROJECT_DIR, "server_config.py")
+    context = zmq.Context()
+    try:
+        hub = Hub(load_script_settings(config_path, HUB_SETTINGS, log), context)
+        hub.bind(config_path)
+    except ConfigError as exc:
+        context.destroy(linger=0)
+        return exc.report()
+    try:
+        hub.run()
+    finally:
+        context.destroy(linger=0)
+    return 0
+
