@@ -41,11 +41,12 @@ def broker(tmp_path):
     running: List[Script] = []
 
     def start(servers: List[Standin], **general: str) -> Script:
-        config = tmp_path / "config.ini"
+        config = tmp_path / f"config{len(running)}.ini"
         config.write_text(broker_config(servers, **general))
         script = Script("broker.py", str(config), log_dir=tmp_path)
         running.append(script)
-        wait_until(lambda: all(s.control.state()["subscriptions"] >= 1 for s in servers)
+        running_servers = [s for s in servers if s.control is not None]  # not the dead ones
+        wait_until(lambda: all(s.control.state()["subscriptions"] >= 1 for s in running_servers)
                    or script.proc.poll() is not None, message="the broker to subscribe")
         assert script.proc.poll() is None, script.output()
         return script

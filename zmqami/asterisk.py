@@ -199,11 +199,17 @@ def decode_reply(raw: bytes) -> List[Dict[str, Any]]:
     return reply
 
 
+def _ignore(link: Any) -> None:
+    pass
+
+
 @dataclass
 class LinkHandlers:
-    """What a link tells its owner: each event, and each piece of input it dropped."""
+    """What a link tells its owner: each event, input it dropped, the server going up and down."""
     on_event: Callable[["ZmqManagerLink", Dict[str, Any]], None]
     drops: DropLog
+    on_up: Callable[["ZmqManagerLink"], None] = _ignore
+    on_down: Callable[["ZmqManagerLink"], None] = _ignore
 
 
 class ZmqManagerLink:
@@ -220,6 +226,9 @@ class ZmqManagerLink:
         self.stats = LinkStats()
         self.outbox = Outbox(name, request_timeout_ms / 1000.0, self.stats)
         self.answering: Optional[bool] = None  # None until the first reply or timeout
+        self.up: Optional[bool] = None         # None until the first reply or server timeout
+        self.last_answer = time.monotonic()
+        self.down_since = 0.0
         self.evt_socket: Optional[zmq.Socket] = None
         self.cmd_socket: Optional[zmq.Socket] = None
         self._timeout_timer: Optional[Timer] = None
@@ -256,6 +265,34 @@ class ZmqManagerLink:
         self.loop.remove_reader(self.cmd_socket)
         self.cmd_socket.close(linger=0)
         self._open_cmd_socket()
+
+    # --- health ----------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """A Ping: its answer (any answer) shows the server is up."""
+        self.send_action({"Action": "Ping"}, _ignore)
+
+    def check_health(self, server_timeout: float) -> None:
+        """Mark the server down when it answered nothing for server_timeout seconds."""
+        now = time.monotonic()
+        if self.up is not False and now - self.last_answer > server_timeout:
+            self.up = False
+            self.down_since = now
+            log.warning("%s is down: no answer for %d s", self.name, now - self.last_answer)
+            self.handlers.on_down(self)
+
+    def _answered(self) -> None:
+        now = time.monotonic()
+        self.last_answer = now
+        if self.answering is False:
+            log.info("%s answers again", self.name)
+        self.answering = True
+        if self.up is not True:
+            if self.up is None:
+                log.info("%s is up", self.name)
+            else:
+                log.info("%s is up again after %d s down", self.name, now - self.down_since)
+            self.up = True
+            self.handlers.on_up(self)
 
     # --- sending ---------------------------------------------------------------------------------
     def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar") -> None:
@@ -317,9 +354,7 @@ class ZmqManagerLink:
         self._send_pending()
 
     def _on_reply(self, frames: List[bytes]) -> None:
-        if self.answering is False:
-            log.info("%s answers again", self.name)
-        self.answering = True
+        self._answered()
         raw = frames[-1]
         try:
             if len(frames) != 2 or frames[0]:

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 import uuid
 from typing import Any, Dict, List, Optional
 
@@ -16,12 +17,17 @@ from . import __version__
 from .asterisk import LinkHandlers, ZmqManagerLink
 from .config import CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, load_broker_config, setup_logging
 from .loop import EventLoop
-from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
+from .rules import (BadInput, PresenceEchoFilter, StateUpdate, device_state_update,
+                    presence_update, relayed_update)
+from .states import StateTable, mirror_variable
 from .stats import DropLog
 
 log = logging.getLogger("broker")
 
 STATISTICS_INTERVAL = 60.0  # seconds between statistics lines with count_messages = yes
+HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout
+RESTART_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
+RESYNC_HOLDOFF = 2.0  # seconds in which a second restart event does not resync again
 
 
 class Broker:
@@ -30,8 +36,11 @@ class Broker:
         self.loop = EventLoop()
         self.drops = DropLog(log)
         self.echoes = PresenceEchoFilter()
+        self.states = StateTable(config.down_state)
+        self.resynced_at: Dict[str, float] = {}
         self.events_relayed = 0
-        handlers = LinkHandlers(on_event=self.on_event, drops=self.drops)
+        handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
+                                on_up=self.resync, on_down=self.show_down)
         self.links = [ZmqManagerLink(self.loop, context, server.name, server.cmd_url,
                                      server.evt_url, config.request_timeout, handlers)
                       for server in config.servers]
@@ -47,6 +56,12 @@ class Broker:
                         len(self.links), self.config.path)
         for link in self.links:
             link.start()
+        self.ping_all()
+        self.loop.call_every(self.config.ping_interval, self.ping_all)
+        self.loop.call_every(min(HEALTH_CHECK_INTERVAL, self.config.ping_interval),
+                             self.check_health)
+        if self.config.resync_interval:
+            self.loop.call_every(self.config.resync_interval, self.repair_all)
         if self.config.count_messages:
             self.loop.call_every(STATISTICS_INTERVAL, self.log_statistics)
         self.loop.stop_on_signals()
@@ -60,9 +75,16 @@ class Broker:
                 link.close()
             self.loop.close()
 
+    # --- events ----------------------------------------------------------------------------------
     def on_event(self, source: ZmqManagerLink, event: Dict[str, Any]) -> None:
         if source.name in self.traced:
             log.info("Got message from %s:\n%s.", source.name, json.dumps(event, indent=4))
+        if event["Event"] in RESTART_EVENTS:
+            # A booting Asterisk publishes both, a moment apart: one resync is enough.
+            if time.monotonic() - self.resynced_at.get(source.name, -RESYNC_HOLDOFF) > RESYNC_HOLDOFF:
+                log.info("%s published %s: it (re)started", source.name, event["Event"])
+                self.resync(source)
+            return
         try:
             update = relayed_update(event, self.config.device_state, self.config.presence)
         except BadInput as exc:
@@ -76,21 +98,114 @@ class Broker:
             log.debug("Ignoring %s=%s from %s: the echo of our own write", update.variable,
                       update.value, source.name)
             return
-        self.relay(source, update)
+        if self.states.record(source.name, update):
+            self.events_relayed += 1
+            self.relay(source, update)
 
     def relay(self, source: ZmqManagerLink, update: StateUpdate) -> None:
         """Write the update on every server but its source."""
-        self.events_relayed += 1
         action_id = uuid.uuid4().hex
         if self.config.verbose_messages:
             log.info("Distribute: %s", json.dumps(update.action(action_id), indent=1))
         log.debug("Relaying %s=%s from %s", update.variable, update.value, source.name)
         for link in self.links:
-            if link is source:
+            if link is not source:
+                self.write(link, update, action_id)
+
+    def write(self, link: ZmqManagerLink, update: StateUpdate, action_id: str = "") -> None:
+        if update.is_presence:
+            self.echoes.written(link.name, update)
+        link.write_state(update, action_id or uuid.uuid4().hex)
+
+    # --- health, resynchronisation, repair ---------------------------------------------------------
+    def ping_all(self) -> None:
+        for link in self.links:
+            link.ping()
+
+    def check_health(self) -> None:
+        for link in self.links:
+            link.check_health(self.config.server_timeout)
+
+    def show_down(self, link: ZmqManagerLink) -> None:
+        """A server is down: its devices show down_state on the others until it is back."""
+        updates = self.states.set_down(link.name)
+        for update in updates:
+            self.relay(link, update)
+        if updates:
+            log.warning("%d devices of %s now show %s on the other servers", len(updates),
+                        link.name, self.config.down_state)
+
+    def resync(self, link: ZmqManagerLink) -> None:
+        """A server is (back) up: write every known state on it, then read its own states."""
+        self.resynced_at[link.name] = time.monotonic()
+        written = 0
+        for update in self.states.mirrors_for(link.name):
+            self.write(link, update)
+            written += 1
+        log.info("Resynchronising %s: %d known states written, reading its states", link.name,
+                 written)
+        self.read_states(link, repair=False)
+
+    def repair_all(self) -> None:
+        """Anti-entropy: read every server's states again; relay what was missed, repair mirrors."""
+        for link in self.links:
+            if link.up:
+                self.read_states(link, repair=True)
+
+    def read_states(self, link: ZmqManagerLink, repair: bool) -> None:
+        asked_at = time.monotonic()
+        if self.config.device_state:
+            link.send_action({"Action": "DeviceStateList"},
+                             lambda reply: self.on_device_list(link, reply, asked_at))
+        if self.config.presence:
+            link.send_action({"Action": "PresenceStateList"},
+                             lambda reply: self.on_presence_list(link, reply, asked_at, repair))
+
+    def on_device_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
+                       asked_at: float) -> None:
+        relayed = repaired = 0
+        for item in _list_items(link, reply, "DeviceStateChange"):
+            mirror = mirror_variable(item)
+            if mirror is not None:
+                # A mirror on this server: does it show what its source reported?
+                expected = self.states.expected(mirror)
+                if expected and self.states.owner[mirror] != link.name \
+                        and str(item.get("State")).upper() != expected:
+                    self.write(link, StateUpdate(mirror, expected))
+                    repaired += 1
                 continue
-            if update.is_presence:
-                self.echoes.written(link.name, update)
-            link.write_state(update, action_id)
+            try:
+                update = device_state_update(item)
+            except BadInput as exc:
+                self.drops.drop(link.name, f"DeviceStateList: {exc}", repr(item).encode())
+                continue
+            if update is not None and self.states.record_listed(link.name, update, asked_at):
+                self.relay(link, update)
+                relayed += 1
+        if relayed or repaired:
+            log.info("Read the devices of %s: %d states relayed, %d mirrors repaired", link.name,
+                     relayed, repaired)
+
+    def on_presence_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
+                         asked_at: float, repair: bool) -> None:
+        relayed = 0
+        for item in _list_items(link, reply, "PresenceStateChange"):
+            try:
+                update = presence_update(item)
+            except BadInput as exc:
+                self.drops.drop(link.name, f"PresenceStateList: {exc}", repr(item).encode())
+                continue
+            if update is None:
+                continue
+            expected = self.states.expected(update.variable)
+            # After a restart the server's own database may be stale: what we know wins, and it
+            # was just written.  Otherwise a difference is a change whose event was missed.
+            if expected is None or (repair and update.value != expected):
+                if self.states.record_listed(link.name, update, asked_at):
+                    self.relay(link, update)
+                    relayed += 1
+        if relayed:
+            log.info("Read the presences of %s: %d relayed", link.name, relayed)
 
     def log_statistics(self) -> None:
         per_server = "; ".join(
@@ -100,6 +215,16 @@ class Broker:
             f"{len(link.outbox)} queued"
             for link in self.links)
         log.info("Statistics: %d events relayed; %s", self.events_relayed, per_server)
+
+
+def _list_items(link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
+                event: str) -> List[Dict[str, Any]]:
+    """The items of a list action's reply (ack, items, Complete), or none if it failed."""
+    if not reply or reply[0].get("Response") != "Success":
+        log.warning("Could not read the states of %s: %s", link.name,
+                    "no answer" if reply is None else reply[0].get("Message", reply))
+        return []
+    return [item for item in reply[1:] if item.get("Event") == event]
 
 
 def _yes_no(flag: bool) -> str:

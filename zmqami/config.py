@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .rules import DEVICE_STATES
+
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts' folder
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
@@ -79,6 +81,10 @@ class BrokerConfig:
     request_timeout: int = 1000
     count_messages: bool = False
     verbose_messages: bool = False
+    ping_interval: float = 10.0
+    server_timeout: float = 30.0
+    down_state: Optional[str] = "UNAVAILABLE"
+    resync_interval: float = 300.0
     servers: List[ServerConfig] = field(default_factory=list)
 
 
@@ -128,6 +134,17 @@ class _IniReader:
             self.error(section, key, f"{number} is not between {low} and {high}")
         return number
 
+    def seconds(self, section: str, key: str, default: float, low: float, high: float) -> float:
+        value = self.raw(section, key, str(default))
+        try:
+            number = float(value)
+        except ValueError:
+            self.error(section, key, f"{value!r} is not a number of seconds")
+            return default
+        if not low <= number <= high:
+            self.error(section, key, f"{value} is not between {low:g} and {high:g} seconds")
+        return number
+
     def choice(self, section: str, key: str, default: str, choices: Dict[str, Any]) -> Any:
         value = self.raw(section, key, default).lower()
         if value not in choices:
@@ -156,6 +173,15 @@ def load_broker_config(path: str) -> BrokerConfig:
     config.request_timeout = ini.integer("general", "request_timeout", 1000, 10, 600_000)
     config.count_messages = ini.boolean("general", "count_messages", False)
     config.verbose_messages = ini.boolean("general", "verbose_messages", False)
+    config.ping_interval = ini.seconds("general", "ping_interval", 10.0, 0.1, 3600)
+    config.server_timeout = ini.seconds("general", "server_timeout", 3 * config.ping_interval,
+                                        config.ping_interval, 36000)
+    config.resync_interval = ini.seconds("general", "resync_interval", 300.0, 0, 86400)
+    down_state = parser.get("general", "down_state", fallback="UNAVAILABLE").strip().upper()
+    if down_state and down_state not in DEVICE_STATES:
+        ini.error("general", "down_state", f"{down_state!r} is not one of "
+                  f"{', '.join(sorted(DEVICE_STATES))}, or empty to keep the last state")
+    config.down_state = down_state or None
 
     if not parser.has_section("servers"):
         ini.errors.append(f"{path}: [servers]: section missing")

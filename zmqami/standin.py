@@ -22,7 +22,9 @@ import argparse
 import base64
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +34,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import zmq
 
-from .config import setup_logging
+from .config import PROJECT_DIR, setup_logging
 from .loop import EventLoop
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
                     parse_presence_value)
@@ -54,12 +56,14 @@ class StandinAsterisk:
     """The stand-in server; serve() runs its loop until stop()."""
 
     def __init__(self, cmd_port: int = 0, evt_port: int = 0, control_port: int = 0,
-                 loadzmq_delay: float = 0.1) -> None:
+                 loadzmq_delay: float = 0.1, state_file: Optional[str] = None) -> None:
         self.context = zmq.Context()
         self.loop = EventLoop()
         self.loadzmq_delay = loadzmq_delay
+        self.state_file = state_file
         self.devices: Dict[str, str] = {}
         self.presences: Dict[str, Tuple[str, str, str]] = {}
+        self._load_database()
         self.requests: Deque[str] = deque(maxlen=REQUEST_LOG)
         self.request_count = 0
         self.subscriptions = 0
@@ -113,18 +117,40 @@ class StandinAsterisk:
         elif message[:1] == b"\x00":
             self.subscriptions -= 1
 
-    def set_device(self, device: str, state: str) -> None:
+    def set_device(self, device: str, state: str, publish: bool = True) -> None:
         """A device changes state, as a phone ringing or a Setvar would make it."""
         if self.devices.get(device) != state:
             self.devices[device] = state
-            self.publish({"Event": "DeviceStateChange", "Privilege": "call,all",
-                          "Device": device, "State": state})
+            self._save_database()
+            if publish:
+                self.publish({"Event": "DeviceStateChange", "Privilege": "call,all",
+                              "Device": device, "State": state})
 
-    def set_presence(self, presentity: str, status: str, subtype: str, message: str) -> None:
+    def set_presence(self, presentity: str, status: str, subtype: str, message: str,
+                     publish: bool = True) -> None:
         self.presences[presentity] = (status, subtype, message)
-        self.publish({"Event": "PresenceStateChange", "Privilege": "call,all",
-                      "Presentity": presentity, "Status": status, "Subtype": subtype,
-                      "Message": message})
+        self._save_database()
+        if publish:
+            self.publish({"Event": "PresenceStateChange", "Privilege": "call,all",
+                          "Presentity": presentity, "Status": status, "Subtype": subtype,
+                          "Message": message})
+
+    # --- Asterisk's database: Custom: devices and presences survive a restart ---------------------
+    def _load_database(self) -> None:
+        if self.state_file and os.path.exists(self.state_file):
+            with open(self.state_file, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            self.devices.update(saved["devices"])
+            self.presences.update({k: tuple(v) for k, v in saved["presences"].items()})
+
+    def _save_database(self) -> None:
+        if not self.state_file:
+            return
+        custom = {d: s for d, s in self.devices.items() if d.startswith(CUSTOM_DEVICE)}
+        temporary = self.state_file + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({"devices": custom, "presences": self.presences}, handle)
+        os.replace(temporary, self.state_file)
 
     # --- the cmd socket --------------------------------------------------------------------------
     def _on_request(self) -> None:
@@ -266,12 +292,12 @@ class StandinAsterisk:
         self.control.send_json(answer)
 
     def _control_set_device(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        self.set_device(command["device"], command["state"])
+        self.set_device(command["device"], command["state"], command.get("publish", True))
         return {}
 
     def _control_set_presence(self, command: Dict[str, Any]) -> Dict[str, Any]:
         self.set_presence(command["presentity"], command["status"], command.get("subtype", ""),
-                          command.get("message", ""))
+                          command.get("message", ""), command.get("publish", True))
         return {}
 
     def _control_publish(self, command: Dict[str, Any]) -> Dict[str, Any]:
@@ -329,13 +355,14 @@ class StandinControl:
             raise RuntimeError(answer["error"])
         return answer
 
-    def set_device(self, device: str, state: str) -> None:
-        self.call("set_device", device=device, state=state)
+    def set_device(self, device: str, state: str, publish: bool = True) -> None:
+        """Change a device; publish=False changes it without an event (a lost event)."""
+        self.call("set_device", device=device, state=state, publish=publish)
 
     def set_presence(self, presentity: str, status: str, subtype: str = "",
-                     message: str = "") -> None:
+                     message: str = "", publish: bool = True) -> None:
         self.call("set_presence", presentity=presentity, status=status, subtype=subtype,
-                  message=message)
+                  message=message, publish=publish)
 
     def publish_raw(self, *frames: bytes) -> None:
         self.call("publish", frames=[base64.b64encode(frame).decode("ascii") for frame in frames])
@@ -369,8 +396,12 @@ class Standin:
     evt_port: int
     control: StandinControl
     thread: Optional[threading.Thread] = None
+    process: Optional[subprocess.Popen] = None
 
     def stop(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            self.control.close()
+            return
         try:
             self.control.stop()
         except TimeoutError:
@@ -378,6 +409,14 @@ class Standin:
         self.control.close()
         if self.thread is not None:
             self.thread.join(5)
+        if self.process is not None:
+            self.process.wait(5)
+
+    def kill(self) -> None:
+        """kill -9, for a stand-in in its own process: a crash, no goodbye."""
+        self.process.kill()
+        self.process.wait()
+        self.control.close()
 
 
 def start_standin(context: zmq.Context, **options: Any) -> Standin:
@@ -389,6 +428,25 @@ def start_standin(context: zmq.Context, **options: Any) -> Standin:
                    StandinControl(context, server.ports["control_port"]), thread)
 
 
+def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int = 0,
+                          control_port: int = 0, state_file: Optional[str] = None,
+                          mode: str = "normal", delay_ms: int = 0) -> Standin:
+    """Start a stand-in Asterisk in its own process (python -m zmqami.standin)."""
+    command = [sys.executable, "-m", "zmqami.standin", "--cmd-port", str(cmd_port),
+               "--evt-port", str(evt_port), "--control-port", str(control_port),
+               "--mode", mode, "--delay-ms", str(delay_ms)]
+    if state_file:
+        command += ["--state-file", state_file]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=PROJECT_DIR)
+    line = process.stdout.readline()
+    if not line:
+        process.wait(5)
+        raise RuntimeError(f"the stand-in Asterisk did not start (status {process.returncode})")
+    ports = json.loads(line)
+    return Standin(ports["cmd_port"], ports["evt_port"],
+                   StandinControl(context, ports["control_port"]), process=process)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m zmqami.standin",
@@ -398,9 +456,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--control-port", type=int, default=0, help="control port (0: free)")
     parser.add_argument("--mode", choices=("normal", "hung", "slow"), default="normal")
     parser.add_argument("--delay-ms", type=int, default=0, help="reply delay in slow mode")
+    parser.add_argument("--state-file", help="keep Custom: states here across restarts, as "
+                                             "Asterisk's database does")
     args = parser.parse_args(argv)
     setup_logging(logging.INFO)
-    server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port)
+    server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port,
+                             state_file=args.state_file)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
     print(json.dumps(server.ports), flush=True)

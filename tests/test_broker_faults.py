@@ -1,0 +1,136 @@
+"""The broker through faults: hung and dead servers, crashes and restarts, lost events."""
+import pytest
+
+from harness import free_port, wait_until
+from zmqami.standin import Standin, start_standin_process
+
+FAST = dict(ping_interval="0.2", server_timeout="1", request_timeout="300")
+
+
+def custom_states(standin):
+    return {d: s for d, s in standin.control.devices().items() if d.startswith("Custom:")}
+
+
+def dead_server() -> Standin:
+    """Ports that nothing listens on: a server that is down."""
+    return Standin(free_port(), free_port(), control=None)
+
+
+@pytest.fixture
+def processes(context, tmp_path):
+    """processes(name): a stand-in in its own process, with a database file; can be killed."""
+    started = []
+
+    def start(name, **ports):
+        standin = start_standin_process(context, state_file=str(tmp_path / f"{name}.json"),
+                                        **ports)
+        started.append(standin)
+        return standin
+
+    yield start
+    for standin in started:
+        if standin.process.poll() is None:
+            standin.process.kill()
+            standin.process.wait()
+
+
+def restart(processes, standin, name):
+    """kill -9, then start again on the same ports with the same database (astdb)."""
+    standin.kill()
+    return processes(name, cmd_port=standin.cmd_port, evt_port=standin.evt_port)
+
+
+def play(source, count, devices, prefix="SIP/"):
+    """count state changes over devices on source; returns the final mirror states."""
+    expected = {}
+    for i in range(count):
+        state = ("RINGING", "INUSE", "NOT_INUSE", "BUSY")[i % 4]
+        source.control.set_device(f"{prefix}{i % devices}", state)
+        expected[f"Custom:{prefix}{i % devices}"] = state
+    return expected
+
+
+def test_a_hung_and_a_dead_server_do_not_delay_the_live_ones(standins, broker):
+    source, hung, live = standins(3)
+    hung.control.set_mode("hung")
+    script = broker([source, hung, dead_server(), live], **FAST)
+    expected = play(source, 200, 50)
+    wait_until(lambda: custom_states(live) == expected, message="every state on the live one")
+    script.wait_for_output("server-2 is down")
+    script.wait_for_output("server-3 is down")
+    assert len(script.lines("Did not receive REP from server-2")) == 1
+    assert len(script.lines("server-2 is down")) == 1
+
+
+def test_down_state_while_a_server_is_dead_then_truth_after_its_restart(
+        standins, broker, processes):
+    a = processes("a")
+    b, c = standins(2)
+    script = broker([a, b, c], **FAST)
+    a.control.set_device("SIP/100", "INUSE")
+    c.control.set_device("SIP/300", "RINGING")
+    for standin, device, state in ((b, "SIP/100", "INUSE"), (c, "SIP/100", "INUSE"),
+                                   (a, "SIP/300", "RINGING")):
+        wait_until(lambda: custom_states(standin).get("Custom:" + device) == state)
+    a.kill()
+    # Its phones show UNAVAILABLE on the others while it is down.
+    for standin in (b, c):
+        wait_until(lambda: custom_states(standin).get("Custom:SIP/100") == "UNAVAILABLE",
+                   message="down_state on the others")
+    script.wait_for_output("1 devices of server-1 now show UNAVAILABLE")
+    c.control.set_device("SIP/300", "NOT_INUSE")      # a change a dead server misses
+    b.control.set_device("SIP/200", "BUSY")
+    a = restart(processes, a, "a")                    # its database still says RINGING
+    a.control.set_device("SIP/100", "NOT_INUSE")       # the phone registers again
+    wait_until(lambda: custom_states(a) == {"Custom:SIP/300": "NOT_INUSE",
+                                            "Custom:SIP/200": "BUSY"},
+               message="the restarted server to hold the truth")
+    for standin in (b, c):
+        wait_until(lambda: custom_states(standin).get("Custom:SIP/100") == "NOT_INUSE",
+                   message="the real state back on the others")
+    assert len(script.lines("server-1 is down")) == 1
+    assert len(script.lines("server-1 is up again")) == 1
+
+
+def test_a_quick_restart_is_seen_by_its_boot_events(standins, broker, processes):
+    a = processes("a")
+    b, = standins(1)
+    # server_timeout is long: only LoadZmq / FullyBooted can tell that the server restarted.
+    script = broker([a, b], ping_interval="0.2", server_timeout="600", resync_interval="0")
+    b.control.set_device("SIP/200", "RINGING")
+    wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "RINGING")
+    a.kill()
+    b.control.set_device("SIP/200", "NOT_INUSE")
+    a = restart(processes, a, "a")
+    wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "NOT_INUSE",
+               message="the stale mirror to be rewritten")
+    script.wait_for_output("server-1 published")
+
+
+def test_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, broker):
+    a, b = standins(2)
+    script = broker([a, b], ping_interval="0.2", resync_interval="0.5")
+    a.control.set_device("SIP/1", "RINGING")
+    wait_until(lambda: custom_states(b).get("Custom:SIP/1") == "RINGING")
+    a.control.set_device("SIP/1", "INUSE", publish=False)       # the event is lost
+    b.control.set_device("Custom:SIP/1", "BUSY", publish=False)  # and the mirror drifted
+    a.control.set_device("SIP/2", "ONHOLD", publish=False)
+    wait_until(lambda: custom_states(b) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"},
+               message="anti-entropy to repair B")
+    script.wait_for_output("Read the devices of server-1")
+
+
+def test_presence_survives_a_restart_and_lost_events(standins, broker, processes):
+    a = processes("a")
+    b, = standins(1)
+    broker([a, b], presence="yes", resync_interval="0.5", **FAST)
+    b.control.set_presence("CustomPresence:7", "away", "", "Lunch")
+    wait_until(lambda: a.control.presences().get("CustomPresence:7") == ["away", "", "Lunch"])
+    a.kill()
+    b.control.set_presence("CustomPresence:7", "dnd", "", "Meeting")
+    a = restart(processes, a, "a")                 # its database still says away
+    wait_until(lambda: a.control.presences().get("CustomPresence:7") == ["dnd", "", "Meeting"],
+               message="the presence after the restart")
+    a.control.set_presence("CustomPresence:7", "available", publish=False)  # lost event
+    wait_until(lambda: b.control.presences().get("CustomPresence:7") == ["available", "", ""],
+               message="anti-entropy to relay the presence")
