@@ -27,7 +27,7 @@ log = logging.getLogger("broker")
 STATISTICS_INTERVAL = 60.0  # seconds between statistics lines with count_messages = yes
 HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout
 RESTART_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
-RESYNC_HOLDOFF = 2.0  # seconds in which a second restart event does not resync again
+BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted is part of the same boot
 
 
 class Broker:
@@ -37,7 +37,7 @@ class Broker:
         self.drops = DropLog(log)
         self.echoes = PresenceEchoFilter()
         self.states = StateTable(config.down_state)
-        self.resynced_at: Dict[str, float] = {}
+        self.loadzmq_at: Dict[str, float] = {}
         self.events_relayed = 0
         handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
                                 on_up=self.resync, on_down=self.show_down)
@@ -80,10 +80,7 @@ class Broker:
         if source.name in self.traced:
             log.info("Got message from %s:\n%s.", source.name, json.dumps(event, indent=4))
         if event["Event"] in RESTART_EVENTS:
-            # A booting Asterisk publishes both, a moment apart: one resync is enough.
-            if time.monotonic() - self.resynced_at.get(source.name, -RESYNC_HOLDOFF) > RESYNC_HOLDOFF:
-                log.info("%s published %s: it (re)started", source.name, event["Event"])
-                self.resync(source)
+            self.on_restart_event(source, event["Event"])
             return
         try:
             update = relayed_update(event, self.config.device_state, self.config.presence)
@@ -135,9 +132,19 @@ class Broker:
             log.warning("%d devices of %s now show %s on the other servers", len(updates),
                         link.name, self.config.down_state)
 
+    def on_restart_event(self, link: ZmqManagerLink, event: str) -> None:
+        # A booting Asterisk publishes LoadZmq then FullyBooted, a moment apart: one resync is
+        # enough.  FullyBooted alone (LoadZmq came before we subscribed) resyncs too.
+        now = time.monotonic()
+        if event == "FullyBooted" and now - self.loadzmq_at.get(link.name, -BOOT_WINDOW) < BOOT_WINDOW:
+            return
+        if event == "LoadZmq":
+            self.loadzmq_at[link.name] = now
+        log.info("%s published %s: it (re)started", link.name, event)
+        self.resync(link)
+
     def resync(self, link: ZmqManagerLink) -> None:
         """A server is (back) up: write every known state on it, then read its own states."""
-        self.resynced_at[link.name] = time.monotonic()
         written = 0
         for update in self.states.mirrors_for(link.name):
             self.write(link, update)
