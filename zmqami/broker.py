@@ -17,9 +17,8 @@ from . import __version__
 from .asterisk import LinkHandlers, ZmqManagerLink
 from .config import CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, load_broker_config, setup_logging
 from .loop import EventLoop
-from .rules import (BadInput, PresenceEchoFilter, StateUpdate, device_state_update,
-                    presence_update, relayed_update)
-from .states import StateTable, mirror_variable
+from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
+from .states import ListReading, StateTable
 from .stats import DropLog
 
 log = logging.getLogger("broker")
@@ -170,49 +169,28 @@ class Broker:
 
     def on_device_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
                        asked_at: float) -> None:
-        relayed = repaired = 0
-        for item in _list_items(link, reply, "DeviceStateChange"):
-            mirror = mirror_variable(item)
-            if mirror is not None:
-                # A mirror on this server: does it show what its source reported?
-                expected = self.states.expected(mirror)
-                if expected and self.states.owner[mirror] != link.name \
-                        and str(item.get("State")).upper() != expected:
-                    self.write(link, StateUpdate(mirror, expected))
-                    repaired += 1
-                continue
-            try:
-                update = device_state_update(item)
-            except BadInput as exc:
-                self.drops.drop(link.name, f"DeviceStateList: {exc}", repr(item).encode())
-                continue
-            if update is not None and self.states.record_listed(link.name, update, asked_at):
-                self.relay(link, update)
-                relayed += 1
-        if relayed or repaired:
-            log.info("Read the devices of %s: %d states relayed, %d mirrors repaired", link.name,
-                     relayed, repaired)
+        reading = self.states.read_device_list(
+            link.name, _list_items(link, reply, "DeviceStateChange"), asked_at, self._bad_item(link))
+        self.apply_reading(link, reading, "devices")
 
     def on_presence_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
                          asked_at: float, repair: bool) -> None:
-        relayed = 0
-        for item in _list_items(link, reply, "PresenceStateChange"):
-            try:
-                update = presence_update(item)
-            except BadInput as exc:
-                self.drops.drop(link.name, f"PresenceStateList: {exc}", repr(item).encode())
-                continue
-            if update is None:
-                continue
-            expected = self.states.expected(update.variable)
-            # After a restart the server's own database may be stale: what we know wins, and it
-            # was just written.  Otherwise a difference is a change whose event was missed.
-            if expected is None or (repair and update.value != expected):
-                if self.states.record_listed(link.name, update, asked_at):
-                    self.relay(link, update)
-                    relayed += 1
-        if relayed:
-            log.info("Read the presences of %s: %d relayed", link.name, relayed)
+        reading = self.states.read_presence_list(
+            link.name, _list_items(link, reply, "PresenceStateChange"), asked_at,
+            after_restart=not repair, on_bad=self._bad_item(link))
+        self.apply_reading(link, reading, "presences")
+
+    def apply_reading(self, link: ZmqManagerLink, reading: ListReading, what: str) -> None:
+        for update in reading.changed:
+            self.relay(link, update)
+        for update in reading.repairs:
+            self.write(link, update)
+        if reading.changed or reading.repairs:
+            log.info("Read the %s of %s: %d states relayed, %d mirrors repaired", what,
+                     link.name, len(reading.changed), len(reading.repairs))
+
+    def _bad_item(self, link: ZmqManagerLink):
+        return lambda item, exc: self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
 
     def log_statistics(self) -> None:
         per_server = "; ".join(

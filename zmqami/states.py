@@ -9,11 +9,23 @@ with what is known, so that a missed event or a stale mirror is repaired.
 Memory is bounded by the number of devices and presentities: one value per variable and source.
 """
 import time
-from typing import Dict, Iterator, List, Optional, Set
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
-from .rules import CUSTOM_DEVICE, BadInput, StateUpdate, check_name
+from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, check_name, device_state_update,
+                    presence_update)
 
 DEVICE_PREFIX = "DEVICE_STATE("
+
+OnBadItem = Callable[[Dict[str, Any], BadInput], None]
+
+
+@dataclass
+class ListReading:
+    """What a server's DeviceStateList or PresenceStateList showed, against what is known."""
+    changed: List[StateUpdate] = field(default_factory=list)   # its own states that are news
+    current: List[StateUpdate] = field(default_factory=list)   # all its own states, as now known
+    repairs: List[StateUpdate] = field(default_factory=list)   # its mirrors that show a wrong state
 
 
 class StateTable:
@@ -75,6 +87,58 @@ class StateTable:
                       and variable not in self.shown_down]
         self.shown_down.update(newly_down)
         return [StateUpdate(variable, self.down_state) for variable in newly_down]
+
+    def read_device_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
+                         on_bad: OnBadItem) -> ListReading:
+        """Compare a server's DeviceStateList items with what is known."""
+        reading = ListReading()
+        for item in items:
+            mirror = mirror_variable(item)
+            if mirror is not None:
+                expected = self.expected(mirror)
+                if expected and self.owner[mirror] != server \
+                        and str(item.get("State")).upper() != expected:
+                    reading.repairs.append(StateUpdate(mirror, expected))
+                continue
+            try:
+                update = device_state_update(item)
+            except BadInput as exc:
+                on_bad(item, exc)
+                continue
+            if update is not None:
+                self._read_own(server, update, asked_at, reading)
+        return reading
+
+    def read_presence_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
+                           after_restart: bool, on_bad: OnBadItem) -> ListReading:
+        """Compare a server's PresenceStateList items with what is known.
+
+        A presentity has the same name on every server, so a difference is either a change whose
+        event was missed, or (after_restart) a stale value from the server's own database, which
+        the resync has just overwritten.
+        """
+        reading = ListReading()
+        for item in items:
+            try:
+                update = presence_update(item)
+            except BadInput as exc:
+                on_bad(item, exc)
+                continue
+            if update is None:
+                continue
+            expected = self.expected(update.variable)
+            if expected is None or (not after_restart and update.value != expected):
+                self._read_own(server, update, asked_at, reading)
+            elif self.owner.get(update.variable) == server:
+                reading.current.append(StateUpdate(update.variable, expected))
+        return reading
+
+    def _read_own(self, server: str, update: StateUpdate, asked_at: float,
+                  reading: ListReading) -> None:
+        if self.record_listed(server, update, asked_at):
+            reading.changed.append(update)
+        value = self.known.get(server, {}).get(update.variable, update.value)
+        reading.current.append(StateUpdate(update.variable, value))
 
     def forget(self, source: str) -> None:
         for variable in self.known.pop(source, {}):
