@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (HubClient, Script, broker_config, free_port, python_settings,  # noqa: E402
                      wait_until)
-from zmqami.standin import Standin, start_standin  # noqa: E402
+from zmqami.standin import Standin, start_standin, start_standin_process  # noqa: E402
 
 
 @pytest.fixture
@@ -57,23 +57,27 @@ def broker(tmp_path):
 
 
 class RunningHub:
-    def __init__(self, script: Script, pub_port: int, pull_port: int) -> None:
-        self.script = script
-        self.pub_url = f"tcp://127.0.0.1:{pub_port}"
-        self.pull_url = f"tcp://127.0.0.1:{pull_port}"
+    """python server.py <settings> on free 127.0.0.1 ports."""
+
+    def __init__(self, tmp_path, name: str = "server") -> None:
+        self.pub_url = f"tcp://127.0.0.1:{free_port()}"
+        self.pull_url = f"tcp://127.0.0.1:{free_port()}"
+        settings = python_settings(tmp_path / f"{name}_config.py", LOG_LEVEL="info",
+                                   PUB_BIND_URL=self.pub_url, SUB_BIND_URL=self.pull_url)
+        self.script = Script("server.py", str(settings), log_dir=tmp_path, name=name)
+        self.script.wait_for_output("Started")
+
+    def restart(self) -> None:
+        """kill -9, and start again on the same ports."""
+        self.script = self.script.restart()
+        self.script.wait_for_output("Started")
 
 
 @pytest.fixture
 def hub(tmp_path):
-    """python server.py <settings> on free 127.0.0.1 ports, started."""
-    pub_port, pull_port = free_port(), free_port()
-    settings = python_settings(tmp_path / "server_config.py", LOG_LEVEL="info",
-                               PUB_BIND_URL=f"tcp://127.0.0.1:{pub_port}",
-                               SUB_BIND_URL=f"tcp://127.0.0.1:{pull_port}")
-    script = Script("server.py", str(settings), log_dir=tmp_path)
-    script.wait_for_output("Started")
-    yield RunningHub(script, pub_port, pull_port)
-    script.kill()
+    running = RunningHub(tmp_path)
+    yield running
+    running.script.kill()
 
 
 @pytest.fixture
@@ -82,15 +86,16 @@ def agents(tmp_path, hub, context):
     running: List[Script] = []
     client = HubClient(context, hub, name="harness")
 
-    def start(servers: List[Standin], names: str = "XYZW", **settings) -> List[Script]:
+    def start(servers: List[Standin], names: str = "XYZW", hubs=None, **settings) -> List[Script]:
         new = []
+        hub_urls = dict(ZMQ_PUB_URL=hub.pull_url, ZMQ_SUB_URL=hub.pub_url) if hubs is None else \
+            dict(ZMQ_PUB_URL=[h.pull_url for h in hubs], ZMQ_SUB_URL=[h.pub_url for h in hubs])
         for name, standin in zip(names, servers):
             config = python_settings(
                 tmp_path / f"agent_{name}.py", SYSTEM_NAME=name, LOG_LEVEL="info",
                 ASTERISK_CMD_URL=f"tcp://127.0.0.1:{standin.cmd_port}",
                 ASTERISK_EVT_URL=f"tcp://127.0.0.1:{standin.evt_port}",
-                ZMQ_PUB_URL=hub.pull_url, ZMQ_SUB_URL=hub.pub_url,
-                PID_FILE=str(tmp_path / f"agent_{name}.pid"), **settings)
+                PID_FILE=str(tmp_path / f"agent_{name}.pid"), **hub_urls, **settings)
             script = Script("agent.py", str(config), log_dir=tmp_path, name=f"agent_{name}")
             running.append(script)
             new.append(script)
@@ -104,3 +109,21 @@ def agents(tmp_path, hub, context):
     client.close()
     for script in running:
         script.kill()
+
+
+@pytest.fixture
+def processes(context, tmp_path):
+    """processes(name): a stand-in in its own process, with a database file; can be killed."""
+    started = []
+
+    def start(name, **ports):
+        standin = start_standin_process(context, state_file=str(tmp_path / f"{name}.json"),
+                                        **ports)
+        started.append(standin)
+        return standin
+
+    yield start
+    for standin in started:
+        if standin.process.poll() is None:
+            standin.process.kill()
+            standin.process.wait()

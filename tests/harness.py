@@ -37,6 +37,7 @@ class Script:
     """python <script> <args>, run from the project's root, its output kept in a file."""
 
     def __init__(self, script: str, *args: str, log_dir: Path, name: Optional[str] = None) -> None:
+        self.script, self.args, self.log_dir = script, args, log_dir
         self.name = name or Path(script).stem
         self.log_path = log_dir / f"{self.name}.log"
         self._log = open(self.log_path, "wb")
@@ -66,6 +67,11 @@ class Script:
             return self.proc.wait(timeout)
         finally:
             self.kill()
+
+    def restart(self) -> "Script":
+        """kill -9, then the same command again (its output in a new file)."""
+        self.kill()
+        return Script(self.script, *self.args, log_dir=self.log_dir, name=self.name + "+")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -163,3 +169,24 @@ class HubClient:
     def close(self) -> None:
         self.push.close()
         self.sub.close()
+
+
+def custom_states(standin) -> Dict[str, str]:
+    """The Custom: devices of a stand-in: the mirrors written on it."""
+    return {d: s for d, s in standin.control.devices().items() if d.startswith("Custom:")}
+
+
+def restart(processes, standin, name):
+    """kill -9 a stand-in process, then start it again on the same ports with its database."""
+    standin.kill()
+    return processes(name, cmd_port=standin.cmd_port, evt_port=standin.evt_port)
+
+
+def play(source, count: int, devices: int, prefix: str = "SIP/") -> Dict[str, str]:
+    """count state changes over devices on source; returns the final mirror states."""
+    expected = {}
+    for i in range(count):
+        state = ("RINGING", "INUSE", "NOT_INUSE", "BUSY")[i % 4]
+        source.control.set_device(f"{prefix}{i % devices}", state)
+        expected[f"Custom:{prefix}{i % devices}"] = state
+    return expected

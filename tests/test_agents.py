@@ -24,8 +24,8 @@ def test_a_state_change_reaches_the_other_agents_and_not_its_own(standins, agent
     assert event["x_data"] == {"Event": "DeviceStateChange", "Device": "SIP/100",
                                "State": "RINGING"}
     # The SetVar the original agent sent: its ActionID is the envelope's uuid.
-    assert setvars(y) == [{"Action": "SetVar", "ActionID": event["uuid"],
-                           "Variable": "DEVICE_STATE(Custom:SIP/100)", "Value": "RINGING"}]
+    assert setvars(y)[0] == {"Action": "SetVar", "ActionID": event["uuid"],
+                             "Variable": "DEVICE_STATE(Custom:SIP/100)", "Value": "RINGING"}
     assert setvars(x) == []
 
 
@@ -45,8 +45,9 @@ def test_unknown_and_custom_devices_are_not_relayed(standins, agents, hub, conte
     old_agent.send("*", "AsteriskEvent", data={"Event": "DeviceStateChange",
                                                "Device": "SIP/103", "State": "BUSY"})
     wait_until(mirrored(y, "SIP/103", "BUSY"), message="the Python 2 agent's event")
-    assert [s["Variable"] for s in setvars(y)] == ["DEVICE_STATE(Custom:SIP/102)",
-                                                   "DEVICE_STATE(Custom:SIP/103)"]
+    # (a resync when Y's Asterisk boots may write the same state twice)
+    assert {s["Variable"] for s in setvars(y)} == {"DEVICE_STATE(Custom:SIP/102)",
+                                                   "DEVICE_STATE(Custom:SIP/103)"}
 
 
 def test_an_asterisk_action_runs_on_the_target_and_is_answered_to_the_caller(
@@ -76,7 +77,8 @@ def test_actions_that_would_harm_asterisk_never_reach_it(standins, agents, hub, 
     client.send("X", "AsteriskAction", data=action)
     status = client.wait_for("AsteriskActionStatus", "X")
     assert status["x_data"][0]["Response"] == "Error" and reason in status["x_data"][0]["Message"]
-    assert {json.loads(r)["Action"] for r in x.control.requests()} == {"Ping"}  # keep-alives only
+    own_actions = {"Ping", "DeviceStateList", "PresenceStateList"}  # keep-alives and resyncs
+    assert {json.loads(r)["Action"] for r in x.control.requests()} <= own_actions
     assert x.control.state()["mode"] == "normal"
 
 
@@ -178,7 +180,7 @@ def test_malformed_frames_and_envelopes_are_survived(standins, agents, hub, cont
         client.send_frames(b"[*]", json.dumps(body).encode())
     x.control.set_device("SIP/500", "RINGING")
     wait_until(mirrored(y, "SIP/500", "RINGING"), message="a good event after the garbage")
-    assert [s["Variable"] for s in setvars(y)] == ["DEVICE_STATE(Custom:SIP/500)"]
+    assert {s["Variable"] for s in setvars(y)} == {"DEVICE_STATE(Custom:SIP/500)"}
     assert all(script.proc.poll() is None for script in scripts + [hub.script])
     assert len(hub.script.lines("Dropped input from agents")) == 1
     assert hub.script.stop() == 0
@@ -217,6 +219,7 @@ def test_pid_file_rules(standins, agents, hub, tmp_path):
     again = Script("agent.py", str(tmp_path / "agent_X.py"), log_dir=tmp_path, name="again")
     try:
         again.wait_for_output(f"names pid {gone}, which is not running: replacing it")
+        again.wait_for_output("Connected to the hub")  # running, its signal handlers set
         wait_until(lambda: pid_file.read_text().strip() == str(again.proc.pid))
         assert again.stop(signal.SIGINT) == 0
         assert not pid_file.exists()

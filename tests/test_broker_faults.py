@@ -1,53 +1,15 @@
 """The broker through faults: hung and dead servers, crashes and restarts, lost events."""
-import pytest
-
-from harness import free_port, wait_until
-from zmqami.standin import Standin, start_standin_process
+from harness import custom_states, free_port, play, restart, wait_until
+from zmqami.standin import Standin
 
 FAST = dict(ping_interval="0.2", server_timeout="1", request_timeout="300")
 
 
-def custom_states(standin):
-    return {d: s for d, s in standin.control.devices().items() if d.startswith("Custom:")}
 
 
 def dead_server() -> Standin:
     """Ports that nothing listens on: a server that is down."""
     return Standin(free_port(), free_port(), control=None)
-
-
-@pytest.fixture
-def processes(context, tmp_path):
-    """processes(name): a stand-in in its own process, with a database file; can be killed."""
-    started = []
-
-    def start(name, **ports):
-        standin = start_standin_process(context, state_file=str(tmp_path / f"{name}.json"),
-                                        **ports)
-        started.append(standin)
-        return standin
-
-    yield start
-    for standin in started:
-        if standin.process.poll() is None:
-            standin.process.kill()
-            standin.process.wait()
-
-
-def restart(processes, standin, name):
-    """kill -9, then start again on the same ports with the same database (astdb)."""
-    standin.kill()
-    return processes(name, cmd_port=standin.cmd_port, evt_port=standin.evt_port)
-
-
-def play(source, count, devices, prefix="SIP/"):
-    """count state changes over devices on source; returns the final mirror states."""
-    expected = {}
-    for i in range(count):
-        state = ("RINGING", "INUSE", "NOT_INUSE", "BUSY")[i % 4]
-        source.control.set_device(f"{prefix}{i % devices}", state)
-        expected[f"Custom:{prefix}{i % devices}"] = state
-    return expected
 
 
 def test_a_hung_and_a_dead_server_do_not_delay_the_live_ones(standins, broker):

@@ -137,3 +137,20 @@ def test_echo_filter_drops_only_the_value_written_to_that_server():
     assert not echoes.is_echo("B", away)      # a second event is a genuine write on B
     echoes.written("B", away)
     assert not echoes.is_echo("B", back)      # a different value is a genuine change
+    echoes.written("B", away)
+    echoes.written("B", away)                 # written twice (a resync): echoed twice
+    assert echoes.is_echo("B", away) and echoes.is_echo("B", away)
+    assert not echoes.is_echo("B", away)
+
+
+@given(st.one_of(
+    st.builds(device_event, st.text(min_size=1), st.sampled_from(["INUSE", "BUSY", "RINGING"])),
+    st.builds(presence_event, st.text(min_size=1).map("CustomPresence:".__add__),
+              st.sampled_from(["away", "dnd", "available"]), st.text(), st.text())))
+def test_event_for_gives_back_the_event_of_an_update(event):
+    from zmqami.rules import event_for
+    try:
+        update = relayed_update(event, presence=True)
+    except BadInput:
+        return
+    assert relayed_update(event_for(update), presence=True) == update

@@ -1,20 +1,33 @@
 """The agent: ``python agent.py [CONFIG.py]``, on each Asterisk host of the agent/server network.
 
 One process, one loop (the original ran three processes):
-- its Asterisk's events -> AsteriskEvent to ``[*]`` through the hub;
-- the hub's messages -> Setvar on its Asterisk (AsteriskEvent), an action run on its Asterisk and
-  answered with AsteriskActionStatus (AsteriskAction), AgentPong (AgentPing);
-- every KEEP_ALIVE_INTERVAL: Ping its Asterisk, report to ``[AsteriskStats]``, AgentPing itself.
+- its Asterisk's events -> AsteriskEvent to ``[*]`` through the hub(s);
+- the hubs' messages -> Setvar on its Asterisk (AsteriskEvent, AgentStates), an action run on its
+  Asterisk and answered with AsteriskActionStatus (AsteriskAction), AgentPong (AgentPing), its own
+  states (AgentStateRequest);
+- every KEEP_ALIVE_INTERVAL: Ping its Asterisk, report to ``[AsteriskStats]``, AgentPing itself,
+  and an AgentHeartbeat to every peer.
 Nothing waits for Asterisk: while it is down, the agent still answers the hub.
+
+Messages added to the original's (an original agent ignores them, as it ignores every msg_type it
+does not know):
+- ``AgentHeartbeat`` to ``[*]``, ``x_asterisk``: "up", "down" or "unknown".  A peer silent for
+  PEER_TIMEOUT, or whose Asterisk is down, has its devices shown as DOWN_STATE here.
+- ``AgentStateRequest`` to ``[*]`` or ``[<peer>]``: answered with
+- ``AgentStates`` to ``[<requester>]`` (or ``[*]``), ``x_events``: the sender's own states, as the
+  x_data of AsteriskEvent messages, read from its Asterisk's lists.
 """
 import argparse
 import errno
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Set
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__, envelope
 from .asterisk import LinkHandlers, ZmqManagerLink
@@ -22,10 +35,34 @@ from .config import (PROJECT_DIR, ConfigError, Setting, is_bool, is_log_level,
                      is_optional_text, is_positive_number, is_url, load_script_settings)
 from .envelope import ALL, STATS, Envelope, is_node_name, parse_message
 from .loop import EventLoop
-from .rules import BadInput, PresenceEchoFilter, relayed_update, safe_action
+from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
+                    relayed_update, safe_action)
+from .states import ListReading, StateTable
 from .stats import DropLog
 
 log = logging.getLogger("asterisk_agent")
+
+
+def is_url_or_urls(value: Any) -> Optional[str]:
+    urls = value if isinstance(value, (list, tuple)) else [value]
+    if not urls or any(is_url(url) for url in urls):
+        return "must be a ZeroMQ address such as 'tcp://127.0.0.1:55555', or a list of them"
+    return None
+
+
+def is_down_state(value: Any) -> Optional[str]:
+    if value is None or value in DEVICE_STATES:
+        return None
+    return f"must be None (keep the last state) or one of {', '.join(sorted(DEVICE_STATES))}"
+
+
+def is_seconds_or_none(value: Any) -> Optional[str]:
+    return None if value is None else is_positive_number(value)
+
+
+def is_seconds_or_zero(value: Any) -> Optional[str]:
+    return None if value == 0 else is_positive_number(value)
+
 
 AGENT_SETTINGS = {
     "LOG_LEVEL": Setting("info", is_log_level),
@@ -34,53 +71,83 @@ AGENT_SETTINGS = {
     "ASTERISK_CMD_URL": Setting("tcp://127.0.0.1:1967", is_url),
     "ASTERISK_EVT_URL": Setting("tcp://127.0.0.1:1968", is_url),
     "KEEP_ALIVE_INTERVAL": Setting(30, is_positive_number),
-    "ZMQ_PUB_URL": Setting("tcp://127.0.0.1:55556", is_url),
-    "ZMQ_SUB_URL": Setting("tcp://127.0.0.1:55555", is_url),
+    "ZMQ_PUB_URL": Setting("tcp://127.0.0.1:55556", is_url_or_urls),
+    "ZMQ_SUB_URL": Setting("tcp://127.0.0.1:55555", is_url_or_urls),
     "PID_FILE": Setting(None, is_optional_text),
     "ASTERISK_TIMEOUT": Setting(5000, is_positive_number),
     "DEVICE_STATE": Setting(True, is_bool),
     "PRESENCE": Setting(False, is_bool),
+    "PEER_TIMEOUT": Setting(None, is_seconds_or_none),
+    "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
+    "RESYNC_INTERVAL": Setting(300, is_seconds_or_zero),
 }
-BATCH = 1000           # hub messages handled per wake-up
-COUNTER_EVERY = 100    # the original's "Message counter" line
-LOCAL = "local"        # this agent's Asterisk, for the presence echo filter
+BATCH = 1000               # hub messages handled per wake-up
+COUNTER_EVERY = 100        # the original's "Message counter" line
 EXIT_PID_FILE = 1
+HEALTH_CHECK_INTERVAL = 1.0
+SEEN_UUIDS = 10_000        # messages remembered to apply each once when they come by two hubs
+STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription must reach the hub
+HEARTBEAT_IVL_MS = 10_000  # ZeroMQ heartbeats on hub connections: a dead peer is noticed in 30 s
+
+
+def _as_list(value: Any) -> List[str]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class Peer:
+    """Another agent that sends heartbeats (an original agent never does and is never timed out)."""
+
+    def __init__(self) -> None:
+        self.last_seen = time.monotonic()
+        self.up = True
 
 
 class Agent:
     def __init__(self, settings: Dict[str, Any], context: zmq.Context) -> None:
         self.settings = settings
         self.name = settings["SYSTEM_NAME"]
+        self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
         self.loop = EventLoop()
         self.drops = DropLog(log)
         self.unsent = DropLog(log, what="a message to")
         self.echoes = PresenceEchoFilter()
+        self.states = StateTable(settings["DOWN_STATE"])
+        self.peers: Dict[str, Peer] = {}
+        self.seen: "OrderedDict[str, None]" = OrderedDict()
+        self.state_requesters: Set[str] = set()
         self.received = 0
         self.asterisk_ok: Optional[bool] = None
         self.asterisk = ZmqManagerLink(
             self.loop, context, "Asterisk", settings["ASTERISK_CMD_URL"],
             settings["ASTERISK_EVT_URL"], settings["ASTERISK_TIMEOUT"],
-            LinkHandlers(on_event=self.on_asterisk_event, drops=self.drops))
-        self.hub_source = f"the hub at {settings['ZMQ_SUB_URL']}"
-        self.push = context.socket(zmq.PUSH)
-        self.sub = context.socket(zmq.SUB)
-        for sock in (self.push, self.sub):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            LinkHandlers(on_event=self.on_asterisk_event, drops=self.drops,
+                         on_up=self.on_asterisk_up, on_down=self.on_asterisk_down))
+        self.hub_urls = _as_list(settings["ZMQ_PUB_URL"])
+        self.hub_source = "the hub at " + ", ".join(_as_list(settings["ZMQ_SUB_URL"]))
+        self.pushes = [_hub_socket(context, zmq.PUSH) for _ in self.hub_urls]
+        self.sub = _hub_socket(context, zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(ALL))
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(self.name))
+        self.sub_monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
+                                                       zmq.EVENT_DISCONNECTED)
 
     def run(self) -> None:
+        self.loop.stop_on_signals()
         log.info("Agent %s (version %s) starting.", self.name, __version__)
         self.asterisk.start()
-        self.push.connect(self.settings["ZMQ_PUB_URL"])
-        self.sub.connect(self.settings["ZMQ_SUB_URL"])
+        for push, url in zip(self.pushes, self.hub_urls):
+            push.connect(url)
+        for url in _as_list(self.settings["ZMQ_SUB_URL"]):
+            self.sub.connect(url)
         log.info("Connected to the hub: pushing to %s, subscribed to %s.",
-                 self.settings["ZMQ_PUB_URL"], self.settings["ZMQ_SUB_URL"])
+                 ", ".join(self.hub_urls), ", ".join(_as_list(self.settings["ZMQ_SUB_URL"])))
         self.loop.add_reader(self.sub, self.read_hub)
+        self.loop.add_reader(self.sub_monitor, self.on_hub_connection)
         self.keep_alive()
         self.loop.call_every(self.settings["KEEP_ALIVE_INTERVAL"], self.keep_alive)
-        self.loop.stop_on_signals()
+        self.loop.call_every(HEALTH_CHECK_INTERVAL, self.check_health)
+        if self.settings["RESYNC_INTERVAL"]:
+            self.loop.call_every(self.settings["RESYNC_INTERVAL"], self.repair)
         try:
             self.loop.run()
         finally:
@@ -88,15 +155,16 @@ class Agent:
                      self.loop.stop_signal or "stop", self.received,
                      sum(self.drops.counts.values()))
             self.asterisk.close()
+            self.sub.disable_monitor()
             self.loop.close()
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         frames = envelope.build(target, msg_type, self.name, **fields)
-        try:
-            self.push.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:  # the hub has been unreachable long enough to fill the queue
-            self.unsent.drop(f"the hub at {self.settings['ZMQ_PUB_URL']}",
-                             "not reachable, queue full", frames[1])
+        for push, url in zip(self.pushes, self.hub_urls):
+            try:
+                push.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:  # that hub has been unreachable long enough to fill the queue
+                self.unsent.drop(f"the hub at {url}", "not reachable, queue full", frames[1])
 
     # --- its Asterisk -> the hub ------------------------------------------------------------------
     def on_asterisk_event(self, link: ZmqManagerLink, event: Dict[str, Any]) -> None:
@@ -110,19 +178,85 @@ class Agent:
         except BadInput as exc:
             self.drops.drop(link.name, f"{event['Event']}: {exc}", repr(event).encode())
             return
-        if update is None:
+        if update is None or (update.is_presence and self.echoes.is_echo(self.name, update)):
             return
-        if update.is_presence:
-            if self.echoes.is_echo(LOCAL, update):
-                return
-            data = {key: event.get(key, "") for key in
-                    ("Event", "Presentity", "Status", "Subtype", "Message")}
-        else:
-            data = {"Event": "DeviceStateChange", "Device": event["Device"], "State": update.value}
-        log.debug("My device %s state %s.", update.variable, update.value)
-        self.send(ALL, "AsteriskEvent", data=data)
+        if self.states.record(self.name, update):
+            log.debug("My device %s state %s.", update.variable, update.value)
+            self.send(ALL, "AsteriskEvent", data=event_for(update))
 
-    # --- the hub -> its Asterisk ------------------------------------------------------------------
+    def on_asterisk_up(self, link: ZmqManagerLink) -> None:
+        """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own."""
+        written = 0
+        for update in self.states.mirrors_for(self.name):
+            self.write(update)
+            written += 1
+        log.info("Resynchronising Asterisk: %d known states of the peers written, reading its "
+                 "states for the peers", written)
+        self.heartbeat()
+        self.read_own_states(repair=False, requester=ALL)
+
+    def on_asterisk_down(self, link: ZmqManagerLink) -> None:
+        self.heartbeat()  # the peers show its devices as DOWN_STATE until it is back
+
+    def read_own_states(self, repair: bool, requester: str) -> None:
+        """Read its Asterisk's lists and send its own states to requester (a peer or everyone)."""
+        first = not self.state_requesters
+        self.state_requesters.add(requester)
+        if not first:
+            return  # a read is under way: its answer goes to this requester too
+        asked_at = time.monotonic()
+        readings: List[ListReading] = []
+        wanted = int(self.settings["DEVICE_STATE"]) + int(self.settings["PRESENCE"])
+
+        def on_list(reading: Optional[ListReading]) -> None:
+            readings.append(reading)
+            if len(readings) == wanted:
+                self.answer_state_requests([r for r in readings if r is not None])
+
+        if self.settings["DEVICE_STATE"]:
+            self.asterisk.send_action({"Action": "DeviceStateList"}, lambda reply: on_list(
+                self.on_own_list(reply, "DeviceStateChange", asked_at, repair)))
+        if self.settings["PRESENCE"]:
+            self.asterisk.send_action({"Action": "PresenceStateList"}, lambda reply: on_list(
+                self.on_own_list(reply, "PresenceStateChange", asked_at, repair)))
+        if not wanted:
+            self.state_requesters.clear()
+
+    def on_own_list(self, reply: Optional[List[Dict[str, Any]]], event: str, asked_at: float,
+                    repair: bool) -> Optional[ListReading]:
+        if not reply or reply[0].get("Response") != "Success":
+            log.warning("Could not read the states of Asterisk: %s",
+                        "no answer" if reply is None else reply[0].get("Message"))
+            return None
+        items = [item for item in reply[1:] if item.get("Event") == event]
+        on_bad = lambda item, exc: self.drops.drop("Asterisk", f"list item: {exc}",  # noqa: E731
+                                                   repr(item).encode())
+        writing = self.asterisk.outbox.is_writing
+        if event == "DeviceStateChange":
+            reading = self.states.read_device_list(self.name, items, asked_at, writing, on_bad)
+        else:
+            reading = self.states.read_presence_list(self.name, items, asked_at,
+                                                     not repair, writing, on_bad)
+        for update in reading.repairs:
+            self.write(update)
+        if reading.repairs:
+            log.info("Repaired %d mirrors on Asterisk", len(reading.repairs))
+        return reading
+
+    def answer_state_requests(self, readings: List[ListReading]) -> None:
+        events = [event_for(update) for reading in readings for update in reading.current]
+        requesters, self.state_requesters = self.state_requesters, set()
+        for requester in ([ALL] if ALL in requesters else sorted(requesters)):
+            self.send(requester, "AgentStates", events=events)
+        log.info("Sent %d states of Asterisk to %s", len(events),
+                 "every peer" if ALL in requesters else ", ".join(sorted(requesters)))
+
+    def repair(self) -> None:
+        """Anti-entropy: send its states to every peer again, and repair its own mirrors."""
+        if self.asterisk.up:
+            self.read_own_states(repair=True, requester=ALL)
+
+    # --- the hubs -> its Asterisk -----------------------------------------------------------------
     def read_hub(self) -> None:
         for _ in range(BATCH):
             try:
@@ -140,36 +274,66 @@ class Agent:
         except BadInput as exc:
             self.drops.drop(self.hub_source, str(exc), b" | ".join(frames))
             return
+        if self.already_seen(message.uuid):
+            return  # the same message by another hub
         if message.origin == self.name:
             log.debug("Ignoring %s: coming from myself.", message.msg_type)
             return
         handler = {"AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-                   "AsteriskAction": self.run_action}.get(message.msg_type)
+                   "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
+                   "AgentStateRequest": self.on_state_request,
+                   "AgentStates": self.apply_states}.get(message.msg_type)
         if handler is None:
             log.debug("Ignoring %s from %s.", message.msg_type, message.origin)
             return
+        if message.origin in self.peers:
+            self.peers[message.origin].last_seen = time.monotonic()
         handler(message)
+
+    def already_seen(self, uuid: str) -> bool:
+        if uuid in self.seen:
+            return True
+        self.seen[uuid] = None
+        if len(self.seen) > SEEN_UUIDS:
+            self.seen.popitem(last=False)
+        return False
 
     def answer_ping(self, message: Envelope) -> None:
         self.send(message.origin, "AgentPong")
         log.info("AgentPing received from %s, sending AgentPong.", message.origin)
 
     def apply_event(self, message: Envelope) -> None:
-        data = message.field("data")
+        self.apply_peer_event(message, message.field("data"))
+
+    def apply_states(self, message: Envelope) -> None:
+        events = message.field("events")
+        if not isinstance(events, list):
+            self.drops.drop(f"{message.origin} via the hub", "AgentStates: x_events is not a list")
+            return
+        for event in events:
+            self.apply_peer_event(message, event)
+        log.info("Received %d states from %s", len(events), message.origin)
+
+    def apply_peer_event(self, message: Envelope, data: Any) -> None:
+        """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here."""
         try:
             if not isinstance(data, dict):
-                raise BadInput("x_data is not an object")
+                raise BadInput("not an object")
             update = relayed_update(data, self.settings["DEVICE_STATE"], self.settings["PRESENCE"])
         except BadInput as exc:
-            self.drops.drop(f"{message.origin} via the hub", f"AsteriskEvent: {exc}",
+            self.drops.drop(f"{message.origin} via the hub", f"{message.msg_type}: {exc}",
                             repr(data).encode())
             return
-        if update is None:
+        if update is None or not self.states.record(message.origin, update):
             return
-        if update.is_presence:
-            self.echoes.written(LOCAL, update)
         log.debug("Other device: %s - %s (from %s).", update.variable, update.value, message.origin)
-        self.asterisk.write_state(update, message.uuid, verb="SetVar")
+        self.write(update, message.uuid)
+
+    def write(self, update: StateUpdate, action_id: str = "") -> None:
+        """Write a state on its Asterisk (SetVar, ActionID the message's uuid, as the original)."""
+        if update.is_presence:
+            self.echoes.written(self.name, update)
+        self.asterisk.write_state(update, action_id or envelope.new_uuid(), verb="SetVar")
 
     def run_action(self, message: Envelope) -> None:
         origin = message.origin
@@ -184,10 +348,58 @@ class Agent:
         self.asterisk.send_action(
             action, lambda reply: self.send(origin, "AsteriskActionStatus", data=reply))
 
+    def on_state_request(self, message: Envelope) -> None:
+        if self.asterisk.up:
+            self.read_own_states(repair=False, requester=message.origin)
+
+    # --- peers and hubs ----------------------------------------------------------------------------
+    def on_heartbeat(self, message: Envelope) -> None:
+        peer = self.peers.get(message.origin)
+        if peer is None:
+            log.info("Peer %s is up.", message.origin)
+            self.peers[message.origin] = peer = Peer()
+        asterisk_down = message.field("asterisk") == "down"
+        if asterisk_down and peer.up:
+            self.peer_down(message.origin, "its Asterisk is down")
+        elif not asterisk_down and not peer.up:
+            peer.up = True
+            log.info("Peer %s is up again: asking for its states.", message.origin)
+            self.send(message.origin, "AgentStateRequest")
+
+    def check_health(self) -> None:
+        self.asterisk.check_health(self.peer_timeout)
+        now = time.monotonic()
+        for name, peer in self.peers.items():
+            if peer.up and now - peer.last_seen > self.peer_timeout:
+                self.peer_down(name, f"silent for {self.peer_timeout:g} s")
+
+    def peer_down(self, name: str, why: str) -> None:
+        self.peers[name].up = False
+        updates = self.states.set_down(name)
+        for update in updates:
+            self.write(update)
+        log.warning("Peer %s is down (%s): %d of its devices now show %s here.", name, why,
+                    len(updates), self.settings["DOWN_STATE"] if updates else "their last state")
+
+    def on_hub_connection(self) -> None:
+        """A hub connection was made (again): the peers' states may have been missed meanwhile."""
+        event = recv_monitor_message(self.sub_monitor)
+        address = event.get("endpoint", b"").decode("utf-8", "replace")
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            log.warning("Lost the hub at %s; reconnecting.", address)
+            return
+        log.info("Connected to the hub at %s: asking the peers for their states.", address)
+        self.loop.call_later(STATE_REQUEST_DELAY, lambda: self.send(ALL, "AgentStateRequest"))
+
     # --- keep-alive ------------------------------------------------------------------------------
     def keep_alive(self) -> None:
         self.asterisk.send_action({"Action": "Ping"}, self.on_ping_reply)
         self.send(self.name, "AgentPing")  # through the hub and back: keeps its sockets alive
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        status = {True: "up", False: "down", None: "unknown"}[self.asterisk.up]
+        self.send(ALL, "AgentHeartbeat", asterisk=status)
 
     def on_ping_reply(self, reply: Optional[List[Dict[str, Any]]]) -> None:
         response = reply[0].get("Response") if reply else None
@@ -201,6 +413,15 @@ class Agent:
         if self.asterisk_ok is not False:
             log.error("asterisk_ping unknown reply: %s (logged again when it answers)", reply)
         self.asterisk_ok = False
+
+
+def _hub_socket(context: zmq.Context, kind: int) -> zmq.Socket:
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_IVL_MS)
+    return sock
 
 
 def _text(value: Any) -> Optional[str]:

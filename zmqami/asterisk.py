@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 10  # requests queued at Asterisk per server; small, so that newer states conflate
 EVENT_BATCH = 1000  # messages read per wake-up before other sockets get their turn
 EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
+BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
+BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted belongs to the same boot
 
 ReplyCallback = Callable[[Optional[List[Dict[str, Any]]]], None]
 
@@ -80,6 +82,13 @@ class Outbox:
             self.waiting[update.variable] = request
         else:
             self.pending[update.variable] = request
+
+    def is_writing(self, variable: str) -> bool:
+        """True while a write of variable waits to be sent or for its reply.
+
+        A list read from the server while it is true may not show that write yet.
+        """
+        return variable in self.busy or variable in self.pending or variable in self.waiting
 
     def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
         # Our own ActionID makes the reply ours to match; the caller's is put back into the reply.
@@ -205,7 +214,11 @@ def _ignore(link: Any) -> None:
 
 @dataclass
 class LinkHandlers:
-    """What a link tells its owner: each event, input it dropped, the server going up and down."""
+    """What a link tells its owner: each event, input it dropped, the server going up and down.
+
+    on_up is also called when the server (re)starts (its LoadZmq or FullyBooted event): either
+    way the server may hold stale states and has missed what happened meanwhile.
+    """
     on_event: Callable[["ZmqManagerLink", Dict[str, Any]], None]
     drops: DropLog
     on_up: Callable[["ZmqManagerLink"], None] = _ignore
@@ -229,6 +242,7 @@ class ZmqManagerLink:
         self.up: Optional[bool] = None         # None until the first reply or server timeout
         self.last_answer = time.monotonic()
         self.down_since = 0.0
+        self.loadzmq_at = -BOOT_WINDOW
         self.evt_socket: Optional[zmq.Socket] = None
         self.cmd_socket: Optional[zmq.Socket] = None
         self._timeout_timer: Optional[Timer] = None
@@ -293,6 +307,20 @@ class ZmqManagerLink:
                 log.info("%s is up again after %d s down", self.name, now - self.down_since)
             self.up = True
             self.handlers.on_up(self)
+
+    def _booted(self, event: str) -> None:
+        # A booting Asterisk publishes LoadZmq, then FullyBooted a moment later: one on_up is
+        # enough.  FullyBooted alone (LoadZmq came before we subscribed) counts too.
+        now = time.monotonic()
+        if event == "FullyBooted" and now - self.loadzmq_at < BOOT_WINDOW:
+            return
+        if event == "LoadZmq":
+            self.loadzmq_at = now
+        log.info("%s published %s: it (re)started", self.name, event)
+        if self.up is True:
+            self.handlers.on_up(self)
+        else:
+            self._answered()  # its boot event is as good an answer as any
 
     # --- sending ---------------------------------------------------------------------------------
     def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar") -> None:
@@ -382,6 +410,8 @@ class ZmqManagerLink:
             except BadInput as exc:
                 self.handlers.drops.drop(self.name, str(exc), b"".join(frames))
                 continue
+            if event["Event"] in BOOT_EVENTS:
+                self._booted(event["Event"])
             self.handlers.on_event(self, event)
 
 

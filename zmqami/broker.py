@@ -25,8 +25,6 @@ log = logging.getLogger("broker")
 
 STATISTICS_INTERVAL = 60.0  # seconds between statistics lines with count_messages = yes
 HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout
-RESTART_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
-BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted is part of the same boot
 
 
 class Broker:
@@ -36,7 +34,6 @@ class Broker:
         self.drops = DropLog(log)
         self.echoes = PresenceEchoFilter()
         self.states = StateTable(config.down_state)
-        self.loadzmq_at: Dict[str, float] = {}
         self.events_relayed = 0
         handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
                                 on_up=self.resync, on_down=self.show_down)
@@ -48,6 +45,7 @@ class Broker:
 
     def run(self) -> None:
         """Relay until SIGTERM or Ctrl-C."""
+        self.loop.stop_on_signals()
         log.info("Broker %s starting with %d servers (device_state %s, presence %s)", __version__,
                  len(self.links), _yes_no(self.config.device_state), _yes_no(self.config.presence))
         if len(self.links) < 2:
@@ -63,7 +61,6 @@ class Broker:
             self.loop.call_every(self.config.resync_interval, self.repair_all)
         if self.config.count_messages:
             self.loop.call_every(STATISTICS_INTERVAL, self.log_statistics)
-        self.loop.stop_on_signals()
         try:
             self.loop.run()
         finally:
@@ -78,9 +75,6 @@ class Broker:
     def on_event(self, source: ZmqManagerLink, event: Dict[str, Any]) -> None:
         if source.name in self.traced:
             log.info("Got message from %s:\n%s.", source.name, json.dumps(event, indent=4))
-        if event["Event"] in RESTART_EVENTS:
-            self.on_restart_event(source, event["Event"])
-            return
         try:
             update = relayed_update(event, self.config.device_state, self.config.presence)
         except BadInput as exc:
@@ -131,17 +125,6 @@ class Broker:
             log.warning("%d devices of %s now show %s on the other servers", len(updates),
                         link.name, self.config.down_state)
 
-    def on_restart_event(self, link: ZmqManagerLink, event: str) -> None:
-        # A booting Asterisk publishes LoadZmq then FullyBooted, a moment apart: one resync is
-        # enough.  FullyBooted alone (LoadZmq came before we subscribed) resyncs too.
-        now = time.monotonic()
-        if event == "FullyBooted" and now - self.loadzmq_at.get(link.name, -BOOT_WINDOW) < BOOT_WINDOW:
-            return
-        if event == "LoadZmq":
-            self.loadzmq_at[link.name] = now
-        log.info("%s published %s: it (re)started", link.name, event)
-        self.resync(link)
-
     def resync(self, link: ZmqManagerLink) -> None:
         """A server is (back) up: write every known state on it, then read its own states."""
         written = 0
@@ -170,14 +153,15 @@ class Broker:
     def on_device_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
                        asked_at: float) -> None:
         reading = self.states.read_device_list(
-            link.name, _list_items(link, reply, "DeviceStateChange"), asked_at, self._bad_item(link))
+            link.name, _list_items(link, reply, "DeviceStateChange"), asked_at,
+            link.outbox.is_writing, self._bad_item(link))
         self.apply_reading(link, reading, "devices")
 
     def on_presence_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
                          asked_at: float, repair: bool) -> None:
         reading = self.states.read_presence_list(
             link.name, _list_items(link, reply, "PresenceStateChange"), asked_at,
-            after_restart=not repair, on_bad=self._bad_item(link))
+            after_restart=not repair, writing=link.outbox.is_writing, on_bad=self._bad_item(link))
         self.apply_reading(link, reading, "presences")
 
     def apply_reading(self, link: ZmqManagerLink, reading: ListReading, what: str) -> None:

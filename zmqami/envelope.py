@@ -32,9 +32,13 @@ def is_node_name(name: Any) -> bool:
     return isinstance(name, str) and _NODE_NAME.fullmatch(name) is not None
 
 
+def new_uuid() -> str:
+    return uuid.uuid4().hex
+
+
 def build(target: str, msg_type: str, origin: str, **fields: Any) -> List[bytes]:
     """The two frames of a message to ``[target]``; each field becomes ``x_<field>``."""
-    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": uuid.uuid4().hex, "origin": origin}
+    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": new_uuid(), "origin": origin}
     for key, value in fields.items():
         body["x_" + key] = value
     return [topic(target), json.dumps(body).encode("utf-8")]

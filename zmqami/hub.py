@@ -54,8 +54,8 @@ class Hub:
                                    f"{exc.strerror}"]) from None
 
     def run(self) -> None:
-        self.loop.add_reader(self.pull, self.relay_messages)
         self.loop.stop_on_signals()
+        self.loop.add_reader(self.pull, self.relay_messages)
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
                  self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
         try:

@@ -34,7 +34,7 @@ class Timer:
 class EventLoop:
     def __init__(self) -> None:
         self.poller = zmq.Poller()
-        self.running = False
+        self.running = True  # until stop(), which may come before run() (a signal at start-up)
         self.stop_signal: Optional[str] = None
         self._readers: Dict[Pollable, Callable[[], None]] = {}
         self._timers: List[Tuple[float, int, Timer]] = []
@@ -110,7 +110,6 @@ class EventLoop:
 
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> None:
-        self.running = True
         while self.running:
             for sock, _ in self.poller.poll(self._poll_timeout_ms()):
                 callback = self._readers.get(sock)

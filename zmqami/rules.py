@@ -212,6 +212,17 @@ def presence_update(event: Dict[str, Any]) -> Optional[StateUpdate]:
     return StateUpdate(f"PRESENCE_STATE({presentity})", presence_value(status, subtype, message))
 
 
+def event_for(update: StateUpdate) -> Dict[str, str]:
+    """The event that relayed_update turns into this update: how agents send a state."""
+    name, argument = update.variable[:-1].split("(", 1)
+    if name == "DEVICE_STATE":
+        return {"Event": "DeviceStateChange", "Device": argument[len(CUSTOM_DEVICE):],
+                "State": update.value}
+    status, subtype, message = parse_presence_value(update.value)
+    return {"Event": "PresenceStateChange", "Presentity": argument, "Status": status,
+            "Subtype": subtype, "Message": message}
+
+
 def relayed_update(event: Dict[str, Any], device_state: bool = True,
                    presence: bool = False) -> Optional[StateUpdate]:
     """The state update an event asks for on the other servers, None for events not relayed.
@@ -234,14 +245,24 @@ class PresenceEchoFilter:
     The original broker ignored every change of a presentity for 3 s after relaying it, which also
     swallowed genuine changes made on another server in that time.  Here, what was last written to
     each server is remembered, and only an event from that server carrying that very value is
-    taken as the echo.  An event that differs is a genuine change and is relayed.
+    taken as the echo (one echo per write: a value written twice is echoed twice).  An event
+    that differs is a genuine change and is relayed.
     """
 
     def __init__(self) -> None:
-        self._written: Dict[Tuple[str, str], str] = {}
+        # (server, variable) -> (value, how many writes of it have not been echoed yet)
+        self._written: Dict[Tuple[str, str], Tuple[str, int]] = {}
 
     def written(self, server: str, update: StateUpdate) -> None:
-        self._written[(server, update.variable)] = update.value
+        key = (server, update.variable)
+        value, count = self._written.get(key, (None, 0))
+        self._written[key] = (update.value, count + 1 if value == update.value else 1)
 
     def is_echo(self, server: str, update: StateUpdate) -> bool:
-        return self._written.pop((server, update.variable), None) == update.value
+        key = (server, update.variable)
+        value, count = self._written.pop(key, (None, 0))
+        if value != update.value:
+            return False
+        if count > 1:
+            self._written[key] = (value, count - 1)
+        return True

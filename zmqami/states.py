@@ -18,6 +18,7 @@ from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, check_name, device_sta
 DEVICE_PREFIX = "DEVICE_STATE("
 
 OnBadItem = Callable[[Dict[str, Any], BadInput], None]
+IsWriting = Callable[[str], bool]  # Outbox.is_writing of the server the list came from
 
 
 @dataclass
@@ -51,13 +52,10 @@ class StateTable:
         return self._remember(source, update)
 
     def _remember(self, source: str, update: StateUpdate) -> bool:
-        values = self.known.setdefault(source, {})
-        previous_owner = self.owner.get(update.variable)
+        news = self.expected(update.variable) != update.value  # what the mirrors show now
+        self.known.setdefault(source, {})[update.variable] = update.value
         self.owner[update.variable] = source
-        news = (values.get(update.variable) != update.value or previous_owner != source
-                or update.variable in self.shown_down)
         self.shown_down.discard(update.variable)
-        values[update.variable] = update.value
         return news
 
     def mirrors_for(self, server: str) -> Iterator[StateUpdate]:
@@ -89,14 +87,17 @@ class StateTable:
         return [StateUpdate(variable, self.down_state) for variable in newly_down]
 
     def read_device_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
-                         on_bad: OnBadItem) -> ListReading:
-        """Compare a server's DeviceStateList items with what is known."""
+                         writing: IsWriting, on_bad: OnBadItem) -> ListReading:
+        """Compare a server's DeviceStateList items with what is known.
+
+        A mirror that is being written is not judged: the list may predate the write.
+        """
         reading = ListReading()
         for item in items:
             mirror = mirror_variable(item)
             if mirror is not None:
                 expected = self.expected(mirror)
-                if expected and self.owner[mirror] != server \
+                if expected and self.owner[mirror] != server and not writing(mirror) \
                         and str(item.get("State")).upper() != expected:
                     reading.repairs.append(StateUpdate(mirror, expected))
                 continue
@@ -110,12 +111,13 @@ class StateTable:
         return reading
 
     def read_presence_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
-                           after_restart: bool, on_bad: OnBadItem) -> ListReading:
+                           after_restart: bool, writing: IsWriting,
+                           on_bad: OnBadItem) -> ListReading:
         """Compare a server's PresenceStateList items with what is known.
 
         A presentity has the same name on every server, so a difference is either a change whose
         event was missed, or (after_restart) a stale value from the server's own database, which
-        the resync has just overwritten.
+        the resync has just overwritten, or a write of ours the list predates (writing).
         """
         reading = ListReading()
         for item in items:
@@ -127,6 +129,8 @@ class StateTable:
             if update is None:
                 continue
             expected = self.expected(update.variable)
+            if writing(update.variable):
+                continue
             if expected is None or (not after_restart and update.value != expected):
                 self._read_own(server, update, asked_at, reading)
             elif self.owner.get(update.variable) == server:
