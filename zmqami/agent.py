@@ -9,8 +9,9 @@ One process, one loop (the original ran three processes):
   and an AgentHeartbeat to every peer.
 Nothing waits for Asterisk: while it is down, the agent still answers the hub.
 
-Messages added to the original's (an original agent ignores them, as it ignores every msg_type it
-does not know):
+Every message it sends carries ``x_heartbeat``, its KEEP_ALIVE_INTERVAL: the mark of an agent that
+sends heartbeats, which its peers therefore time out.  Messages added to the original's (an
+original agent ignores them, as it ignores every msg_type and field it does not know):
 - ``AgentHeartbeat`` to ``[*]``, ``x_asterisk``: "up", "down" or "unknown".  A peer silent for
   PEER_TIMEOUT, or whose Asterisk is down, has its devices shown as DOWN_STATE here.
 - ``AgentStateRequest`` to ``[*]`` or ``[<peer>]``: answered with
@@ -159,7 +160,8 @@ class Agent:
             self.loop.close()
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
-        frames = envelope.build(target, msg_type, self.name, **fields)
+        frames = envelope.build(target, msg_type, self.name,
+                                heartbeat=self.settings["KEEP_ALIVE_INTERVAL"], **fields)
         for push, url in zip(self.pushes, self.hub_urls):
             try:
                 push.send_multipart(frames, zmq.NOBLOCK)
@@ -286,8 +288,7 @@ class Agent:
         if handler is None:
             log.debug("Ignoring %s from %s.", message.msg_type, message.origin)
             return
-        if message.origin in self.peers:
-            self.peers[message.origin].last_seen = time.monotonic()
+        self.saw_peer(message)
         handler(message)
 
     def already_seen(self, uuid: str) -> bool:
@@ -353,11 +354,19 @@ class Agent:
             self.read_own_states(repair=False, requester=message.origin)
 
     # --- peers and hubs ----------------------------------------------------------------------------
+    def saw_peer(self, message: Envelope) -> None:
+        """Any message from an agent that sends heartbeats shows it alive."""
+        peer = self.peers.get(message.origin)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+        elif isinstance(message.field("heartbeat"), (int, float)):
+            log.info("Peer %s is up.", message.origin)
+            self.peers[message.origin] = Peer()
+
     def on_heartbeat(self, message: Envelope) -> None:
         peer = self.peers.get(message.origin)
-        if peer is None:
-            log.info("Peer %s is up.", message.origin)
-            self.peers[message.origin] = peer = Peer()
+        if peer is None:  # no x_heartbeat: not an agent that can be timed out
+            return
         asterisk_down = message.field("asterisk") == "down"
         if asterisk_down and peer.up:
             self.peer_down(message.origin, "its Asterisk is down")
