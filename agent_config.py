@@ -19,7 +19,9 @@ KEEP_ALIVE_INTERVAL = 30
 
 # The hub (python server.py): its SUB_BIND_URL, where this agent pushes its messages, and its
 # PUB_BIND_URL, where it subscribes.  127.0.0.1 is for a hub on this host: put the hub's real
-# address here when it runs elsewhere.
+# address here when it runs elsewhere.  With redundant hubs give a list of each, in the same
+# order, e.g. ['tcp://<hub 1>:55556', 'tcp://<hub 2>:55556']: every message goes through
+# every hub, and each is applied once.
 ZMQ_PUB_URL = 'tcp://127.0.0.1:55556'
 ZMQ_SUB_URL = 'tcp://127.0.0.1:55555'
 
@@ -36,3 +38,15 @@ DEVICE_STATE = True
 # Relay presences (PresenceStateChange -> PRESENCE_STATE(CustomPresence:<name>)); the original
 # agent did not.  Every agent of the network should have the same value.
 PRESENCE = False
+
+# Seconds of silence after which a peer agent is down (its devices then show DOWN_STATE here);
+# None: 3 x KEEP_ALIVE_INTERVAL.
+PEER_TIMEOUT = None
+
+# What the devices of a peer that is down (or whose Asterisk is down) show here until it is
+# back: 'UNAVAILABLE' or any device state; None keeps their last state.
+DOWN_STATE = 'UNAVAILABLE'
+
+# Seconds between sending this host's states to every peer again and checking the mirrors on
+# this Asterisk, to repair anything missed; 0: never.
+RESYNC_INTERVAL = 300

@@ -26,6 +26,13 @@ def wait_until(condition: Callable[[], object], timeout: float = DEADLINE,
         time.sleep(0.01)
 
 
+def converge(label: str, condition: Callable[[], object], timeout: float = DEADLINE) -> None:
+    """wait_until, printing how long it took (pytest -s shows it; never asserted)."""
+    started = time.monotonic()
+    wait_until(condition, timeout, label)
+    print(f"converged: {label}: {time.monotonic() - started:.2f} s")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -1,6 +1,6 @@
 """The agent network through faults: agents, Asterisk servers and hubs killed and restarted."""
 from conftest import RunningHub
-from harness import HubClient, custom_states, play, restart, setvars, wait_until
+from harness import HubClient, converge, custom_states, play, restart, setvars, wait_until
 
 FAST = dict(KEEP_ALIVE_INTERVAL=0.3, PEER_TIMEOUT=1.0, ASTERISK_TIMEOUT=300)
 
@@ -13,17 +13,17 @@ def test_a_dead_agent_shows_down_state_and_converges_after_its_restart(standins,
         wait_until(lambda: custom_states(other).get("Custom:SIP/100") == "INUSE")
     agent_x.proc.kill()
     for other in (y, z):
-        wait_until(lambda: custom_states(other).get("Custom:SIP/100") == "UNAVAILABLE",
-                   message="down_state for the dead agent's phones")
+        converge("agents, kill -9 of an agent: its phones UNAVAILABLE (PEER_TIMEOUT 1 s)",
+                 lambda: custom_states(other).get("Custom:SIP/100") == "UNAVAILABLE")
     agent_y.wait_for_output("Peer X is down (silent for 1 s): 1 of its devices now show UNAVAILABLE")
     y.control.set_device("SIP/200", "BUSY")        # X's Asterisk misses this while X is dead
     x.control.set_device("SIP/100", "NOT_INUSE")   # and X's phone hangs up meanwhile
     agent_x = agent_x.restart()                    # its pid file is stale: replaced
-    wait_until(lambda: custom_states(x).get("Custom:SIP/200") == "BUSY",
-               message="the restarted agent to fetch the peers' states")
+    converge("agents, restart of a killed agent: the peers' states on its Asterisk",
+             lambda: custom_states(x).get("Custom:SIP/200") == "BUSY")
     for other in (y, z):
-        wait_until(lambda: custom_states(other).get("Custom:SIP/100") == "NOT_INUSE",
-                   message="the restarted agent's real states on the peers")
+        converge("agents, restart of a killed agent: its real states on the peers",
+                 lambda: custom_states(other).get("Custom:SIP/100") == "NOT_INUSE")
     agent_x.wait_for_output("which is not running: replacing it")
 
 
@@ -36,16 +36,16 @@ def test_its_asterisk_killed_and_restarted_under_an_agent(standins, agents, proc
     wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "RINGING")
     wait_until(lambda: custom_states(x).get("Custom:SIP/200") == "BUSY")
     x.kill()
-    wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "UNAVAILABLE",
-               message="down_state while X's Asterisk is down")
+    converge("agents, kill -9 of an Asterisk: its phones UNAVAILABLE on the peers",
+             lambda: custom_states(y).get("Custom:SIP/100") == "UNAVAILABLE")
     agent_y.wait_for_output("Peer X is down (its Asterisk is down)")
     y.control.set_device("SIP/200", "NOT_INUSE")    # X's database will still say BUSY
     x = restart(processes, x, "x")
     x.control.set_device("SIP/100", "NOT_INUSE")     # the phone registers again
-    wait_until(lambda: custom_states(x).get("Custom:SIP/200") == "NOT_INUSE",
-               message="the stale mirror on the restarted Asterisk")
-    wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "NOT_INUSE",
-               message="X's real state back on Y")
+    converge("agents, restart of a killed Asterisk: its stale mirror rewritten",
+             lambda: custom_states(x).get("Custom:SIP/200") == "NOT_INUSE")
+    converge("agents, restart of a killed Asterisk: its real state on the peers",
+             lambda: custom_states(y).get("Custom:SIP/100") == "NOT_INUSE")
     assert len(agent_x.lines("Asterisk is down")) == 1
 
 
@@ -59,7 +59,8 @@ def test_the_hub_killed_and_restarted_during_traffic(standins, agents, hub):
     expected = {}
     expected.update(play(x, 100, 20))
     expected.update(play(x, 100, 20, prefix="PJSIP/"))
-    wait_until(lambda: custom_states(y) == expected, message="Y to hold X's truth")
+    converge("agents, kill -9 and restart of the hub during 400 changes: Y holds X's truth",
+             lambda: custom_states(y) == expected)
 
 
 def test_with_two_hubs_killing_one_loses_nothing(standins, agents, hub, tmp_path, context):
@@ -73,8 +74,21 @@ def test_with_two_hubs_killing_one_loses_nothing(standins, agents, hub, tmp_path
         hub.script.proc.kill()
         expected = play(x, 100, 25, prefix="PJSIP/")
         expected.update(first_half)
-        wait_until(lambda: custom_states(y) == expected, message="everything through the other hub")
+        converge("agents, kill -9 of one of two hubs during 200 changes: nothing lost",
+                 lambda: custom_states(y) == expected)
         action_ids = [s["ActionID"] for s in setvars(y)]
         assert len(action_ids) == len(set(action_ids))   # each message applied once
     finally:
         second.script.kill()
+
+
+def test_agent_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, agents):
+    x, y = standins(2)
+    agents([x, y], RESYNC_INTERVAL=0.5, **FAST)
+    x.control.set_device("SIP/1", "RINGING")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "RINGING")
+    x.control.set_device("SIP/1", "INUSE", publish=False)        # the event is lost
+    y.control.set_device("Custom:SIP/1", "BUSY", publish=False)   # and Y's mirror drifted
+    x.control.set_device("SIP/2", "ONHOLD", publish=False)
+    converge("agents, anti-entropy (RESYNC_INTERVAL 0.5 s): lost events, drifted mirror",
+             lambda: custom_states(y) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"})

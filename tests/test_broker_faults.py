@@ -1,5 +1,5 @@
 """The broker through faults: hung and dead servers, crashes and restarts, lost events."""
-from harness import custom_states, free_port, play, restart, wait_until
+from harness import converge, custom_states, free_port, play, restart, wait_until
 from zmqami.standin import Standin
 
 FAST = dict(ping_interval="0.2", server_timeout="1", request_timeout="300")
@@ -17,7 +17,8 @@ def test_a_hung_and_a_dead_server_do_not_delay_the_live_ones(standins, broker):
     hung.control.set_mode("hung")
     script = broker([source, hung, dead_server(), live], **FAST)
     expected = play(source, 200, 50)
-    wait_until(lambda: custom_states(live) == expected, message="every state on the live one")
+    converge("broker, 200 events with a hung and a dead server: all on the live one",
+             lambda: custom_states(live) == expected)
     script.wait_for_output("server-2 is down")
     script.wait_for_output("server-3 is down")
     assert len(script.lines("Did not receive REP from server-2")) == 1
@@ -37,19 +38,21 @@ def test_down_state_while_a_server_is_dead_then_truth_after_its_restart(
     a.kill()
     # Its phones show UNAVAILABLE on the others while it is down.
     for standin in (b, c):
-        wait_until(lambda: custom_states(standin).get("Custom:SIP/100") == "UNAVAILABLE",
-                   message="down_state on the others")
+        converge("broker, kill -9 of a server: its phones UNAVAILABLE on the others "
+                 "(server_timeout 1 s)",
+                 lambda: custom_states(standin).get("Custom:SIP/100") == "UNAVAILABLE")
     script.wait_for_output("1 devices of server-1 now show UNAVAILABLE")
     c.control.set_device("SIP/300", "NOT_INUSE")      # a change a dead server misses
     b.control.set_device("SIP/200", "BUSY")
+    traffic = play(b, 100, 20, prefix="T/")           # and traffic while it is down
     a = restart(processes, a, "a")                    # its database still says RINGING
     a.control.set_device("SIP/100", "NOT_INUSE")       # the phone registers again
-    wait_until(lambda: custom_states(a) == {"Custom:SIP/300": "NOT_INUSE",
-                                            "Custom:SIP/200": "BUSY"},
-               message="the restarted server to hold the truth")
+    truth = dict(traffic, **{"Custom:SIP/300": "NOT_INUSE", "Custom:SIP/200": "BUSY"})
+    converge("broker, restart of a killed server: it holds the truth",
+             lambda: custom_states(a) == truth)
     for standin in (b, c):
-        wait_until(lambda: custom_states(standin).get("Custom:SIP/100") == "NOT_INUSE",
-                   message="the real state back on the others")
+        converge("broker, restart of a killed server: its real states on the others",
+                 lambda: custom_states(standin).get("Custom:SIP/100") == "NOT_INUSE")
     assert len(script.lines("server-1 is down")) == 1
     assert len(script.lines("server-1 is up again")) == 1
 
@@ -64,8 +67,8 @@ def test_a_quick_restart_is_seen_by_its_boot_events(standins, broker, processes)
     a.kill()
     b.control.set_device("SIP/200", "NOT_INUSE")
     a = restart(processes, a, "a")
-    wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "NOT_INUSE",
-               message="the stale mirror to be rewritten")
+    converge("broker, quick restart seen by LoadZmq: stale mirror rewritten",
+             lambda: custom_states(a).get("Custom:SIP/200") == "NOT_INUSE")
     script.wait_for_output("server-1 published")
 
 
@@ -77,8 +80,8 @@ def test_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, broker):
     a.control.set_device("SIP/1", "INUSE", publish=False)       # the event is lost
     b.control.set_device("Custom:SIP/1", "BUSY", publish=False)  # and the mirror drifted
     a.control.set_device("SIP/2", "ONHOLD", publish=False)
-    wait_until(lambda: custom_states(b) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"},
-               message="anti-entropy to repair B")
+    converge("broker, anti-entropy (resync_interval 0.5 s): lost events and a drifted mirror",
+             lambda: custom_states(b) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"})
     script.wait_for_output("Read the devices of server-1")
 
 

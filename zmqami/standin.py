@@ -70,6 +70,8 @@ class StandinAsterisk:
         self.mode = "normal"      # normal, hung, slow or crashed
         self.delay = 0.0          # seconds, in slow mode
         self.stuck = False        # a request was read and never answered
+        self.written_at: Dict[str, Tuple[str, float]] = {}  # Custom: device -> (state, when)
+        self.stream: Optional[Dict[str, Any]] = None        # a paced stream of events (benchmarks)
         self.cmd = self._bind(zmq.REP, cmd_port)
         self.evt = self._bind(zmq.XPUB, evt_port)
         self.evt.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -240,7 +242,9 @@ class StandinAsterisk:
     def _write_device_state(self, device: str, value: str) -> bool:
         if not device.lower().startswith(CUSTOM_DEVICE.lower()) or value.upper() not in DEVICE_STATES:
             return False
-        self.set_device(CUSTOM_DEVICE + device[len(CUSTOM_DEVICE):], value.upper())
+        device = CUSTOM_DEVICE + device[len(CUSTOM_DEVICE):]
+        self.written_at[device] = (value.upper(), time.monotonic())
+        self.set_device(device, value.upper())
         return True
 
     def _write_presence(self, presentity: str, value: str) -> bool:
@@ -321,6 +325,40 @@ class StandinAsterisk:
             # gone, ZeroMQ drops the answer) so that the socket reads again.
             self._send_reply(INTERNAL_ERROR, resume=True)
         return {}
+
+    def _control_stream(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """Publish count DeviceStateChange events at rate per second, over devices devices."""
+        self.stream = dict(command, start=time.monotonic(), sent=[], timer=None)
+        self.stream["timer"] = self.loop.call_every(0.001, self._stream_tick)
+        self._stream_tick()
+        return {}
+
+    def _stream_tick(self) -> None:
+        stream = self.stream
+        sent, count = stream["sent"], stream["count"]
+        due = min(count, int((time.monotonic() - stream["start"]) * stream["rate"]) + 1)
+        states = stream.get("states", ["INUSE", "NOT_INUSE"])
+        while len(sent) < due:
+            i = len(sent)
+            device = f"{stream['prefix']}{i % stream['devices']}"
+            state = states[(i // stream["devices"]) % len(states)]
+            self.devices[device] = state
+            self.publish({"Event": "DeviceStateChange", "Privilege": "call,all",
+                          "Device": device, "State": state})
+            sent.append(time.monotonic())
+        if len(sent) == count:
+            stream["timer"].cancel()
+
+    def _control_stream_status(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        stream = self.stream
+        done = stream is not None and len(stream["sent"]) == stream["count"]
+        return {"done": done, "sent": stream["sent"] if done and command.get("times") else [],
+                "count": len(stream["sent"]) if stream else 0}
+
+    def _control_writes(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        prefix = CUSTOM_DEVICE + command["prefix"]
+        return {"writes": {device: written for device, written in self.written_at.items()
+                           if device.startswith(prefix)}}
 
     def _control_stop(self, command: Dict[str, Any]) -> Dict[str, Any]:
         self.loop.stop()

@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""Benchmarks: python bench.py [--quick] [SCENARIO ...]
+
+Every stand-in Asterisk runs in its own process (python -m zmqami.standin), and so do the broker,
+the hub and the agents, started as a user starts them.  A source stand-in publishes a paced
+stream of DeviceStateChange events and notes when it sent each; the destination stand-ins note
+when each Setvar arrived.  Both use the system's monotonic clock, so latency is the time from the
+event leaving the source Asterisk to the Setvar reaching the other.
+
+The baseline is the original broker's algorithm (one blocking request at a time, destination after
+destination, a fixed 1000 ms timeout), run the same way: python bench.py --baseline-broker CONFIG.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import zmq
+
+from zmqami.standin import Standin, start_standin_process
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DRAIN_SECONDS = 10.0  # after a stream: how long to wait for what is still to be delivered
+
+
+@dataclass
+class Row:
+    scenario: str
+    events: int
+    delivered: float = 0.0            # share delivered to every destination, percent
+    p50: Optional[float] = None       # ms
+    p99: Optional[float] = None
+    worst: Optional[float] = None
+    cpu: Optional[float] = None       # s of CPU used by the relay processes during the run
+    rss: Optional[float] = None       # MB, peak, of the largest relay process
+    note: str = ""
+
+    def cells(self) -> List[str]:
+        def ms(value):
+            return "-" if value is None else f"{value:.2f}"
+        return [self.scenario, str(self.events), f"{self.delivered:.1f}%", ms(self.p50),
+                ms(self.p99), ms(self.worst), "-" if self.cpu is None else f"{self.cpu:.2f}",
+                "-" if self.rss is None else f"{self.rss:.1f}", self.note]
+
+
+HEADER = ["scenario", "events", "delivered", "p50 ms", "p99 ms", "max ms", "relay CPU s",
+          "relay RSS MB", "note"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Cluster:
+    """Stand-in Asterisk servers and the relay between them, each in its own process."""
+
+    def __init__(self, context: zmq.Context, workdir: str) -> None:
+        self.context = context
+        self.workdir = workdir
+        self.standins: List[Standin] = []
+        self.relays: List[subprocess.Popen] = []
+
+    def standin(self, mode: str = "normal") -> Standin:
+        standin = start_standin_process(self.context, mode=mode)
+        self.standins.append(standin)
+        return standin
+
+    def run(self, script: str, *args: str) -> subprocess.Popen:
+        log = open(os.path.join(self.workdir, f"{script}-{len(self.relays)}.log"), "wb")
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.relays.append(process)
+        return process
+
+    def broker(self, servers: List[Standin], baseline: bool = False, **general: str) -> None:
+        lines = ["[general]", "log_level = warning"] + [f"{k} = {v}" for k, v in general.items()]
+        names = [f"server-{i}" for i in range(len(servers))]
+        lines += ["[servers]", "sections = " + ", ".join(names)]
+        for name, server in zip(names, servers):
+            lines += [f"[{name}]", "addr = 127.0.0.1", f"cmd_port = {server.cmd_port}",
+                      f"evt_port = {server.evt_port}"]
+        path = os.path.join(self.workdir, f"broker{len(self.relays)}.ini")
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        if baseline:
+            self.run("bench.py", "--baseline-broker", path)
+        else:
+            self.run("broker.py", path)
+
+    def agents(self, servers: List[Standin]) -> None:
+        pub, pull = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        hub_config = os.path.join(self.workdir, "server_config.py")
+        with open(hub_config, "w") as handle:
+            handle.write(f"LOG_LEVEL = 'warning'\nPUB_BIND_URL = {pub!r}\nSUB_BIND_URL = {pull!r}\n")
+        self.run("server.py", hub_config)
+        for i, server in enumerate(servers):
+            config = os.path.join(self.workdir, f"agent{i}.py")
+            with open(config, "w") as handle:
+                handle.write(
+                    f"LOG_LEVEL = 'warning'\nSYSTEM_NAME = 'node{i}'\n"
+                    f"ASTERISK_CMD_URL = 'tcp://127.0.0.1:{server.cmd_port}'\n"
+                    f"ASTERISK_EVT_URL = 'tcp://127.0.0.1:{server.evt_port}'\n"
+                    f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\n"
+                    f"PID_FILE = {os.path.join(self.workdir, f'agent{i}.pid')!r}\n")
+            self.run("agent.py", config)
+
+    def wait_ready(self, source: Standin, destinations: List[Standin], timeout: float = 30) -> None:
+        """Send probe events until one reaches every destination: the whole path is up."""
+        deadline = time.monotonic() + timeout
+        for attempt in range(10**6):
+            source.control.set_device("probe", "INUSE" if attempt % 2 else "BUSY")
+            probe_deadline = time.monotonic() + 0.5
+            while time.monotonic() < probe_deadline:
+                if all(d.control.devices().get("Custom:probe") == ("INUSE" if attempt % 2 else "BUSY")
+                       for d in destinations):
+                    return
+                time.sleep(0.02)
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay did not become ready")
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(p.pid) for p in self.relays if p.poll() is None)
+
+    def peak_rss_mb(self) -> float:
+        return max(process_peak_rss_mb(p.pid) for p in self.relays if p.poll() is None)
+
+    def close(self) -> None:
+        for process in self.relays:
+            process.terminate()
+        for process in self.relays:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for standin in self.standins:
+            if standin.process.poll() is None:
+                standin.process.kill()
+                standin.process.wait()
+            standin.control.close()
+
+
+def stream(cluster: Cluster, source: Standin, live: List[Standin], name: str, rate: float,
+           count: int, devices: Optional[int] = None, drain: float = DRAIN_SECONDS) -> Row:
+    """A paced stream from source; latency of each event's Setvar on every live destination."""
+    prefix = f"b{int(time.time() * 1000) % 10**8}-"
+    devices = devices or count
+    cpu_before = cluster.cpu_seconds()
+    source.control.call("stream", prefix=prefix, count=count, devices=devices, rate=rate)
+    while not source.control.call("stream_status")["done"]:
+        time.sleep(0.05)
+    sent = source.control.call("stream_status", times=True)["sent"]
+    deadline = time.monotonic() + drain
+    writes = [{} for _ in live]
+    while time.monotonic() < deadline:
+        writes = [d.control.call("writes", prefix=prefix)["writes"] for d in live]
+        if all(len(w) >= devices for w in writes):
+            break
+        time.sleep(0.1)
+    cpu = cluster.cpu_seconds() - cpu_before
+    latencies = []
+    delivered = 0
+    for w in writes:
+        for i in range(count if devices == count else 0):
+            written = w.get(f"Custom:{prefix}{i}")
+            if written is not None:
+                latencies.append((written[1] - sent[i]) * 1000)
+        delivered += len(w)
+    row = Row(name, count, 100.0 * delivered / (devices * len(live)), cpu=cpu,
+              rss=cluster.peak_rss_mb())
+    if latencies:
+        latencies.sort()
+        row.p50 = statistics.median(latencies)
+        row.p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        row.worst = latencies[-1]
+    return row
+
+
+# --- scenarios ------------------------------------------------------------------------------------
+
+def scenario_isolation(context: zmq.Context, workdir: str, baseline: bool, seconds: float) -> Row:
+    """100 events/s from one server; one destination hung, one dead (nothing listening), one live."""
+    cluster = Cluster(context, workdir)
+    try:
+        source, hung, live = cluster.standin(), cluster.standin("hung"), cluster.standin()
+        dead = Standin(free_port(), free_port(), control=None)
+        cluster.broker([source, hung, dead, live], baseline=baseline)
+        cluster.wait_ready(source, [live], timeout=60)
+        name = "isolation: 100/s, 1 hung + 1 dead, latency to the live one"
+        row = stream(cluster, source, [live], ("baseline " if baseline else "") + name, 100,
+                     int(100 * seconds))
+        return row
+    finally:
+        cluster.close()
+
+
+SCENARIOS = {
+    "isolation": lambda ctx, wd, quick: [
+        scenario_isolation(ctx, wd, baseline=False, seconds=2 if quick else 5),
+        scenario_isolation(ctx, wd, baseline=True, seconds=2 if quick else 5)],
+}
+
+
+def print_table(rows: List[Row]) -> None:
+    table = [HEADER] + [row.cells() for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    for n, line in enumerate(table):
+        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+
+
+# --- the original broker's algorithm, for the baseline ---------------------------------------------
+
+def baseline_broker(config_path: str) -> None:
+    """The original's relay: each event to each other server in turn, waiting for each reply."""
+    import configparser
+    import uuid
+    parser = configparser.ConfigParser()
+    parser.read(config_path)
+    context = zmq.Context()
+    servers = []
+    poller = zmq.Poller()
+    for section in [s.strip() for s in parser.get("servers", "sections").split(",")]:
+        addr = parser.get(section, "addr")
+        server = {"cmd_url": f"tcp://{addr}:{parser.get(section, 'cmd_port')}"}
+        server["evt"] = context.socket(zmq.SUB)
+        server["evt"].setsockopt(zmq.SUBSCRIBE, b"{")
+        server["evt"].connect(f"tcp://{addr}:{parser.get(section, 'evt_port')}")
+        server["cmd"] = context.socket(zmq.REQ)
+        server["cmd"].connect(server["cmd_url"])
+        poller.register(server["evt"], zmq.POLLIN)
+        servers.append(server)
+    while True:
+        for sock, _ in poller.poll(1000):
+            source = next(s for s in servers if s["evt"] is sock)
+            event = json.loads(sock.recv())
+            if event.get("Event") != "DeviceStateChange" or event["Device"].startswith("Custom:"):
+                continue
+            action = json.dumps({"Action": "Setvar", "ActionID": uuid.uuid4().hex,
+                                 "Variable": f"DEVICE_STATE(Custom:{event['Device']})",
+                                 "Value": event["State"]})
+            for server in servers:
+                if server is source:
+                    continue
+                server["cmd"].send_string(action)
+                if server["cmd"].poll(1000):
+                    server["cmd"].recv()
+                else:  # lost: close the stuck REQ socket and open a new one
+                    server["cmd"].close(linger=0)
+                    server["cmd"] = context.socket(zmq.REQ)
+                    server["cmd"].connect(server["cmd_url"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python bench.py", description=__doc__.split("\n")[0])
+    parser.add_argument("scenarios", nargs="*", choices=[[]] + list(SCENARIOS),
+                        help="scenarios to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--baseline-broker", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_broker:
+        baseline_broker(args.baseline_broker)
+        return 0
+    context = zmq.Context()
+    rows: List[Row] = []
+    with tempfile.TemporaryDirectory(prefix="zmq-ami-bench-") as workdir:
+        for name in args.scenarios or list(SCENARIOS):
+            rows += SCENARIOS[name](context, workdir, args.quick)
+    print_table(rows)
+    context.destroy(linger=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
