@@ -82,9 +82,22 @@ def test_actions_that_would_harm_asterisk_never_reach_it(standins, agents, hub, 
     assert x.control.state()["mode"] == "normal"
 
 
-def test_originate_is_always_sent_async(standins, agents, hub, context):
+def test_originate_is_refused_unless_allowed(standins, agents, hub, context):
     x, = standins(1)
     agents([x])
+    client = HubClient(context, hub, name="Console")
+    client.ping_until_pong("X")
+    client.send("X", "AsteriskAction", data={"Action": "Originate", "Channel": "SIP/100",
+                                             "Application": "Wait", "Async": "true"})
+    status = client.wait_for("AsteriskActionStatus", "X")
+    assert status["x_data"] == [{"Response": "Error", "Message": "Refused by agent X: Originate "
+                                 "is not allowed on this node (ALLOWED_ACTIONS)"}]
+    assert not [r for r in x.control.requests() if "Originate" in r]
+
+
+def test_an_allowed_originate_is_always_sent_async(standins, agents, hub, context):
+    x, = standins(1)
+    agents([x], ALLOWED_ACTIONS=["Ping", "Originate", "Getvar"])
     client = HubClient(context, hub, name="Console")
     client.ping_until_pong("X")
     client.send("X", "AsteriskAction", data={"Action": "Originate", "Channel": "SIP/100",
@@ -93,6 +106,10 @@ def test_originate_is_always_sent_async(standins, agents, hub, context):
     assert status["x_data"][0]["Message"] == "Originate successfully queued"
     sent = [json.loads(r) for r in x.control.requests() if "Originate" in r]
     assert sent[0]["Async"] == "true" and "async" not in sent[0]
+    # Listed or not, an action that crashes Asterisk through res_zmq_manager is refused.
+    client.received.clear()
+    client.send("X", "AsteriskAction", data={"Action": "Getvar", "Variable": "X"})
+    assert "crashes Asterisk" in client.wait_for("AsteriskActionStatus", "X")["x_data"][0]["Message"]
 
 
 def test_agent_ping_is_answered_and_keep_alive_reaches_asterisk_stats(standins, agents, hub,

@@ -30,11 +30,11 @@ from typing import Any, Dict, List, Optional, Set
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, envelope
+from . import __version__, envelope, security
 from .asterisk import LinkHandlers, ZmqManagerLink
 from .config import (PROJECT_DIR, ConfigError, Setting, is_bool, is_log_level,
                      is_optional_text, is_positive_number, is_url, load_script_settings)
-from .envelope import ALL, STATS, Envelope, is_node_name, parse_message
+from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
 from .loop import EventLoop
 from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
                     relayed_update, safe_action)
@@ -65,6 +65,20 @@ def is_seconds_or_zero(value: Any) -> Optional[str]:
     return None if value == 0 else is_positive_number(value)
 
 
+def is_action_names(value: Any) -> Optional[str]:
+    ok = isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(name, str) for name in value)
+    return None if ok else "must be a list of AMI action names"
+
+
+# Actions a client may have an agent run: read-only ones.  Others (Originate, Setvar, Command, ...)
+# must be listed in ALLOWED_ACTIONS by the administrator who wants them.
+READ_ONLY_ACTIONS = ("Ping", "CoreStatus", "CoreSettings", "CoreShowChannels", "DeviceStateList",
+                     "PresenceStateList", "PresenceState", "ExtensionStateList", "ExtensionState",
+                     "SIPpeers", "SIPshowpeer", "PJSIPShowEndpoints", "PJSIPShowEndpoint",
+                     "QueueStatus", "QueueSummary", "Mailboxcount", "MailboxStatus")
+
+
 AGENT_SETTINGS = {
     "LOG_LEVEL": Setting("info", is_log_level),
     "SYSTEM_NAME": Setting("Moscow", lambda v: None if is_node_name(v) else
@@ -81,6 +95,9 @@ AGENT_SETTINGS = {
     "PEER_TIMEOUT": Setting(None, is_seconds_or_none),
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
     "RESYNC_INTERVAL": Setting(300, is_seconds_or_zero),
+    "ALLOWED_ACTIONS": Setting(list(READ_ONLY_ACTIONS), is_action_names),
+    "CURVE_SERVER_KEY_FILE": Setting(None, is_optional_text),
+    "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
 }
 BATCH = 1000               # hub messages handled per wake-up
 COUNTER_EVERY = 100        # the original's "Message counter" line
@@ -88,7 +105,6 @@ EXIT_PID_FILE = 1
 HEALTH_CHECK_INTERVAL = 1.0
 SEEN_UUIDS = 10_000        # messages remembered to apply each once when they come by two hubs
 STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription must reach the hub
-HEARTBEAT_IVL_MS = 10_000  # ZeroMQ heartbeats on hub connections: a dead peer is noticed in 30 s
 
 
 def _as_list(value: Any) -> List[str]:
@@ -117,6 +133,7 @@ class Agent:
         self.seen: "OrderedDict[str, None]" = OrderedDict()
         self.state_requesters: Set[str] = set()
         self.received = 0
+        self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
         self.asterisk_ok: Optional[bool] = None
         self.asterisk = ZmqManagerLink(
             self.loop, context, "Asterisk", settings["ASTERISK_CMD_URL"],
@@ -125,12 +142,28 @@ class Agent:
                          on_up=self.on_asterisk_up, on_down=self.on_asterisk_down))
         self.hub_urls = _as_list(settings["ZMQ_PUB_URL"])
         self.hub_source = "the hub at " + ", ".join(_as_list(settings["ZMQ_SUB_URL"]))
-        self.pushes = [_hub_socket(context, zmq.PUSH) for _ in self.hub_urls]
-        self.sub = _hub_socket(context, zmq.SUB)
+        self.pushes = [hub_socket(context, zmq.PUSH) for _ in self.hub_urls]
+        self.sub = hub_socket(context, zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(ALL))
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(self.name))
         self.sub_monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
                                                        zmq.EVENT_DISCONNECTED)
+
+    def secure(self, config_path: str) -> None:
+        """CURVE on the hub connections when CURVE_SERVER_KEY_FILE is set."""
+        server_key_file = self.settings["CURVE_SERVER_KEY_FILE"]
+        key_file = self.settings["CURVE_SECRET_KEY_FILE"]
+        if server_key_file is None and key_file is None:
+            return
+        if server_key_file is None or key_file is None:
+            missing = "CURVE_SECRET_KEY_FILE" if key_file is None else "CURVE_SERVER_KEY_FILE"
+            raise ConfigError([f"{config_path}: {missing}: needed too when CURVE is on (both "
+                               f"CURVE_SERVER_KEY_FILE and CURVE_SECRET_KEY_FILE)"])
+        server_key = security.load_public_key(config_path, "CURVE_SERVER_KEY_FILE",
+                                              server_key_file)
+        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
+        for sock in self.pushes + [self.sub]:
+            security.make_client(sock, server_key, keys)
 
     def run(self) -> None:
         self.loop.stop_on_signals()
@@ -340,6 +373,8 @@ class Agent:
         origin = message.origin
         try:
             action = safe_action(message.field("data"))
+            if action["Action"].lower() not in self.allowed:
+                raise BadInput(f"{action['Action']} is not allowed on this node (ALLOWED_ACTIONS)")
         except BadInput as exc:
             log.warning("Refused AsteriskAction from %s: %s", origin, exc)
             self.send(origin, "AsteriskActionStatus", data=[
@@ -424,15 +459,6 @@ class Agent:
         self.asterisk_ok = False
 
 
-def _hub_socket(context: zmq.Context, kind: int) -> zmq.Socket:
-    sock = context.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_IVL_MS)
-    return sock
-
-
 def _text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
@@ -502,7 +528,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_PID_FILE
     context = zmq.Context()
     try:
-        Agent(settings, context).run()
+        agent = Agent(settings, context)
+        agent.secure(config_path)
+        agent.run()
+    except ConfigError as exc:
+        return exc.report()
     finally:
         context.destroy(linger=0)
         release_pid_file(pid_file)

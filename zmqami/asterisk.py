@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 10  # requests queued at Asterisk per server; small, so that newer states conflate
 EVENT_BATCH = 1000  # messages read per wake-up before other sockets get their turn
 EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
+EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connection reset)
+REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
 BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
 BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted belongs to the same boot
 
@@ -252,6 +254,7 @@ class ZmqManagerLink:
         self.evt_socket = self.context.socket(zmq.SUB)
         _common_options(self.evt_socket)
         self.evt_socket.setsockopt(zmq.RCVHWM, EVENT_HWM)
+        self.evt_socket.setsockopt(zmq.MAXMSGSIZE, EVENT_MAX_BYTES)
         # Everything, not just "{": what is not a JSON object is counted and reported, not hidden.
         self.evt_socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.evt_socket.connect(self.evt_url)
@@ -272,6 +275,7 @@ class ZmqManagerLink:
     def _open_cmd_socket(self) -> None:
         self.cmd_socket = self.context.socket(zmq.DEALER)
         _common_options(self.cmd_socket)
+        self.cmd_socket.setsockopt(zmq.MAXMSGSIZE, REPLY_MAX_BYTES)
         self.cmd_socket.connect(self.cmd_url)
         self.loop.add_reader(self.cmd_socket, self._read_replies)
 

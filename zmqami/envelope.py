@@ -12,7 +12,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
+import zmq
+
 from .rules import MAX_NAME_LENGTH, BadInput, decode_json_object
+
+HUB_MAX_BYTES = 16 * 1024 * 1024  # the largest message on a hub socket (AgentStates of 100k devices)
+HEARTBEAT_IVL_MS = 10_000  # ZeroMQ heartbeats on hub connections: a dead peer is noticed in 30 s
 
 ALL = "*"
 STATS = "AsteriskStats"
@@ -21,6 +26,17 @@ MSG_TYPES = ("AsteriskEvent", "AsteriskAction", "AsteriskActionStatus", "AgentPi
 _TOPIC = re.compile(rb"\[[^\[\]\x00-\x1f]{1,200}\]")
 _NODE_NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,%d}" % MAX_NAME_LENGTH)
 _UUID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # the original's uuid4().hex, used as an ActionID
+
+
+def hub_socket(context: zmq.Context, kind: int) -> zmq.Socket:
+    """A socket of the hub network, on either side: size limit, keep-alives, heartbeats."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, HUB_MAX_BYTES)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_IVL_MS)
+    return sock
 
 
 def topic(name: str) -> bytes:

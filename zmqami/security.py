@@ -1,0 +1,133 @@
+"""CURVE encryption and authentication of the hub's sockets, with pyzmq's own zmq.auth.
+
+Keys are the certificate files that ``zmq.auth.create_certificates(folder, name)`` writes:
+``name.key`` (public) and ``name.key_secret`` (public and secret).  The hub has one pair; every
+agent or client has its own, and the hub accepts only the public keys in CURVE_CLIENTS_DIR.  The
+folder is read again whenever it changes, so adding or removing a key takes effect at the next
+connection, without a restart.
+"""
+import inspect
+import logging
+import os
+import stat
+from typing import Any, List, Optional, Set, Tuple
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .config import ConfigError, is_loopback
+
+log = logging.getLogger(__name__)
+
+KeyPair = Tuple[bytes, bytes]
+
+
+def warn_if_readable_by_others(path: str) -> None:
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s is readable by others than its owner (mode %o): chmod 600 %s", path,
+                    stat.S_IMODE(mode), path)
+
+
+def load_key_pair(config_path: str, key: str, path: str) -> KeyPair:
+    """Public and secret key from a .key_secret file; ConfigError naming the setting if not."""
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{config_path}: {key}: cannot read a key pair from {path}: {exc}"]) \
+            from None
+    if secret is None:
+        raise ConfigError([f"{config_path}: {key}: {path} holds no secret key (use the "
+                           f".key_secret file)"])
+    warn_if_readable_by_others(path)
+    return public, secret
+
+
+def load_public_key(config_path: str, key: str, path: str) -> bytes:
+    try:
+        return zmq.auth.load_certificate(path)[0]
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{config_path}: {key}: cannot read a public key from {path}: "
+                           f"{exc}"]) from None
+
+
+def make_server(sock: zmq.Socket, keys: KeyPair) -> None:
+    sock.curve_publickey, sock.curve_secretkey = keys
+    sock.curve_server = True
+
+
+def make_client(sock: zmq.Socket, server_key: bytes, keys: KeyPair) -> None:
+    sock.curve_serverkey = server_key
+    sock.curve_publickey, sock.curve_secretkey = keys
+
+
+def binds_beyond_loopback(url: str) -> bool:
+    """True when a bind address accepts connections from other hosts (tcp://*, a real address)."""
+    parts = urlsplit(url)
+    if parts.scheme != "tcp":
+        return False
+    host = parts.netloc.rsplit(":", 1)[0]
+    return not is_loopback(host)
+
+
+class ClientKeys:
+    """The public keys allowed to connect: the .key files of a folder, read again on change."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.keys: Set[bytes] = set()
+        self._signature: Optional[List[Tuple[str, float]]] = None
+        self.reload()
+
+    def reload(self) -> None:
+        signature = sorted((entry.name, entry.stat().st_mtime) for entry in os.scandir(self.folder)
+                           if entry.name.endswith(".key"))
+        if signature == self._signature:
+            return
+        self._signature = signature
+        self.keys = set(zmq.auth.load_certificates(self.folder))
+        log.info("%d client keys allowed (from %s)", len(self.keys), self.folder)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """zmq.auth's credentials provider: is this client's public key (z85) allowed?"""
+        try:
+            self.reload()
+        except OSError as exc:
+            log.error("Cannot read the client keys in %s: %s", self.folder, exc)
+        return key in self.keys
+
+
+class Authenticator(ThreadAuthenticator):
+    """pyzmq's authenticator thread, logging each refused peer once, with its address."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        super().__init__(context)
+        self.refused: Set[Tuple[str, bytes]] = set()
+        self._peer: Tuple[str, bytes] = ("", b"")
+
+    async def handle_zap_message(self, msg: List[bytes]) -> None:
+        if len(msg) >= 6:
+            self._peer = (msg[3].decode("utf-8", "replace"),
+                          msg[6] if len(msg) > 6 else msg[5])
+        result: Any = super().handle_zap_message(msg)
+        if inspect.isawaitable(result):
+            await result
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        if status_code != b"200" and self._peer not in self.refused:
+            self.refused.add(self._peer)
+            address, credential = self._peer
+            what = "no CURVE" if credential == b"NULL" else "a key not in CURVE_CLIENTS_DIR"
+            log.warning("Refused a connection from %s: %s (%s)", address, what,
+                        status_text.decode("utf-8", "replace"))
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def start_authenticator(context: zmq.Context, clients_dir: str) -> Authenticator:
+    authenticator = Authenticator(context)
+    authenticator.start()
+    authenticator.configure_curve_callback(domain="*", credentials_provider=ClientKeys(clients_dir))
+    return authenticator
