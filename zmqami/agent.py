@@ -39,7 +39,7 @@ from .loop import EventLoop
 from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
-from .stats import DropLog
+from .stats import DropLog, printable
 
 log = logging.getLogger("asterisk_agent")
 
@@ -261,7 +261,7 @@ class Agent:
                     repair: bool) -> Optional[ListReading]:
         if not reply or reply[0].get("Response") != "Success":
             log.warning("Could not read the states of Asterisk: %s",
-                        "no answer" if reply is None else reply[0].get("Message"))
+                        "no answer" if reply is None else printable(reply[0].get("Message")))
             return None
         items = [item for item in reply[1:] if item.get("Event") == event]
         on_bad = lambda item, exc: self.drops.drop("Asterisk", f"list item: {exc}",  # noqa: E731

@@ -28,7 +28,7 @@ import zmq
 
 from .loop import EventLoop, Timer
 from .rules import BadInput, StateUpdate, decode_event
-from .stats import DropLog
+from .stats import DropLog, printable
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class Outbox:
         """A reply arrived: complete its request and requeue those it shows were lost."""
         if action_id is None or action_id not in self.in_flight:
             if action_id is not None or not self.in_flight:
-                log.debug("Reply from %s matches no request in flight: %s", self.name, action_id)
+                log.debug("Reply from %s matches no request in flight: %s", self.name,
+                          printable(action_id))
                 return
             action_id = next(iter(self.in_flight))
         while True:
@@ -159,7 +160,7 @@ class Outbox:
         self.stats.refused += 1
         message = _reply_message(reply)
         log.warning("%s refused Setvar %s=%s: %s", self.name, request.update.variable,
-                    request.update.value, message)
+                    request.update.value, printable(message))
 
     def _lost(self, request: Request) -> None:
         if request.on_reply is not None:

@@ -19,7 +19,7 @@ from .config import CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, load_broker_co
 from .loop import EventLoop
 from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
 from .states import ListReading, StateTable
-from .stats import DropLog
+from .stats import DropLog, printable
 
 log = logging.getLogger("broker")
 
@@ -82,7 +82,7 @@ class Broker:
                             json.dumps(event).encode("utf-8"))
             return
         if update is None:
-            log.debug("Ignoring event %s from %s", event["Event"], source.name)
+            log.debug("Ignoring event %s from %s", printable(event["Event"]), source.name)
             return
         if update.is_presence and self.echoes.is_echo(source.name, update):
             log.debug("Ignoring %s=%s from %s: the echo of our own write", update.variable,
@@ -191,7 +191,7 @@ def _list_items(link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
     """The items of a list action's reply (ack, items, Complete), or none if it failed."""
     if not reply or reply[0].get("Response") != "Success":
         log.warning("Could not read the states of %s: %s", link.name,
-                    "no answer" if reply is None else reply[0].get("Message", reply))
+                    "no answer" if reply is None else printable(reply[0].get("Message", reply)))
         return []
     return [item for item in reply[1:] if item.get("Event") == event]
 

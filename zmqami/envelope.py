@@ -23,7 +23,8 @@ ALL = "*"
 STATS = "AsteriskStats"
 MSG_TYPES = ("AsteriskEvent", "AsteriskAction", "AsteriskActionStatus", "AgentPing", "AgentPong",
              "AsteriskConfig")
-_TOPIC = re.compile(rb"\[[^\[\]\x00-\x1f]{1,200}\]")
+_TOPIC = re.compile(rb"\[[^\[\]\x00-\x1f\x7f]{1,200}\]")
+_MSG_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NODE_NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,%d}" % MAX_NAME_LENGTH)
 _UUID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # the original's uuid4().hex, used as an ActionID
 
@@ -89,8 +90,8 @@ def parse_frames(frames: List[bytes]) -> Envelope:
     if not _TOPIC.fullmatch(target):
         raise BadInput("first frame is not a topic of the form [name]")
     body = decode_json_object(raw)
-    if not isinstance(body.get("msg_type"), str):
-        raise BadInput("no msg_type")
+    if not isinstance(body.get("msg_type"), str) or not _MSG_TYPE.fullmatch(body["msg_type"]):
+        raise BadInput("no msg_type, or not a name")
     return Envelope(target, body)
 
 

@@ -21,7 +21,7 @@ from .config import (PROJECT_DIR, ConfigError, Setting, is_log_level, is_optiona
 from .envelope import hub_socket, parse_frames
 from .loop import EventLoop
 from .rules import BadInput
-from .stats import DropLog
+from .stats import DropLog, printable
 
 log = logging.getLogger("esb_server")
 
@@ -114,8 +114,9 @@ class Hub:
         except BadInput as exc:
             self.drops.drop(self.source, str(exc), b" | ".join(frames))
             return
-        log.info("Message %s from %s to %s, uuid %s.", envelope.msg_type, envelope.origin,
-                 envelope.target.decode("utf-8", "replace"), envelope.uuid)
+        log.info("Message %s from %s to %s, uuid %s.", envelope.msg_type,
+                 printable(envelope.origin), envelope.target.decode("utf-8", "replace"),
+                 printable(envelope.uuid))
         log.debug("%s", envelope.body)
         self.pub.send_multipart(frames)
         self.relayed += 1

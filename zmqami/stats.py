@@ -5,6 +5,16 @@ from collections import Counter
 from typing import Dict
 
 PREVIEW_BYTES = 120
+PRINTABLE_CHARS = 100
+# Control characters in text from the network would forge log lines: shown escaped instead.
+_ESCAPES = {code: f"\\x{code:02x}" for code in list(range(32)) + [127]}
+
+
+def printable(value: object) -> str:
+    """Text from the network, safe in one log line: control characters escaped, length capped."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text[:PRINTABLE_CHARS].translate(_ESCAPES)
+    return text + ("..." if len(value if isinstance(value, str) else text) > PRINTABLE_CHARS else "")
 
 
 def preview(raw: bytes) -> str:
@@ -38,5 +48,5 @@ class DropLog:
             return
         self._last_warning[source] = now
         more = self._not_logged.pop(source, 0)
-        self.log.warning("Dropped %s %s: %s: %s%s", self.what, source, reason, preview(raw),
+        self.log.warning("Dropped %s %s: %s: %s%s", self.what, source, printable(reason), preview(raw),
                          f" ({more} more dropped since the last warning)" if more else "")
