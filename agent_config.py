@@ -50,3 +50,17 @@ DOWN_STATE = 'UNAVAILABLE'
 # Seconds between sending this host's states to every peer again and checking the mirrors on
 # this Asterisk, to repair anything missed; 0: never.
 RESYNC_INTERVAL = 300
+
+# AMI actions that other nodes and clients may run on this Asterisk with AsteriskAction.  The
+# default is read-only.  Getvar, Status, Challenge, ListCommands, WaitEvent and Filter are always
+# refused (they crash Asterisk through res_zmq_manager), and an Originate is always made
+# asynchronous.  Add 'Originate' only if every client that can reach the hub may place calls.
+ALLOWED_ACTIONS = ['Ping', 'CoreStatus', 'CoreSettings', 'CoreShowChannels', 'DeviceStateList',
+                   'PresenceStateList', 'PresenceState', 'ExtensionStateList', 'ExtensionState',
+                   'SIPpeers', 'SIPshowpeer', 'PJSIPShowEndpoints', 'PJSIPShowEndpoint',
+                   'QueueStatus', 'QueueSummary', 'Mailboxcount', 'MailboxStatus']
+
+# CURVE towards the hub (README: Security); off while None.  Set both or neither:
+# the hub's public key (its .key file) and this agent's own key pair (its .key_secret file).
+CURVE_SERVER_KEY_FILE = None
+CURVE_SECRET_KEY_FILE = None

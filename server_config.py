@@ -15,3 +15,12 @@ PUB_CONNECT_URL = 'tcp://127.0.0.1:55555'
 # Where agents push their messages to the hub (agents' ZMQ_PUB_URL connects here).  Open it up
 # the same way as PUB_BIND_URL.
 SUB_BIND_URL = 'tcp://127.0.0.1:55556'
+
+# CURVE encryption and authentication of both sockets (README: Security).  Off while None.
+# The hub's own key pair: the .key_secret file written by zmq.auth.create_certificates.
+CURVE_SECRET_KEY_FILE = None
+
+# With CURVE on: the folder of the public .key files of every agent and client allowed to
+# connect.  Nobody else can send or receive.  Adding or removing a file takes effect at the
+# next connection, without a restart.
+CURVE_CLIENTS_DIR = None
