@@ -66,12 +66,20 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_peak_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def process_peak_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmHWM")
+
+
+def process_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
 
 
 class Cluster:
@@ -216,10 +224,109 @@ def scenario_isolation(context: zmq.Context, workdir: str, baseline: bool, secon
         cluster.close()
 
 
+def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: List[int],
+                   seconds: float) -> List[Row]:
+    """Paced streams of distinct devices from one server to two others."""
+    cluster = Cluster(context, workdir)
+    try:
+        source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
+        if topology == "agents":
+            cluster.agents([source, first, second])
+        else:
+            cluster.broker([source, first, second], baseline=topology == "baseline")
+        cluster.wait_ready(source, [first, second], timeout=60)
+        label = {"broker": "broker", "agents": "agent -> hub -> 2 agents",
+                 "baseline": "baseline broker"}[topology]
+        return [stream(cluster, source, [first, second], f"{label}: {rate}/s into 2", rate,
+                       int(rate * seconds)) for rate in rates]
+    finally:
+        cluster.close()
+
+
+def scenario_burst(context: zmq.Context, workdir: str, baseline: bool, count: int) -> Row:
+    """count events over 1,000 devices as fast as the source can publish them."""
+    cluster = Cluster(context, workdir)
+    try:
+        source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
+        cluster.broker([source, first, second], baseline=baseline)
+        cluster.wait_ready(source, [first, second], timeout=60)
+        requests_before = [d.control.state()["requests"] for d in (first, second)]
+        prefix = "burst-"
+        devices = 1000
+        cpu_before = cluster.cpu_seconds()
+        source.control.call("stream", prefix=prefix, count=count, devices=devices, rate=10**9,
+                            states=["INUSE", "NOT_INUSE", "RINGING", "BUSY", "ONHOLD"])
+        while not source.control.call("stream_status")["done"]:
+            time.sleep(0.05)
+        last_sent = source.control.call("stream_status", times=True)["sent"][-1]
+        final = source.control.devices()
+        expected = {f"Custom:{d}": state for d, state in final.items() if d.startswith(prefix)}
+        deadline = time.monotonic() + DRAIN_SECONDS * 3
+        finished = []
+        for destination in (first, second):
+            while time.monotonic() < deadline:
+                writes = destination.control.call("writes", prefix=prefix)["writes"]
+                if all(writes.get(d, (None,))[0] == state for d, state in expected.items()):
+                    finished.append(max(writes[d][1] for d in expected) - last_sent)
+                    break
+                time.sleep(0.1)
+        setvars = sum(d.control.state()["requests"] - before
+                      for d, before in zip((first, second), requests_before))
+        row = Row(f"{'baseline ' if baseline else ''}burst: {count} events over {devices} devices",
+                  count, 100.0 * len(finished) / 2, cpu=cluster.cpu_seconds() - cpu_before,
+                  rss=cluster.peak_rss_mb())
+        if len(finished) == 2:
+            row.worst = max(finished) * 1000
+            row.note = f"final everywhere {max(finished):.2f} s after the last event; "
+        else:
+            row.note = f"not final within {DRAIN_SECONDS * 3:.0f} s; "
+        row.note += f"{setvars} Setvar sent for {2 * count} changes"
+        return row
+    finally:
+        cluster.close()
+
+
+def scenario_memory_and_idle(context: zmq.Context, workdir: str, devices: int) -> List[Row]:
+    """Broker RSS once it knows devices devices; then its CPU while nothing happens."""
+    cluster = Cluster(context, workdir)
+    try:
+        source, destination = cluster.standin(), cluster.standin()
+        cluster.broker([source, destination])
+        cluster.wait_ready(source, [destination], timeout=60)
+        # At a rate the broker keeps up with: what it holds, not the backlog of a burst.
+        row = stream(cluster, source, [destination], f"memory: {devices} known devices",
+                     10_000, devices, drain=60)
+        row.p50 = row.p99 = row.worst = None
+        broker = cluster.relays[0].pid
+        row.rss = process_rss_mb(broker)
+        row.note = "RSS now, after they were relayed"
+        idle_seconds = 5.0
+        cpu_before = process_cpu_seconds(broker)
+        time.sleep(idle_seconds)
+        idle = Row("idle: broker with 2 servers, nothing happening", 0, 100.0,
+                   cpu=process_cpu_seconds(broker) - cpu_before,
+                   note=f"CPU over {idle_seconds:.0f} s "
+                        f"({100 * (process_cpu_seconds(broker) - cpu_before) / idle_seconds:.2f}%"
+                        f" of a core)")
+        return [row, idle]
+    finally:
+        cluster.close()
+
+
 SCENARIOS = {
+    "broker": lambda ctx, wd, quick: scenario_rates(ctx, wd, "broker", [1000, 3000, 6000],
+                                                    2 if quick else 4),
+    "agents": lambda ctx, wd, quick: scenario_rates(ctx, wd, "agents", [1000, 3000, 6000],
+                                                    2 if quick else 4),
+    "baseline": lambda ctx, wd, quick: scenario_rates(ctx, wd, "baseline", [1000, 3000, 6000],
+                                                      2 if quick else 4),
+    "burst": lambda ctx, wd, quick: [scenario_burst(ctx, wd, False, 20_000 if quick else 100_000),
+                                     scenario_burst(ctx, wd, True, 20_000 if quick else 100_000)],
     "isolation": lambda ctx, wd, quick: [
         scenario_isolation(ctx, wd, baseline=False, seconds=2 if quick else 5),
         scenario_isolation(ctx, wd, baseline=True, seconds=2 if quick else 5)],
+    "memory": lambda ctx, wd, quick: scenario_memory_and_idle(ctx, wd,
+                                                              20_000 if quick else 100_000),
 }
 
 

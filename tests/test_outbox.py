@@ -30,7 +30,7 @@ def test_a_newer_state_replaces_one_not_yet_sent():
     for i, state in enumerate(["RINGING", "INUSE", "NOT_INUSE"]):
         outbox.write_state(device("SIP/100", state), f"id{i}")
     sent = send_all(outbox)
-    assert [r.action["Value"] for r in sent] == ["NOT_INUSE"]
+    assert [r.payload()["Value"] for r in sent] == ["NOT_INUSE"]
 
 
 def test_one_write_per_device_in_flight_keeps_the_order_of_states():
@@ -41,7 +41,7 @@ def test_one_write_per_device_in_flight_keeps_the_order_of_states():
     outbox.write_state(device("SIP/100", "NOT_INUSE"), "c")
     assert send_all(outbox) == []           # waits for RINGING's reply
     outbox.reply("a", ok("a"))
-    assert [r.action["Value"] for r in send_all(outbox)] == ["NOT_INUSE"]
+    assert [r.payload()["Value"] for r in send_all(outbox)] == ["NOT_INUSE"]
 
 
 def test_a_lost_write_is_sent_again_unless_superseded():
@@ -51,7 +51,7 @@ def test_a_lost_write_is_sent_again_unless_superseded():
     send_all(outbox)
     outbox.write_state(device("SIP/200", "NOT_INUSE"), "c")
     outbox.requeue_in_flight()              # the connection was reset
-    assert sorted(r.action["Value"] for r in send_all(outbox)) == ["NOT_INUSE", "RINGING"]
+    assert sorted(r.payload()["Value"] for r in send_all(outbox)) == ["NOT_INUSE", "RINGING"]
 
 
 def test_a_reply_shows_older_requests_were_lost():
@@ -79,7 +79,7 @@ def test_one_shot_actions_get_their_own_action_id_back_and_none_when_lost():
     outbox.send_action({"Action": "Ping", "ActionID": "mine"}, replies.append)
     outbox.send_action({"Action": "Ping"}, replies.append)
     first, second = send_all(outbox)
-    assert first.action["ActionID"] != "mine"
+    assert first.payload()["ActionID"] != "mine"
     outbox.reply(first.action_id, [{"Response": "Success", "ActionID": first.action_id}])
     outbox.requeue_in_flight()
     assert replies == [[{"Response": "Success", "ActionID": "mine"}], None]

@@ -43,14 +43,36 @@ BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted belongs to the 
 ReplyCallback = Callable[[Optional[List[Dict[str, Any]]]], None]
 
 
-@dataclass
 class Request:
-    action_id: str
-    action: Dict[str, Any]
-    update: Optional[StateUpdate] = None      # a state write: retried until acknowledged
-    on_reply: Optional[ReplyCallback] = None  # a one-shot action: told its reply, or None
-    caller_action_id: Any = None              # the ActionID the caller gave a one-shot action
-    sent_at: float = 0.0
+    """One action for Asterisk: a state write (retried until acknowledged) or a one-shot action.
+
+    A state write builds its action only when it is sent: a slow server may have a queued write
+    for every device, and each should cost little memory.
+    """
+    __slots__ = ("action_id", "update", "verb", "action", "on_reply", "caller_action_id",
+                 "sent_at", "encoded")
+
+    def __init__(self, action_id: str, update: Optional[StateUpdate] = None, verb: str = "",
+                 action: Optional[Dict[str, Any]] = None, on_reply: Optional[ReplyCallback] = None,
+                 caller_action_id: Any = None, encoded: Optional[bytes] = None) -> None:
+        self.action_id = action_id
+        self.update = update
+        self.verb = verb
+        self.action = action
+        self.on_reply = on_reply
+        self.caller_action_id = caller_action_id  # the ActionID the caller gave a one-shot action
+        self.sent_at = 0.0
+        self.encoded = encoded  # the JSON sent, kept for a retry (and shared by the broker)
+
+    def payload(self) -> Dict[str, Any]:
+        if self.update is not None:
+            return self.update.action(self.action_id, self.verb)
+        return self.action
+
+    def wire(self) -> bytes:
+        if self.encoded is None:
+            self.encoded = encode_action(self.payload())
+        return self.encoded
 
 
 @dataclass
@@ -78,8 +100,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.pending) + len(self.waiting) + len(self.one_shots)
 
-    def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar") -> None:
-        request = Request(action_id, update.action(action_id, verb), update=update)
+    def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar",
+                    encoded: Optional[bytes] = None) -> None:
+        """Queue a state write; encoded, if given, is its action already in JSON."""
+        request = Request(action_id, update=update, verb=verb, encoded=encoded)
         if update.variable in self.busy:
             self.waiting[update.variable] = request
         else:
@@ -95,7 +119,7 @@ class Outbox:
     def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
         # Our own ActionID makes the reply ours to match; the caller's is put back into the reply.
         action_id = "zab-" + uuid.uuid4().hex
-        request = Request(action_id, dict(action, ActionID=action_id), on_reply=on_reply,
+        request = Request(action_id, action=dict(action, ActionID=action_id), on_reply=on_reply,
                           caller_action_id=action.get("ActionID"))
         self.one_shots.append(request)
 
@@ -328,8 +352,9 @@ class ZmqManagerLink:
             self._answered()  # its boot event is as good an answer as any
 
     # --- sending ---------------------------------------------------------------------------------
-    def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar") -> None:
-        self.outbox.write_state(update, action_id, verb)
+    def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar",
+                    encoded: Optional[bytes] = None) -> None:
+        self.outbox.write_state(update, action_id, verb, encoded)
         self._send_pending()
 
     def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
@@ -341,9 +366,8 @@ class ZmqManagerLink:
             request = self.outbox.next_request()
             if request is None:
                 break
-            payload = _encode_action(request.action)
             try:
-                self.cmd_socket.send_multipart([b"", payload], zmq.NOBLOCK)
+                self.cmd_socket.send_multipart([b"", request.wire()], zmq.NOBLOCK)
             except zmq.Again:
                 self.outbox.unsent(request)
                 break
@@ -420,7 +444,7 @@ class ZmqManagerLink:
             self.handlers.on_event(self, event)
 
 
-def _encode_action(action: Dict[str, Any]) -> bytes:
+def encode_action(action: Dict[str, Any]) -> bytes:
     return json.dumps(action).encode("ascii")
 
 

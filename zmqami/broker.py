@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import zmq
 
 from . import __version__
-from .asterisk import LinkHandlers, ZmqManagerLink
+from .asterisk import LinkHandlers, ZmqManagerLink, encode_action
 from .config import CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, load_broker_config, setup_logging
 from .loop import EventLoop
 from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
@@ -95,17 +95,20 @@ class Broker:
     def relay(self, source: ZmqManagerLink, update: StateUpdate) -> None:
         """Write the update on every server but its source."""
         action_id = uuid.uuid4().hex
+        action = update.action(action_id)
         if self.config.verbose_messages:
-            log.info("Distribute: %s", json.dumps(update.action(action_id), indent=1))
+            log.info("Distribute: %s", json.dumps(action, indent=1))
         log.debug("Relaying %s=%s from %s", update.variable, update.value, source.name)
+        encoded = encode_action(action)  # the same bytes for every server
         for link in self.links:
             if link is not source:
-                self.write(link, update, action_id)
+                self.write(link, update, action_id, encoded)
 
-    def write(self, link: ZmqManagerLink, update: StateUpdate, action_id: str = "") -> None:
+    def write(self, link: ZmqManagerLink, update: StateUpdate, action_id: str = "",
+              encoded: Optional[bytes] = None) -> None:
         if update.is_presence:
             self.echoes.written(link.name, update)
-        link.write_state(update, action_id or uuid.uuid4().hex)
+        link.write_state(update, action_id or uuid.uuid4().hex, encoded=encoded)
 
     # --- health, resynchronisation, repair ---------------------------------------------------------
     def ping_all(self) -> None:

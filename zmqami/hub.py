@@ -114,9 +114,10 @@ class Hub:
         except BadInput as exc:
             self.drops.drop(self.source, str(exc), b" | ".join(frames))
             return
-        log.info("Message %s from %s to %s, uuid %s.", envelope.msg_type,
-                 printable(envelope.origin), envelope.target.decode("utf-8", "replace"),
-                 printable(envelope.uuid))
+        if log.isEnabledFor(logging.INFO):  # escaping costs: only for a line that is written
+            log.info("Message %s from %s to %s, uuid %s.", envelope.msg_type,
+                     printable(envelope.origin), envelope.target.decode("utf-8", "replace"),
+                     printable(envelope.uuid))
         log.debug("%s", envelope.body)
         self.pub.send_multipart(frames)
         self.relayed += 1

@@ -52,6 +52,7 @@ class StateUpdate:
     The variable names what is written (one device or one presentity), so it is also the key under
     which a newer state replaces an older one that was not sent yet.
     """
+    __slots__ = ("variable", "value")
     variable: str
     value: str
 

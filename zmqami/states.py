@@ -6,7 +6,7 @@ is given every known state again, a server that goes down has its devices shown 
 on the others, and a list read from a server (DeviceStateList, PresenceStateList) is compared
 with what is known, so that a missed event or a stale mirror is repaired.
 
-Memory is bounded by the number of devices and presentities: one value per variable and source.
+Memory is bounded by the number of devices and presentities: one small entry per variable.
 """
 import time
 from dataclasses import dataclass, field
@@ -29,49 +29,60 @@ class ListReading:
     repairs: List[StateUpdate] = field(default_factory=list)   # its mirrors that show a wrong state
 
 
+class Entry:
+    """The last state a source reported for one variable, and when an event changed it."""
+    __slots__ = ("value", "source", "changed_at")
+
+    def __init__(self, value: str, source: str, changed_at: float) -> None:
+        self.value = value
+        self.source = source
+        self.changed_at = changed_at
+
+
 class StateTable:
     def __init__(self, down_state: Optional[str]) -> None:
         self.down_state = down_state
-        self.known: Dict[str, Dict[str, str]] = {}   # source -> variable -> value
-        self.owner: Dict[str, str] = {}              # variable -> source that reported it last
-        self.changed_at: Dict[str, float] = {}       # variable -> when an event last changed it
-        self.shown_down: Set[str] = set()            # device variables shown as down_state
+        self.entries: Dict[str, Entry] = {}  # variable -> what its source reported last
+        self.shown_down: Set[str] = set()    # device variables shown as down_state
 
     def record(self, source: str, update: StateUpdate) -> bool:
         """Remember what a source reported in an event; True if its mirrors must change."""
-        self.changed_at[update.variable] = time.monotonic()
-        return self._remember(source, update)
+        return self._remember(source, update, time.monotonic())
 
     def record_listed(self, source: str, update: StateUpdate, asked_at: float) -> bool:
         """Like record, for a state read from a list asked for at asked_at.
 
         An event handled after the list was asked for may be newer than the list: it wins.
         """
-        if self.changed_at.get(update.variable, 0.0) > asked_at:
+        entry = self.entries.get(update.variable)
+        if entry is not None and entry.changed_at > asked_at:
             return False
-        return self._remember(source, update)
+        return self._remember(source, update, asked_at)
 
-    def _remember(self, source: str, update: StateUpdate) -> bool:
+    def _remember(self, source: str, update: StateUpdate, when: float) -> bool:
         news = self.expected(update.variable) != update.value  # what the mirrors show now
-        self.known.setdefault(source, {})[update.variable] = update.value
-        self.owner[update.variable] = source
+        self.entries[update.variable] = Entry(update.value, source, when)
         self.shown_down.discard(update.variable)
         return news
 
+    def owner(self, variable: str) -> Optional[str]:
+        entry = self.entries.get(variable)
+        return None if entry is None else entry.source
+
     def mirrors_for(self, server: str) -> Iterator[StateUpdate]:
         """Every state the other sources' mirrors should show on server."""
-        for variable, source in self.owner.items():
-            if source != server:
+        for variable, entry in self.entries.items():
+            if entry.source != server:
                 yield StateUpdate(variable, self.expected(variable))
 
     def expected(self, variable: str) -> Optional[str]:
         """What the mirror of variable should show, or None if no source reported it."""
-        source = self.owner.get(variable)
-        if source is None:
+        entry = self.entries.get(variable)
+        if entry is None:
             return None
         if variable in self.shown_down:
             return self.down_state
-        return self.known[source][variable]
+        return entry.value
 
     def set_down(self, source: str) -> List[StateUpdate]:
         """The source is down: the updates that show its devices as down_state (none to keep them).
@@ -80,8 +91,8 @@ class StateTable:
         """
         if not self.down_state:
             return []
-        newly_down = [variable for variable in self.known.get(source, {})
-                      if variable.startswith(DEVICE_PREFIX) and self.owner.get(variable) == source
+        newly_down = [variable for variable, entry in self.entries.items()
+                      if entry.source == source and variable.startswith(DEVICE_PREFIX)
                       and variable not in self.shown_down]
         self.shown_down.update(newly_down)
         return [StateUpdate(variable, self.down_state) for variable in newly_down]
@@ -97,7 +108,7 @@ class StateTable:
             mirror = mirror_variable(item)
             if mirror is not None:
                 expected = self.expected(mirror)
-                if expected and self.owner[mirror] != server and not writing(mirror) \
+                if expected and self.owner(mirror) != server and not writing(mirror) \
                         and str(item.get("State")).upper() != expected:
                     reading.repairs.append(StateUpdate(mirror, expected))
                 continue
@@ -133,7 +144,7 @@ class StateTable:
                 continue
             if expected is None or (not after_restart and update.value != expected):
                 self._read_own(server, update, asked_at, reading)
-            elif self.owner.get(update.variable) == server:
+            elif self.owner(update.variable) == server:
                 reading.current.append(StateUpdate(update.variable, expected))
         return reading
 
@@ -141,14 +152,7 @@ class StateTable:
                   reading: ListReading) -> None:
         if self.record_listed(server, update, asked_at):
             reading.changed.append(update)
-        value = self.known.get(server, {}).get(update.variable, update.value)
-        reading.current.append(StateUpdate(update.variable, value))
-
-    def forget(self, source: str) -> None:
-        for variable in self.known.pop(source, {}):
-            if self.owner.get(variable) == source:
-                del self.owner[variable]
-                self.shown_down.discard(variable)
+        reading.current.append(StateUpdate(update.variable, self.entries[update.variable].value))
 
 
 def mirror_variable(item: dict) -> Optional[str]:
