@@ -66,7 +66,8 @@ class Hub:
         self.authenticator = security.start_authenticator(self.context, clients_dir)
         for sock in (self.pull, self.pub):
             security.make_server(sock, keys)
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                                              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
             self.loop.add_reader(monitor, lambda monitor=monitor: self.on_refused(monitor))
         log.info("CURVE on: only the keys in %s may connect.", clients_dir)
 
