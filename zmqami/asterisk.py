@@ -27,7 +27,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import zmq
 
 from .loop import EventLoop, Timer
-from .rules import BadInput, StateUpdate, decode_event
+from .rules import CRASHING_ACTIONS, BadInput, StateUpdate, decode_event
 from .stats import DropLog, printable
 
 log = logging.getLogger(__name__)
@@ -246,22 +246,27 @@ class LinkHandlers:
     on_up is also called when the server (re)starts (its LoadZmq or FullyBooted event): either
     way the server may hold stale states and has missed what happened meanwhile.
     """
-    on_event: Callable[["ZmqManagerLink", Dict[str, Any]], None]
+    on_event: Callable[["AsteriskLink", Dict[str, Any]], None]
     drops: DropLog
-    on_up: Callable[["ZmqManagerLink"], None] = _ignore
-    on_down: Callable[["ZmqManagerLink"], None] = _ignore
+    on_up: Callable[["AsteriskLink"], None] = _ignore
+    on_down: Callable[["AsteriskLink"], None] = _ignore
 
 
-class ZmqManagerLink:
-    """One Asterisk server reached through res_zmq_manager (SUB for events, DEALER for actions)."""
+class AsteriskLink:
+    """What every way of reaching Asterisk shares: delivery (Outbox), timeouts, health.
 
-    def __init__(self, loop: EventLoop, context: zmq.Context, name: str, cmd_url: str,
-                 evt_url: str, request_timeout_ms: int, handlers: LinkHandlers) -> None:
+    A subclass reaches Asterisk one way (res_zmq_manager's sockets, plain AMI over TCP): it
+    implements start, close, _transmit (send one request, or say it cannot now) and _reset (the
+    connection is stuck: make a new one), and calls _answered and _deliver_event.
+    """
+    NO_ANSWER = "No answer from %s within %d ms"
+    # Actions that must never be sent this way (they crash Asterisk through res_zmq_manager).
+    crashing_actions: frozenset = CRASHING_ACTIONS
+
+    def __init__(self, loop: EventLoop, name: str, request_timeout_ms: int,
+                 handlers: LinkHandlers) -> None:
         self.loop = loop
-        self.context = context
         self.name = name
-        self.cmd_url = cmd_url
-        self.evt_url = evt_url
         self.handlers = handlers
         self.stats = LinkStats()
         self.outbox = Outbox(name, request_timeout_ms / 1000.0, self.stats)
@@ -269,45 +274,20 @@ class ZmqManagerLink:
         self.up: Optional[bool] = None         # None until the first reply or server timeout
         self.last_answer = time.monotonic()
         self.down_since = 0.0
-        self.loadzmq_at = -BOOT_WINDOW
-        self.evt_socket: Optional[zmq.Socket] = None
-        self.cmd_socket: Optional[zmq.Socket] = None
         self._timeout_timer: Optional[Timer] = None
 
-    # --- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self.evt_socket = self.context.socket(zmq.SUB)
-        _common_options(self.evt_socket)
-        self.evt_socket.setsockopt(zmq.RCVHWM, EVENT_HWM)
-        self.evt_socket.setsockopt(zmq.MAXMSGSIZE, EVENT_MAX_BYTES)
-        # Everything, not just "{": what is not a JSON object is counted and reported, not hidden.
-        self.evt_socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.evt_socket.connect(self.evt_url)
-        self.loop.add_reader(self.evt_socket, self._read_events)
-        log.info("Connected to %s events on %s", self.name, self.evt_url)
-        self._open_cmd_socket()
-        log.info("Connected to %s commands on %s", self.name, self.cmd_url)
+        raise NotImplementedError
 
     def close(self) -> None:
-        for sock in (self.evt_socket, self.cmd_socket):
-            if sock is not None:
-                self.loop.remove_reader(sock)
-                sock.close(linger=0)
-        self.evt_socket = self.cmd_socket = None
         if self._timeout_timer:
             self._timeout_timer.cancel()
 
-    def _open_cmd_socket(self) -> None:
-        self.cmd_socket = self.context.socket(zmq.DEALER)
-        _common_options(self.cmd_socket)
-        self.cmd_socket.setsockopt(zmq.MAXMSGSIZE, REPLY_MAX_BYTES)
-        self.cmd_socket.connect(self.cmd_url)
-        self.loop.add_reader(self.cmd_socket, self._read_replies)
+    def _transmit(self, request: Request) -> bool:
+        raise NotImplementedError
 
-    def _reset_cmd_socket(self) -> None:
-        self.loop.remove_reader(self.cmd_socket)
-        self.cmd_socket.close(linger=0)
-        self._open_cmd_socket()
+    def _reset(self) -> None:
+        raise NotImplementedError
 
     # --- health ----------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -337,20 +317,6 @@ class ZmqManagerLink:
             self.up = True
             self.handlers.on_up(self)
 
-    def _booted(self, event: str) -> None:
-        # A booting Asterisk publishes LoadZmq, then FullyBooted a moment later: one on_up is
-        # enough.  FullyBooted alone (LoadZmq came before we subscribed) counts too.
-        now = time.monotonic()
-        if event == "FullyBooted" and now - self.loadzmq_at < BOOT_WINDOW:
-            return
-        if event == "LoadZmq":
-            self.loadzmq_at = now
-        log.info("%s published %s: it (re)started", self.name, event)
-        if self.up is True:
-            self.handlers.on_up(self)
-        else:
-            self._answered()  # its boot event is as good an answer as any
-
     # --- sending ---------------------------------------------------------------------------------
     def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar",
                     encoded: Optional[bytes] = None) -> None:
@@ -366,9 +332,7 @@ class ZmqManagerLink:
             request = self.outbox.next_request()
             if request is None:
                 break
-            try:
-                self.cmd_socket.send_multipart([b"", request.wire()], zmq.NOBLOCK)
-            except zmq.Again:
+            if not self._transmit(request):
                 self.outbox.unsent(request)
                 break
             self.outbox.sent(request)
@@ -391,14 +355,87 @@ class ZmqManagerLink:
     def _on_timeout(self) -> None:
         self.stats.timeouts += 1
         if self.answering is not False:
-            log.error("Did not receive REP from %s within %d ms: reconnecting, and sending again "
-                      "until it answers", self.name, self.outbox.timeout * 1000)
+            log.error(self.NO_ANSWER + ": reconnecting, and sending again until it answers",
+                      self.name, self.outbox.timeout * 1000)
         else:
-            log.debug("Still no REP from %s: reconnecting", self.name)
+            log.debug("Still no answer from %s: reconnecting", self.name)
         self.answering = False
         self.outbox.requeue_in_flight()
-        self._reset_cmd_socket()
+        self._reset()
         self._send_pending()
+
+    def _deliver_event(self, event: Dict[str, Any]) -> None:
+        self.handlers.on_event(self, event)
+
+
+class ZmqManagerLink(AsteriskLink):
+    """One Asterisk server reached through res_zmq_manager (SUB for events, DEALER for actions)."""
+    NO_ANSWER = "Did not receive REP from %s within %d ms"  # the original's words
+
+    def __init__(self, loop: EventLoop, context: zmq.Context, name: str, cmd_url: str,
+                 evt_url: str, request_timeout_ms: int, handlers: LinkHandlers) -> None:
+        super().__init__(loop, name, request_timeout_ms, handlers)
+        self.context = context
+        self.cmd_url = cmd_url
+        self.evt_url = evt_url
+        self.loadzmq_at = -BOOT_WINDOW
+        self.evt_socket: Optional[zmq.Socket] = None
+        self.cmd_socket: Optional[zmq.Socket] = None
+
+    # --- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.evt_socket = self.context.socket(zmq.SUB)
+        _common_options(self.evt_socket)
+        self.evt_socket.setsockopt(zmq.RCVHWM, EVENT_HWM)
+        self.evt_socket.setsockopt(zmq.MAXMSGSIZE, EVENT_MAX_BYTES)
+        # Everything, not just "{": what is not a JSON object is counted and reported, not hidden.
+        self.evt_socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.evt_socket.connect(self.evt_url)
+        self.loop.add_reader(self.evt_socket, self._read_events)
+        log.info("Connected to %s events on %s", self.name, self.evt_url)
+        self._open_cmd_socket()
+        log.info("Connected to %s commands on %s", self.name, self.cmd_url)
+
+    def close(self) -> None:
+        super().close()
+        for sock in (self.evt_socket, self.cmd_socket):
+            if sock is not None:
+                self.loop.remove_reader(sock)
+                sock.close(linger=0)
+        self.evt_socket = self.cmd_socket = None
+
+    def _open_cmd_socket(self) -> None:
+        self.cmd_socket = self.context.socket(zmq.DEALER)
+        _common_options(self.cmd_socket)
+        self.cmd_socket.setsockopt(zmq.MAXMSGSIZE, REPLY_MAX_BYTES)
+        self.cmd_socket.connect(self.cmd_url)
+        self.loop.add_reader(self.cmd_socket, self._read_replies)
+
+    def _reset(self) -> None:
+        self.loop.remove_reader(self.cmd_socket)
+        self.cmd_socket.close(linger=0)
+        self._open_cmd_socket()
+
+    def _booted(self, event: str) -> None:
+        # A booting Asterisk publishes LoadZmq, then FullyBooted a moment later: one on_up is
+        # enough.  FullyBooted alone (LoadZmq came before we subscribed) counts too.
+        now = time.monotonic()
+        if event == "FullyBooted" and now - self.loadzmq_at < BOOT_WINDOW:
+            return
+        if event == "LoadZmq":
+            self.loadzmq_at = now
+        log.info("%s published %s: it (re)started", self.name, event)
+        if self.up is True:
+            self.handlers.on_up(self)
+        else:
+            self._answered()  # its boot event is as good an answer as any
+
+    def _transmit(self, request: Request) -> bool:
+        try:
+            self.cmd_socket.send_multipart([b"", request.wire()], zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     # --- receiving -------------------------------------------------------------------------------
     def _read_replies(self) -> None:
@@ -441,7 +478,7 @@ class ZmqManagerLink:
                 continue
             if event["Event"] in BOOT_EVENTS:
                 self._booted(event["Event"])
-            self.handlers.on_event(self, event)
+            self._deliver_event(event)
 
 
 def encode_action(action: Dict[str, Any]) -> bytes:

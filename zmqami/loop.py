@@ -37,17 +37,35 @@ class EventLoop:
         self.running = True  # until stop(), which may come before run() (a signal at start-up)
         self.stop_signal: Optional[str] = None
         self._readers: Dict[Pollable, Callable[[], None]] = {}
+        self._writers: Dict[Pollable, Callable[[], None]] = {}
         self._timers: List[Tuple[float, int, Timer]] = []
         self._sequence = itertools.count()
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
 
-    # --- readers ---------------------------------------------------------------------------------
+    # --- readers and writers ---------------------------------------------------------------------
     def add_reader(self, sock: Pollable, callback: Callable[[], None]) -> None:
         self._readers[sock] = callback
-        self.poller.register(sock, zmq.POLLIN)
+        self._register(sock)
 
     def remove_reader(self, sock: Pollable) -> None:
         if self._readers.pop(sock, None) is not None:
+            self._register(sock)
+
+    def add_writer(self, sock: Pollable, callback: Callable[[], None]) -> None:
+        """callback is called while sock can be written to (a TCP connect done, room to send)."""
+        self._writers[sock] = callback
+        self._register(sock)
+
+    def remove_writer(self, sock: Pollable) -> None:
+        if self._writers.pop(sock, None) is not None:
+            self._register(sock)
+
+    def _register(self, sock: Pollable) -> None:
+        flags = (zmq.POLLIN if sock in self._readers else 0) | \
+                (zmq.POLLOUT if sock in self._writers else 0)
+        if flags:
+            self.poller.register(sock, flags)
+        elif sock in self.poller:
             self.poller.unregister(sock)
 
     # --- timers ----------------------------------------------------------------------------------
@@ -111,10 +129,11 @@ class EventLoop:
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> None:
         while self.running:
-            for sock, _ in self.poller.poll(self._poll_timeout_ms()):
-                callback = self._readers.get(sock)
-                if callback is not None:
-                    callback()
+            for sock, events in self.poller.poll(self._poll_timeout_ms()):
+                if events & (zmq.POLLIN | zmq.POLLERR) and sock in self._readers:
+                    self._readers[sock]()
+                if events & zmq.POLLOUT and sock in self._writers:
+                    self._writers[sock]()
                 if not self.running:
                     break
             self._run_due_timers()
