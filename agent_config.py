@@ -64,3 +64,10 @@ ALLOWED_ACTIONS = ['Ping', 'CoreStatus', 'CoreSettings', 'CoreShowChannels', 'De
 # the hub's public key (its .key file) and this agent's own key pair (its .key_secret file).
 CURVE_SERVER_KEY_FILE = None
 CURVE_SECRET_KEY_FILE = None
+
+# Plain AMI instead of res_zmq_manager: this host's manager interface (manager.conf) and a
+# manager user for the agent.  When ASTERISK_AMI_USER is set these replace ASTERISK_CMD_URL and
+# ASTERISK_EVT_URL.  The secret is never written to the logs.
+ASTERISK_AMI_URL = 'tcp://127.0.0.1:5038'
+ASTERISK_AMI_USER = None
+ASTERISK_AMI_SECRET = None

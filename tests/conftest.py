@@ -8,8 +8,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (HubClient, Script, broker_config, free_port, python_settings,  # noqa: E402
-                     wait_until)
+from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config,  # noqa: E402
+                     free_port, python_settings, wait_until)
 from zmqami.standin import Standin, start_standin, start_standin_process  # noqa: E402
 
 
@@ -40,14 +40,17 @@ def broker(tmp_path):
     """broker(servers, **general): python broker.py <config> on these stand-ins, subscribed."""
     running: List[Script] = []
 
-    def start(servers: List[Standin], **general: str) -> Script:
+    def start(servers: List[Standin], ami=(), **general: str) -> Script:
         config = tmp_path / f"config{len(running)}.ini"
-        config.write_text(broker_config(servers, **general))
+        config.write_text(broker_config(servers, ami=ami, **general))
         script = Script("broker.py", str(config), log_dir=tmp_path)
         running.append(script)
-        running_servers = [s for s in servers if s.control is not None]  # not the dead ones
-        wait_until(lambda: all(s.control.state()["subscriptions"] >= 1 for s in running_servers)
-                   or script.proc.poll() is not None, message="the broker to subscribe")
+        # Every live server subscribed to (res_zmq_manager) or logged in to (AMI).
+        zmq_servers = [s for i, s in enumerate(servers) if s.control is not None and i not in ami]
+        ami_servers = [s for i, s in enumerate(servers) if s.control is not None and i in ami]
+        wait_until(lambda: all(s.control.state()["subscriptions"] >= 1 for s in zmq_servers)
+                   and all(s.control.state()["ami_sessions"] >= 1 for s in ami_servers)
+                   or script.proc.poll() is not None, message="the broker to connect")
         assert script.proc.poll() is None, script.output()
         return script
 
@@ -86,23 +89,28 @@ def agents(tmp_path, hub, context):
     running: List[Script] = []
     client = HubClient(context, hub, name="harness")
 
-    def start(servers: List[Standin], names: str = "XYZW", hubs=None, **settings) -> List[Script]:
+    def start(servers: List[Standin], names: str = "XYZW", hubs=None, ami=(),
+              **settings) -> List[Script]:
         new = []
         hub_urls = dict(ZMQ_PUB_URL=hub.pull_url, ZMQ_SUB_URL=hub.pub_url) if hubs is None else \
             dict(ZMQ_PUB_URL=[h.pull_url for h in hubs], ZMQ_SUB_URL=[h.pub_url for h in hubs])
-        for name, standin in zip(names, servers):
+        for index, (name, standin) in enumerate(zip(names, servers)):
+            asterisk = dict(ASTERISK_AMI_URL=f"tcp://127.0.0.1:{standin.ami_port}",
+                            ASTERISK_AMI_USER=AMI_USER, ASTERISK_AMI_SECRET=AMI_SECRET) \
+                if index in ami else {}
             config = python_settings(
                 tmp_path / f"agent_{name}.py", SYSTEM_NAME=name, LOG_LEVEL="info",
                 ASTERISK_CMD_URL=f"tcp://127.0.0.1:{standin.cmd_port}",
                 ASTERISK_EVT_URL=f"tcp://127.0.0.1:{standin.evt_port}",
-                PID_FILE=str(tmp_path / f"agent_{name}.pid"), **hub_urls, **settings)
+                PID_FILE=str(tmp_path / f"agent_{name}.pid"), **hub_urls, **asterisk, **settings)
             script = Script("agent.py", str(config), log_dir=tmp_path, name=f"agent_{name}")
             running.append(script)
             new.append(script)
-        for name, standin in zip(names, servers):
+        for index, (name, standin) in enumerate(zip(names, servers)):
             client.ping_until_pong(name)
-            wait_until(lambda: standin.control.state()["subscriptions"] >= 1,
-                       message=f"agent {name} to subscribe to its Asterisk")
+            key = "ami_sessions" if index in ami else "subscriptions"
+            wait_until(lambda: standin.control.state()[key] >= 1,
+                       message=f"agent {name} to connect to its Asterisk")
         return new
 
     yield start
@@ -113,12 +121,15 @@ def agents(tmp_path, hub, context):
 
 @pytest.fixture
 def processes(context, tmp_path):
-    """processes(name): a stand-in in its own process, with a database file; can be killed."""
+    """processes(name, **options): a stand-in in its own process, with a database file; can be
+    killed; started again under the same name it keeps the options it had."""
     started = []
+    options_of = {}
 
-    def start(name, **ports):
+    def start(name, **options):
+        options_of[name] = options = {**options_of.get(name, {}), **options}
         standin = start_standin_process(context, state_file=str(tmp_path / f"{name}.json"),
-                                        **ports)
+                                        **options)
         started.append(standin)
         return standin
 

@@ -93,14 +93,22 @@ def run_script(script: str, *args: str, timeout: float = DEADLINE) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
-def broker_config(servers: list, names: Optional[List[str]] = None, **general: str) -> str:
-    """The text of a broker config.ini for these stand-ins."""
+AMI_USER, AMI_SECRET = "zmq-ami", "stand-in-secret"  # the stand-in's manager user
+
+
+def broker_config(servers: list, names: Optional[List[str]] = None, ami=(), ami_secret=AMI_SECRET,
+                  **general: str) -> str:
+    """The text of a broker config.ini for these stand-ins (those whose index is in ami over AMI)."""
     names = names or [f"server-{i + 1}" for i in range(len(servers))]
     lines = ["[general]"] + [f"{key} = {value}" for key, value in general.items()]
     lines += ["[servers]", "sections = " + ", ".join(names)]
-    for name, standin in zip(names, servers):
-        lines += [f"[{name}]", f"name = {name}", "addr = 127.0.0.1",
-                  f"cmd_port = {standin.cmd_port}", f"evt_port = {standin.evt_port}"]
+    for index, (name, standin) in enumerate(zip(names, servers)):
+        lines += [f"[{name}]", f"name = {name}", "addr = 127.0.0.1"]
+        if index in ami:
+            lines += [f"ami_user = {AMI_USER}", f"ami_secret = {ami_secret}",
+                      f"ami_port = {standin.ami_port}"]
+        else:
+            lines += [f"cmd_port = {standin.cmd_port}", f"evt_port = {standin.evt_port}"]
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +194,10 @@ def custom_states(standin) -> Dict[str, str]:
 def restart(processes, standin, name):
     """kill -9 a stand-in process, then start it again on the same ports with its database."""
     standin.kill()
-    return processes(name, cmd_port=standin.cmd_port, evt_port=standin.evt_port)
+    ports = dict(cmd_port=standin.cmd_port, evt_port=standin.evt_port)
+    if standin.ami_port is not None:
+        ports["ami_port"] = standin.ami_port
+    return processes(name, **ports)
 
 
 def play(source, count: int, devices: int, prefix: str = "SIP/") -> Dict[str, str]:

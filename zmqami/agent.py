@@ -25,13 +25,15 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from urllib.parse import urlsplit
 from typing import Any, Dict, List, Optional, Set
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__, envelope, security
-from .asterisk import LinkHandlers, ZmqManagerLink
+from .ami import AmiLink
+from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (PROJECT_DIR, ConfigError, Setting, is_bool, is_log_level,
                      is_optional_text, is_positive_number, is_url, load_script_settings)
 from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
@@ -96,6 +98,9 @@ AGENT_SETTINGS = {
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
     "RESYNC_INTERVAL": Setting(300, is_seconds_or_zero),
     "ALLOWED_ACTIONS": Setting(list(READ_ONLY_ACTIONS), is_action_names),
+    "ASTERISK_AMI_URL": Setting("tcp://127.0.0.1:5038", is_url),
+    "ASTERISK_AMI_USER": Setting(None, is_optional_text),
+    "ASTERISK_AMI_SECRET": Setting(None, is_optional_text),
     "CURVE_SERVER_KEY_FILE": Setting(None, is_optional_text),
     "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
 }
@@ -135,11 +140,9 @@ class Agent:
         self.received = 0
         self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
         self.asterisk_ok: Optional[bool] = None
-        self.asterisk = ZmqManagerLink(
-            self.loop, context, "Asterisk", settings["ASTERISK_CMD_URL"],
-            settings["ASTERISK_EVT_URL"], settings["ASTERISK_TIMEOUT"],
-            LinkHandlers(on_event=self.on_asterisk_event, drops=self.drops,
-                         on_up=self.on_asterisk_up, on_down=self.on_asterisk_down))
+        self.asterisk = make_link(self.loop, context, settings, LinkHandlers(
+            on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
+            on_down=self.on_asterisk_down))
         self.hub_urls = _as_list(settings["ZMQ_PUB_URL"])
         self.hub_source = "the hub at " + ", ".join(_as_list(settings["ZMQ_SUB_URL"]))
         self.pushes = [hub_socket(context, zmq.PUSH) for _ in self.hub_urls]
@@ -202,7 +205,7 @@ class Agent:
                 self.unsent.drop(f"the hub at {url}", "not reachable, queue full", frames[1])
 
     # --- its Asterisk -> the hub ------------------------------------------------------------------
-    def on_asterisk_event(self, link: ZmqManagerLink, event: Dict[str, Any]) -> None:
+    def on_asterisk_event(self, link: AsteriskLink, event: Dict[str, Any]) -> None:
         if event["Event"] == "Reload":
             self.send(ALL, "AsteriskEvent", data={"Event": "Reload",
                                                   "Status": _text(event.get("Status")),
@@ -219,7 +222,7 @@ class Agent:
             log.debug("My device %s state %s.", update.variable, update.value)
             self.send(ALL, "AsteriskEvent", data=event_for(update))
 
-    def on_asterisk_up(self, link: ZmqManagerLink) -> None:
+    def on_asterisk_up(self, link: AsteriskLink) -> None:
         """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own."""
         written = 0
         for update in self.states.mirrors_for(self.name):
@@ -230,7 +233,7 @@ class Agent:
         self.heartbeat()
         self.read_own_states(repair=False, requester=ALL)
 
-    def on_asterisk_down(self, link: ZmqManagerLink) -> None:
+    def on_asterisk_down(self, link: AsteriskLink) -> None:
         self.heartbeat()  # the peers show its devices as DOWN_STATE until it is back
 
     def read_own_states(self, repair: bool, requester: str) -> None:
@@ -372,7 +375,7 @@ class Agent:
     def run_action(self, message: Envelope) -> None:
         origin = message.origin
         try:
-            action = safe_action(message.field("data"))
+            action = safe_action(message.field("data"), self.asterisk.crashing_actions)
             if action["Action"].lower() not in self.allowed:
                 raise BadInput(f"{action['Action']} is not allowed on this node (ALLOWED_ACTIONS)")
         except BadInput as exc:
@@ -457,6 +460,18 @@ class Agent:
         if self.asterisk_ok is not False:
             log.error("asterisk_ping unknown reply: %s (logged again when it answers)", reply)
         self.asterisk_ok = False
+
+
+def make_link(loop: EventLoop, context: zmq.Context, settings: Dict[str, Any],
+              handlers: LinkHandlers) -> AsteriskLink:
+    """Its Asterisk: over plain AMI when ASTERISK_AMI_USER is set, else res_zmq_manager."""
+    if settings["ASTERISK_AMI_USER"]:
+        parts = urlsplit(settings["ASTERISK_AMI_URL"])
+        return AmiLink(loop, "Asterisk", parts.hostname or "127.0.0.1", parts.port or 5038,
+                       settings["ASTERISK_AMI_USER"], settings["ASTERISK_AMI_SECRET"] or "",
+                       settings["ASTERISK_TIMEOUT"], handlers)
+    return ZmqManagerLink(loop, context, "Asterisk", settings["ASTERISK_CMD_URL"],
+                          settings["ASTERISK_EVT_URL"], settings["ASTERISK_TIMEOUT"], handlers)
 
 
 def _text(value: Any) -> Optional[str]:

@@ -14,8 +14,10 @@ from typing import Any, Dict, List, Optional
 import zmq
 
 from . import __version__
-from .asterisk import LinkHandlers, ZmqManagerLink, encode_action
-from .config import CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, load_broker_config, setup_logging
+from .ami import AmiLink
+from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink, encode_action
+from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
+                     load_broker_config, setup_logging)
 from .loop import EventLoop
 from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
 from .states import ListReading, StateTable
@@ -37,8 +39,7 @@ class Broker:
         self.events_relayed = 0
         handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
                                 on_up=self.resync, on_down=self.show_down)
-        self.links = [ZmqManagerLink(self.loop, context, server.name, server.cmd_url,
-                                     server.evt_url, config.request_timeout, handlers)
+        self.links = [make_link(self.loop, context, server, config.request_timeout, handlers)
                       for server in config.servers]
         self.traced = {link.name for link, server in zip(self.links, config.servers)
                        if server.ami_trace}
@@ -72,7 +73,7 @@ class Broker:
             self.loop.close()
 
     # --- events ----------------------------------------------------------------------------------
-    def on_event(self, source: ZmqManagerLink, event: Dict[str, Any]) -> None:
+    def on_event(self, source: AsteriskLink, event: Dict[str, Any]) -> None:
         if source.name in self.traced:
             log.info("Got message from %s:\n%s.", source.name, json.dumps(event, indent=4))
         try:
@@ -92,7 +93,7 @@ class Broker:
             self.events_relayed += 1
             self.relay(source, update)
 
-    def relay(self, source: ZmqManagerLink, update: StateUpdate) -> None:
+    def relay(self, source: AsteriskLink, update: StateUpdate) -> None:
         """Write the update on every server but its source."""
         action_id = uuid.uuid4().hex
         action = update.action(action_id)
@@ -104,7 +105,7 @@ class Broker:
             if link is not source:
                 self.write(link, update, action_id, encoded)
 
-    def write(self, link: ZmqManagerLink, update: StateUpdate, action_id: str = "",
+    def write(self, link: AsteriskLink, update: StateUpdate, action_id: str = "",
               encoded: Optional[bytes] = None) -> None:
         if update.is_presence:
             self.echoes.written(link.name, update)
@@ -119,7 +120,7 @@ class Broker:
         for link in self.links:
             link.check_health(self.config.server_timeout)
 
-    def show_down(self, link: ZmqManagerLink) -> None:
+    def show_down(self, link: AsteriskLink) -> None:
         """A server is down: its devices show down_state on the others until it is back."""
         updates = self.states.set_down(link.name)
         for update in updates:
@@ -128,7 +129,7 @@ class Broker:
             log.warning("%d devices of %s now show %s on the other servers", len(updates),
                         link.name, self.config.down_state)
 
-    def resync(self, link: ZmqManagerLink) -> None:
+    def resync(self, link: AsteriskLink) -> None:
         """A server is (back) up: write every known state on it, then read its own states."""
         written = 0
         for update in self.states.mirrors_for(link.name):
@@ -144,7 +145,7 @@ class Broker:
             if link.up:
                 self.read_states(link, repair=True)
 
-    def read_states(self, link: ZmqManagerLink, repair: bool) -> None:
+    def read_states(self, link: AsteriskLink, repair: bool) -> None:
         asked_at = time.monotonic()
         if self.config.device_state:
             link.send_action({"Action": "DeviceStateList"},
@@ -153,21 +154,21 @@ class Broker:
             link.send_action({"Action": "PresenceStateList"},
                              lambda reply: self.on_presence_list(link, reply, asked_at, repair))
 
-    def on_device_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
+    def on_device_list(self, link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
                        asked_at: float) -> None:
         reading = self.states.read_device_list(
             link.name, _list_items(link, reply, "DeviceStateChange"), asked_at,
             link.outbox.is_writing, self._bad_item(link))
         self.apply_reading(link, reading, "devices")
 
-    def on_presence_list(self, link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
+    def on_presence_list(self, link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
                          asked_at: float, repair: bool) -> None:
         reading = self.states.read_presence_list(
             link.name, _list_items(link, reply, "PresenceStateChange"), asked_at,
             after_restart=not repair, writing=link.outbox.is_writing, on_bad=self._bad_item(link))
         self.apply_reading(link, reading, "presences")
 
-    def apply_reading(self, link: ZmqManagerLink, reading: ListReading, what: str) -> None:
+    def apply_reading(self, link: AsteriskLink, reading: ListReading, what: str) -> None:
         for update in reading.changed:
             self.relay(link, update)
         for update in reading.repairs:
@@ -176,7 +177,7 @@ class Broker:
             log.info("Read the %s of %s: %d states relayed, %d mirrors repaired", what,
                      link.name, len(reading.changed), len(reading.repairs))
 
-    def _bad_item(self, link: ZmqManagerLink):
+    def _bad_item(self, link: AsteriskLink):
         return lambda item, exc: self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
 
     def log_statistics(self) -> None:
@@ -189,7 +190,17 @@ class Broker:
         log.info("Statistics: %d events relayed; %s", self.events_relayed, per_server)
 
 
-def _list_items(link: ZmqManagerLink, reply: Optional[List[Dict[str, Any]]],
+def make_link(loop: EventLoop, context: zmq.Context, server: ServerConfig, timeout_ms: int,
+              handlers: LinkHandlers) -> AsteriskLink:
+    """The connection to one server: plain AMI when it has an ami_user, else res_zmq_manager."""
+    if server.ami_user:
+        return AmiLink(loop, server.name, server.addr, server.ami_port, server.ami_user,
+                       server.ami_secret, timeout_ms, handlers)
+    return ZmqManagerLink(loop, context, server.name, server.cmd_url, server.evt_url, timeout_ms,
+                          handlers)
+
+
+def _list_items(link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
                 event: str) -> List[Dict[str, Any]]:
     """The items of a list action's reply (ack, items, Complete), or none if it failed."""
     if not reply or reply[0].get("Response") != "Success":

@@ -55,13 +55,17 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class ServerConfig:
-    """One Asterisk server running res_zmq_manager, as a [server-N] section describes it."""
+    """One Asterisk server, as a [server-N] section describes it: reached through
+    res_zmq_manager (cmd_port, evt_port), or over plain AMI when ami_user is set."""
     section: str
     name: str
     addr: str
     cmd_port: int
     evt_port: int
     ami_trace: bool = False
+    ami_user: Optional[str] = None
+    ami_secret: str = field(default="", repr=False)  # never printed
+    ami_port: int = 5038
 
     @property
     def cmd_url(self) -> str:
@@ -191,13 +195,19 @@ def load_broker_config(path: str) -> BrokerConfig:
         if not parser.has_section(section):
             ini.error(section, None, "section missing (listed in [servers] sections)")
             continue
+        ami_user = parser.get(section, "ami_user", fallback="").strip() or None
+        # Over AMI the res_zmq_manager ports are not used: 0 when left out.
+        zmq_default = 0 if ami_user else None
         config.servers.append(ServerConfig(
             section=section,
             name=ini.raw(section, "name", section),
             addr=ini.raw(section, "addr") or "",
-            cmd_port=ini.integer(section, "cmd_port", None, 1, 65535),
-            evt_port=ini.integer(section, "evt_port", None, 1, 65535),
+            cmd_port=ini.integer(section, "cmd_port", zmq_default, 0 if ami_user else 1, 65535),
+            evt_port=ini.integer(section, "evt_port", zmq_default, 0 if ami_user else 1, 65535),
             ami_trace=ini.boolean(section, "ami_trace", False),
+            ami_user=ami_user,
+            ami_secret=(ini.raw(section, "ami_secret") or "") if ami_user else "",
+            ami_port=ini.integer(section, "ami_port", 5038, 1, 65535),
         ))
     _check_server_names(ini, config.servers)
     if ini.errors:

@@ -9,13 +9,17 @@ import logging
 import signal
 import socket
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import zmq
 
 log = logging.getLogger(__name__)
 
 Pollable = Union[zmq.Socket, int]
+
+
+def _key(sock: Any) -> Pollable:
+    return sock if isinstance(sock, (zmq.Socket, int)) else sock.fileno()
 
 
 class Timer:
@@ -43,22 +47,23 @@ class EventLoop:
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
 
     # --- readers and writers ---------------------------------------------------------------------
+    # zmq.Poller hands back a plain socket as its file descriptor: that is the key for those.
     def add_reader(self, sock: Pollable, callback: Callable[[], None]) -> None:
-        self._readers[sock] = callback
-        self._register(sock)
+        self._readers[_key(sock)] = callback
+        self._register(_key(sock))
 
     def remove_reader(self, sock: Pollable) -> None:
-        if self._readers.pop(sock, None) is not None:
-            self._register(sock)
+        if self._readers.pop(_key(sock), None) is not None:
+            self._register(_key(sock))
 
     def add_writer(self, sock: Pollable, callback: Callable[[], None]) -> None:
         """callback is called while sock can be written to (a TCP connect done, room to send)."""
-        self._writers[sock] = callback
-        self._register(sock)
+        self._writers[_key(sock)] = callback
+        self._register(_key(sock))
 
     def remove_writer(self, sock: Pollable) -> None:
-        if self._writers.pop(sock, None) is not None:
-            self._register(sock)
+        if self._writers.pop(_key(sock), None) is not None:
+            self._register(_key(sock))
 
     def _register(self, sock: Pollable) -> None:
         flags = (zmq.POLLIN if sock in self._readers else 0) | \

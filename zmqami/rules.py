@@ -109,19 +109,20 @@ def check_text(what: str, value: Any) -> str:
     return value
 
 
-def safe_action(action: Any) -> Dict[str, str]:
-    """A copy of an AMI action a peer asked for that is safe to hand to res_zmq_manager.
+def safe_action(action: Any, crashing: frozenset = CRASHING_ACTIONS) -> Dict[str, str]:
+    """A copy of an AMI action a peer asked for that is safe to hand to Asterisk.
 
-    Raises BadInput for anything that would crash Asterisk, inject AMI headers or overflow the
-    module's buffer.  Originate is always made asynchronous: a synchronous one holds the module's
-    only command thread until the call is answered.
+    Raises BadInput for anything that would crash Asterisk (crashing: the actions that do so the
+    way it is reached), inject AMI headers or overflow res_zmq_manager's buffer.  Originate is
+    always made asynchronous: a synchronous one holds the module's only command thread (or the
+    AMI session) until the call is answered.
     """
     if not isinstance(action, dict):
         raise BadInput("the action is not a JSON object")
     name = action.get("Action")
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise BadInput("the action has no valid Action name")
-    if name.lower() in CRASHING_ACTIONS:
+    if name.lower() in crashing:
         raise BadInput(f"{name} crashes Asterisk when sent through res_zmq_manager")
     checked = {}
     for key, value in action.items():

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ import zmq
 
 from .config import PROJECT_DIR, setup_logging
 from .loop import EventLoop
+from .ami import AmiParser, format_action
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
                     parse_presence_value)
 
@@ -45,6 +47,10 @@ HOST = "127.0.0.1"
 INTERNAL_ERROR = [{"Response": "Error"}, {"Message": "Internal error."}]
 _FUNCTION = re.compile(r"^([A-Za-z_]+)\((.*)\)$", re.S)
 REQUEST_LOG = 10_000  # requests kept for StandinControl.requests()
+AMI_USER, AMI_SECRET = "zmq-ami", "stand-in-secret"
+AMI_BANNER = b"Asterisk Call Manager/9.0.0\r\n"
+AMI_AUTH_TIMEOUT = 30.0  # s an unauthenticated session may stay (manager.conf authtimeout)
+AMI_LOGIN_FAILURE_DELAY = 1.0  # Asterisk sleeps 1 s before answering a failed login
 
 
 def _compact(obj: Any) -> bytes:
@@ -56,7 +62,9 @@ class StandinAsterisk:
     """The stand-in server; serve() runs its loop until stop()."""
 
     def __init__(self, cmd_port: int = 0, evt_port: int = 0, control_port: int = 0,
-                 loadzmq_delay: float = 0.1, state_file: Optional[str] = None) -> None:
+                 loadzmq_delay: float = 0.1, state_file: Optional[str] = None,
+                 ami_port: Optional[int] = None, ami_user: str = AMI_USER,
+                 ami_secret: str = AMI_SECRET, ami_chunk: int = 0) -> None:
         self.context = zmq.Context()
         self.loop = EventLoop()
         self.loadzmq_delay = loadzmq_delay
@@ -79,6 +87,10 @@ class StandinAsterisk:
         self.control = self._bind(zmq.REP, control_port)
         self.ports = {"cmd_port": self._port(self.cmd), "evt_port": self._port(self.evt),
                       "control_port": self._port(self.control)}
+        self.ami: Optional[AmiServer] = None
+        if ami_port is not None:
+            self.ami = AmiServer(self, ami_port, ami_user, ami_secret, ami_chunk)
+            self.ports["ami_port"] = self.ami.port
         self.loop.add_reader(self.cmd, self._on_request)
         self.loop.add_reader(self.evt, self._on_subscription)
         self.loop.add_reader(self.control, self._on_control)
@@ -103,14 +115,17 @@ class StandinAsterisk:
 
     def _booted(self) -> None:
         # The module publishes LoadZmq with its own spacing; every other event is compact.
+        # (Not to AMI sessions: there FullyBooted comes with each login.)
         self.evt.send(b'{"Event": "LoadZmq"}')
-        self.publish({"Event": "FullyBooted", "Privilege": "system,all", "Status": "Fully Booted",
-                      "Uptime": "1", "LastReload": "1"})
+        self.evt.send(_compact({"Event": "FullyBooted", "Privilege": "system,all",
+                                "Status": "Fully Booted", "Uptime": "1", "LastReload": "1"}))
 
     # --- the evt socket --------------------------------------------------------------------------
     def publish(self, event: Dict[str, Any]) -> None:
         if self.mode != "crashed":
             self.evt.send(_compact(event))
+            if self.ami is not None:
+                self.ami.publish(event)
 
     def _on_subscription(self) -> None:
         message = self.evt.recv()
@@ -193,10 +208,15 @@ class StandinAsterisk:
             log.warning("Stand-in Asterisk: %s crashes a real Asterisk; playing dead", action)
             self.mode = "crashed"
             return None
+        reply = self.dispatch(headers)
+        return INTERNAL_ERROR if reply is None else reply  # unknown actions, Login
+
+    def dispatch(self, headers: Dict[str, str]) -> Optional[List[Dict[str, str]]]:
+        """Asterisk's answer to an action (lower-case header names): its AMI messages in order,
+        or None for an action it does not know."""
+        action = headers.get("action", "").lower()
         handler = getattr(self, "_action_" + action, None) if action.isalpha() else None
-        if handler is None:  # unknown actions, and Login, which the module refuses
-            return INTERNAL_ERROR
-        return handler(headers)
+        return None if handler is None else handler(headers)
 
     @staticmethod
     def _response(headers: Dict[str, str], response: str, **fields: str) -> Dict[str, str]:
@@ -311,7 +331,17 @@ class StandinAsterisk:
 
     def _control_state(self, command: Dict[str, Any]) -> Dict[str, Any]:
         return {"devices": self.devices, "presences": self.presences, "mode": self.mode,
-                "requests": self.request_count, "subscriptions": self.subscriptions}
+                "requests": self.request_count, "subscriptions": self.subscriptions,
+                "ami_sessions": 0 if self.ami is None else sum(
+                    1 for session in self.ami.sessions.values() if session.user is not None)}
+
+    def _control_ami_raw(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """Raw bytes to every logged-in AMI session (hostile input for tests)."""
+        data = base64.b64decode(command["data"])
+        for session in list(self.ami.sessions.values()):
+            if session.user is not None:
+                self.ami._send(session, data)
+        return {}
 
     def _control_requests(self, command: Dict[str, Any]) -> Dict[str, Any]:
         return {"requests": list(self.requests)}
@@ -360,9 +390,202 @@ class StandinAsterisk:
         return {"writes": {device: written for device, written in self.written_at.items()
                            if device.startswith(prefix)}}
 
+    def _control_shutdown(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """core stop now: a Shutdown event to the AMI sessions, then the server is gone."""
+        if self.ami is not None:
+            self.ami.shutdown()
+        self.loop.call_later(0.05, self.loop.stop)
+        return {}
+
     def _control_stop(self, command: Dict[str, Any]) -> Dict[str, Any]:
         self.loop.stop()
         return {}
+
+
+
+
+class AmiSession:
+    """One TCP client of the stand-in's manager interface."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.parser = AmiParser(banner=False)
+        self.user: Optional[str] = None
+        self.classes: Optional[set] = None  # event classes wanted; None: all
+        self.closing = False
+        self.chunks: Deque[bytes] = deque()  # in chunk mode: what is still to be sent, in order
+
+
+class AmiServer:
+    """The stand-in's manager interface over TCP, as Asterisk 20's (../shared/ami-captures).
+
+    It shares the stand-in's devices, presences and actions with the res_zmq_manager side.
+    chunk > 0 sends everything in pieces of that many bytes, a millisecond apart, so that a
+    client sees messages (and UTF-8 characters) split across reads.
+    """
+
+    def __init__(self, core: "StandinAsterisk", port: int, user: str, secret: str,
+                 chunk: int) -> None:
+        self.core = core
+        self.user, self.secret, self.chunk = user, secret, chunk
+        self.sessions: Dict[socket.socket, AmiSession] = {}
+        # events published while an action is answered, sent after its response
+        self.held: Optional[List[Tuple[AmiSession, bytes]]] = None
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((HOST, port))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        core.loop.add_reader(self.listener, self._accept)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        session = AmiSession(sock)
+        self.sessions[sock] = session
+        self.core.loop.add_reader(sock, lambda: self._read(session))
+        self.core.loop.call_later(AMI_AUTH_TIMEOUT,
+                                  lambda: session.user is None and self._close(session))
+        self._send(session, AMI_BANNER)
+
+    def _read(self, session: AmiSession) -> None:
+        try:
+            data = session.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._close(session)
+            return
+        try:
+            for pairs in session.parser.feed(data):
+                self._on_action(session, pairs)
+        except BadInput:
+            self._close(session)
+
+    def _on_action(self, session: AmiSession, pairs: List[Tuple[str, str]]) -> None:
+        if session.closing:
+            return
+        headers = {key.lower(): value for key, value in pairs}
+        self.core.request_count += 1
+        self.core.requests.append(json.dumps(dict(pairs)))
+        # Asterisk sends an action's response before the events the action caused (04d).
+        self.held = []
+        try:
+            reply = self._answer(session, headers)
+        finally:
+            held, self.held = self.held, None
+        if reply is not None and self.core.mode not in ("hung", "crashed"):
+            data = b"".join(format_message(message) for message in reply)
+            if self.core.mode == "slow":
+                self.core.loop.call_later(self.core.delay, lambda: self._send(session, data))
+            else:
+                self._send(session, data)
+        for other, event in held:
+            self._send(other, event)
+
+    def _answer(self, session: AmiSession, headers: Dict[str, str]) -> Optional[List[Dict]]:
+        respond = self.core._response
+        action = headers.get("action", "").lower()
+        if not action:
+            return [respond(headers, "Error", Message="Missing action in request")]
+        if action == "logoff":
+            session.closing = True
+            self.core.loop.call_later(0.001, lambda: self._close(session))
+            return [respond(headers, "Goodbye", Message="Thanks for all the fish.")]
+        if action == "login":
+            return self._login(session, headers)
+        if session.user is None:
+            return [respond(headers, "Error", Message="Permission denied")]
+        if action == "getvar":  # safe through AMI, unlike through res_zmq_manager
+            return [respond(headers, "Success", Variable=headers.get("variable", ""), Value="")]
+        reply = self.core.dispatch(headers)
+        if reply is None:
+            name = headers["action"]
+            return [respond(headers, "Error", Message=f"Invalid/unknown command: {name}. "
+                            "Use Action: ListCommands to show available commands.")]
+        return reply
+
+    def _login(self, session: AmiSession, headers: Dict[str, str]) -> Optional[List[Dict]]:
+        respond = self.core._response
+        if session.user is not None:
+            return [respond(headers, "Success", Message="Already authenticated")]
+        if headers.get("username") != self.user or headers.get("secret") != self.secret:
+            session.closing = True
+            failure = format_message(respond(headers, "Error", Message="Authentication failed"))
+
+            def fail() -> None:
+                self._send(session, failure)
+                self._close(session)
+            self.core.loop.call_later(AMI_LOGIN_FAILURE_DELAY, fail)
+            return None
+        session.user = headers["username"]
+        wanted = headers.get("events", "on").lower()
+        session.classes = (set() if wanted == "off" else None if wanted == "on"
+                           else {c.strip() for c in wanted.split(",")})
+        reply = [respond(headers, "Success", Message="Authentication accepted")]
+        if session.classes is None or "system" in session.classes:
+            reply.append({"Event": "FullyBooted", "Privilege": "system,all", "Uptime": "1",
+                          "LastReload": "1", "Status": "Fully Booted"})
+        return reply
+
+    def publish(self, event: Dict[str, Any]) -> None:
+        """An event to every logged-in session that wants its class."""
+        event_class = str(event.get("Privilege", "")).split(",")[0]
+        if not event_class:
+            return  # LoadZmq: res_zmq_manager's own, not an AMI event
+        data = format_message(event)
+        for session in list(self.sessions.values()):
+            if session.user is not None and not session.closing and (
+                    session.classes is None or event_class in session.classes):
+                if self.held is not None:
+                    self.held.append((session, data))
+                else:
+                    self._send(session, data)
+
+    def shutdown(self) -> None:
+        self.publish({"Event": "Shutdown", "Privilege": "system,all", "Shutdown": "Cleanly",
+                      "Restart": "False"})
+        for session in list(self.sessions.values()):
+            session.closing = True
+            self.core.loop.call_later(0.02, lambda session=session: self._close(session))
+
+    def _send(self, session: AmiSession, data: bytes) -> None:
+        if not self.chunk:
+            self._write(session, data)
+            return
+        idle = not session.chunks
+        session.chunks.extend(data[i:i + self.chunk] for i in range(0, len(data), self.chunk))
+        if idle:
+            self._send_chunk(session)
+
+    def _send_chunk(self, session: AmiSession) -> None:
+        """One piece, then the next a millisecond later: each its own TCP segment."""
+        if session.chunks:
+            self._write(session, session.chunks.popleft())
+            if session.chunks:
+                self.core.loop.call_later(0.001, lambda: self._send_chunk(session))
+
+    def _write(self, session: AmiSession, data: bytes) -> None:
+        if session.sock.fileno() < 0:
+            return
+        try:
+            session.sock.sendall(data)  # small writes to a local client: never blocks for long
+        except OSError:
+            self._close(session)
+
+    def _close(self, session: AmiSession) -> None:
+        if self.sessions.pop(session.sock, None) is not None:
+            self.core.loop.remove_reader(session.sock)
+            session.sock.close()
+
+
+def format_message(message: Dict[str, Any]) -> bytes:
+    """An AMI message as Asterisk writes it: CRLF lines, an empty line at the end."""
+    return format_action(message)
 
 
 class StandinControl:
@@ -402,6 +625,9 @@ class StandinControl:
         self.call("set_presence", presentity=presentity, status=status, subtype=subtype,
                   message=message, publish=publish)
 
+    def ami_raw(self, data: bytes) -> None:
+        self.call("ami_raw", data=base64.b64encode(data).decode("ascii"))
+
     def publish_raw(self, *frames: bytes) -> None:
         self.call("publish", frames=[base64.b64encode(frame).decode("ascii") for frame in frames])
 
@@ -435,6 +661,7 @@ class Standin:
     control: StandinControl
     thread: Optional[threading.Thread] = None
     process: Optional[subprocess.Popen] = None
+    ami_port: Optional[int] = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -463,18 +690,22 @@ def start_standin(context: zmq.Context, **options: Any) -> Standin:
     thread = threading.Thread(target=server.serve, name="standin-asterisk", daemon=True)
     thread.start()
     return Standin(server.ports["cmd_port"], server.ports["evt_port"],
-                   StandinControl(context, server.ports["control_port"]), thread)
+                   StandinControl(context, server.ports["control_port"]), thread,
+                   ami_port=server.ports.get("ami_port"))
 
 
 def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int = 0,
                           control_port: int = 0, state_file: Optional[str] = None,
-                          mode: str = "normal", delay_ms: int = 0) -> Standin:
+                          mode: str = "normal", delay_ms: int = 0,
+                          ami_port: Optional[int] = None, ami_chunk: int = 0) -> Standin:
     """Start a stand-in Asterisk in its own process (python -m zmqami.standin)."""
     command = [sys.executable, "-m", "zmqami.standin", "--cmd-port", str(cmd_port),
                "--evt-port", str(evt_port), "--control-port", str(control_port),
-               "--mode", mode, "--delay-ms", str(delay_ms)]
+               "--mode", mode, "--delay-ms", str(delay_ms), "--ami-chunk", str(ami_chunk)]
     if state_file:
         command += ["--state-file", state_file]
+    if ami_port is not None:
+        command += ["--ami-port", str(ami_port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=PROJECT_DIR)
     line = process.stdout.readline()
     if not line:
@@ -482,7 +713,8 @@ def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int
         raise RuntimeError(f"the stand-in Asterisk did not start (status {process.returncode})")
     ports = json.loads(line)
     return Standin(ports["cmd_port"], ports["evt_port"],
-                   StandinControl(context, ports["control_port"]), process=process)
+                   StandinControl(context, ports["control_port"]), process=process,
+                   ami_port=ports.get("ami_port"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -496,10 +728,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--delay-ms", type=int, default=0, help="reply delay in slow mode")
     parser.add_argument("--state-file", help="keep Custom: states here across restarts, as "
                                              "Asterisk's database does")
+    parser.add_argument("--ami-port", type=int, help="also serve AMI over TCP on this port (0: free)")
+    parser.add_argument("--ami-user", default=AMI_USER)
+    parser.add_argument("--ami-secret", default=AMI_SECRET)
+    parser.add_argument("--ami-chunk", type=int, default=0,
+                        help="send AMI output in pieces of this many bytes")
     args = parser.parse_args(argv)
     setup_logging(logging.INFO)
     server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port,
-                             state_file=args.state_file)
+                             state_file=args.state_file, ami_port=args.ami_port,
+                             ami_user=args.ami_user, ami_secret=args.ami_secret,
+                             ami_chunk=args.ami_chunk)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
     print(json.dumps(server.ports), flush=True)
