@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import zmq
 
-from zmqami.standin import Standin, start_standin_process
+from zmqami.standin import AMI_SECRET, AMI_USER, Standin, start_standin_process
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DRAIN_SECONDS = 10.0  # after a stream: how long to wait for what is still to be delivered
@@ -92,7 +92,7 @@ class Cluster:
         self.relays: List[subprocess.Popen] = []
 
     def standin(self, mode: str = "normal") -> Standin:
-        standin = start_standin_process(self.context, mode=mode)
+        standin = start_standin_process(self.context, mode=mode, ami_port=0)
         self.standins.append(standin)
         return standin
 
@@ -103,13 +103,18 @@ class Cluster:
         self.relays.append(process)
         return process
 
-    def broker(self, servers: List[Standin], baseline: bool = False, **general: str) -> None:
+    def broker(self, servers: List[Standin], baseline: bool = False, ami: bool = False,
+               **general: str) -> None:
         lines = ["[general]", "log_level = warning"] + [f"{k} = {v}" for k, v in general.items()]
         names = [f"server-{i}" for i in range(len(servers))]
         lines += ["[servers]", "sections = " + ", ".join(names)]
         for name, server in zip(names, servers):
-            lines += [f"[{name}]", "addr = 127.0.0.1", f"cmd_port = {server.cmd_port}",
-                      f"evt_port = {server.evt_port}"]
+            lines += [f"[{name}]", "addr = 127.0.0.1"]
+            if ami:
+                lines += [f"ami_user = {AMI_USER}", f"ami_secret = {AMI_SECRET}",
+                          f"ami_port = {server.ami_port}"]
+            else:
+                lines += [f"cmd_port = {server.cmd_port}", f"evt_port = {server.evt_port}"]
         path = os.path.join(self.workdir, f"broker{len(self.relays)}.ini")
         with open(path, "w") as handle:
             handle.write("\n".join(lines) + "\n")
@@ -233,10 +238,11 @@ def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: Lis
         if topology == "agents":
             cluster.agents([source, first, second])
         else:
-            cluster.broker([source, first, second], baseline=topology == "baseline")
+            cluster.broker([source, first, second], baseline=topology == "baseline",
+                           ami=topology == "ami")
         cluster.wait_ready(source, [first, second], timeout=60)
         label = {"broker": "broker", "agents": "agent -> hub -> 2 agents",
-                 "baseline": "baseline broker"}[topology]
+                 "baseline": "baseline broker", "ami": "broker over AMI"}[topology]
         return [stream(cluster, source, [first, second], f"{label}: {rate}/s into 2", rate,
                        int(rate * seconds)) for rate in rates]
     finally:
@@ -316,6 +322,8 @@ def scenario_memory_and_idle(context: zmq.Context, workdir: str, devices: int) -
 SCENARIOS = {
     "broker": lambda ctx, wd, quick: scenario_rates(ctx, wd, "broker", [1000, 3000, 6000],
                                                     2 if quick else 4),
+    "ami": lambda ctx, wd, quick: scenario_rates(ctx, wd, "ami", [1000, 3000, 6000],
+                                                 2 if quick else 4),
     "agents": lambda ctx, wd, quick: scenario_rates(ctx, wd, "agents", [1000, 3000, 6000],
                                                     2 if quick else 4),
     "baseline": lambda ctx, wd, quick: scenario_rates(ctx, wd, "baseline", [1000, 3000, 6000],

@@ -41,21 +41,26 @@ class AmiParser:
 
     def feed(self, data: bytes) -> Iterator[Pairs]:
         self.buffer += data
+        start = 0
         if self._want_banner:
             end = self.buffer.find(b"\r\n")
             if end < 0:
                 self._check_size()
                 return
             self.banner = self.buffer[:end].decode("utf-8", "replace")
-            self.buffer = self.buffer[end + 2:]
+            start = end + 2
             self._want_banner = False
-        while True:
-            end = self.buffer.find(TERMINATOR)
-            if end < 0:
-                self._check_size()
-                return
-            raw, self.buffer = self.buffer[:end], self.buffer[end + 4:]
-            yield parse_message(raw)
+        try:
+            while True:
+                end = self.buffer.find(TERMINATOR, start)
+                if end < 0:
+                    break
+                message, start = self.buffer[start:end], end + 4
+                yield parse_message(message)
+        finally:
+            # Cut what was read once, not after each message: a read can hold hundreds.
+            self.buffer = self.buffer[start:]
+        self._check_size()
 
     def _check_size(self) -> None:
         if len(self.buffer) > MAX_MESSAGE_BYTES:

@@ -51,6 +51,7 @@ AMI_USER, AMI_SECRET = "zmq-ami", "stand-in-secret"
 AMI_BANNER = b"Asterisk Call Manager/9.0.0\r\n"
 AMI_AUTH_TIMEOUT = 30.0  # s an unauthenticated session may stay (manager.conf authtimeout)
 AMI_LOGIN_FAILURE_DELAY = 1.0  # Asterisk sleeps 1 s before answering a failed login
+AMI_MAX_QUEUED = 64 * 1024 * 1024  # bytes queued for a client that does not read
 
 
 def _compact(obj: Any) -> bytes:
@@ -414,6 +415,7 @@ class AmiSession:
         self.classes: Optional[set] = None  # event classes wanted; None: all
         self.closing = False
         self.chunks: Deque[bytes] = deque()  # in chunk mode: what is still to be sent, in order
+        self.outgoing = b""                  # what the kernel would not take yet
 
 
 class AmiServer:
@@ -445,6 +447,7 @@ class AmiServer:
         except BlockingIOError:
             return
         sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = AmiSession(sock)
         self.sessions[sock] = session
         self.core.loop.add_reader(sock, lambda: self._read(session))
@@ -572,14 +575,30 @@ class AmiServer:
     def _write(self, session: AmiSession, data: bytes) -> None:
         if session.sock.fileno() < 0:
             return
+        session.outgoing += data
+        if len(session.outgoing) > AMI_MAX_QUEUED:
+            self._close(session)  # a client that does not read: Asterisk drops it too
+            return
+        self._flush(session)
+
+    def _flush(self, session: AmiSession) -> None:
         try:
-            session.sock.sendall(data)  # small writes to a local client: never blocks for long
+            sent = session.sock.send(session.outgoing)
+        except BlockingIOError:
+            sent = 0
         except OSError:
             self._close(session)
+            return
+        session.outgoing = session.outgoing[sent:]
+        if session.outgoing:
+            self.core.loop.add_writer(session.sock, lambda: self._flush(session))
+        else:
+            self.core.loop.remove_writer(session.sock)
 
     def _close(self, session: AmiSession) -> None:
         if self.sessions.pop(session.sock, None) is not None:
             self.core.loop.remove_reader(session.sock)
+            self.core.loop.remove_writer(session.sock)
             session.sock.close()
 
 
