@@ -71,3 +71,12 @@ CURVE_SECRET_KEY_FILE = None
 ASTERISK_AMI_URL = 'tcp://127.0.0.1:5038'
 ASTERISK_AMI_USER = None
 ASTERISK_AMI_SECRET = None
+
+# Logging: always to standard error (the journal under systemd); also to this file when set
+# (reopened by itself when logrotate renames it), and to syslog when LOG_SYSLOG is True.
+LOG_FILE = None
+LOG_SYSLOG = False
+
+# A local socket on which the agent answers with its status (python agent.py --status):
+# an ipc:// path or a tcp://127.0.0.1 port, e.g. 'ipc:///run/zmq-ami/agent.status'.  Off: None.
+STATUS_SOCKET = None

@@ -24,3 +24,12 @@ CURVE_SECRET_KEY_FILE = None
 # connect.  Nobody else can send or receive.  Adding or removing a file takes effect at the
 # next connection, without a restart.
 CURVE_CLIENTS_DIR = None
+
+# Logging: always to standard error (the journal under systemd); also to this file when set
+# (reopened by itself when logrotate renames it), and to syslog when LOG_SYSLOG is True.
+LOG_FILE = None
+LOG_SYSLOG = False
+
+# A local socket on which the hub answers with its status (python server.py --status):
+# an ipc:// path or a tcp://127.0.0.1 port, e.g. 'ipc:///run/zmq-ami/hub.status'.  Off: None.
+STATUS_SOCKET = None

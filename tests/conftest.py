@@ -65,7 +65,7 @@ class RunningHub:
     def __init__(self, tmp_path, name: str = "server") -> None:
         self.pub_url = f"tcp://127.0.0.1:{free_port()}"
         self.pull_url = f"tcp://127.0.0.1:{free_port()}"
-        settings = python_settings(tmp_path / f"{name}_config.py", LOG_LEVEL="info",
+        settings = python_settings(tmp_path / f"{name}_config.py", LOG_LEVEL="debug",
                                    PUB_BIND_URL=self.pub_url, SUB_BIND_URL=self.pull_url)
         self.script = Script("server.py", str(settings), log_dir=tmp_path, name=name)
         self.script.wait_for_output("Started")

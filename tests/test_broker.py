@@ -52,7 +52,8 @@ def test_presence_is_relayed_whole_once_and_its_echo_suppressed(standins, broker
     wait_until(lambda: {"Custom:SIP/b", "Custom:SIP/c"} <= set(a.control.devices()),
                message="the markers on A")
     assert [s for s in setvars(a) if "PRESENCE" in s["Variable"]] == []
-    assert setvars(b)[0]["Value"].endswith(",e")    # base64: the message has a comma
+    presence_writes = [s for s in setvars(b) if "PRESENCE" in s["Variable"]]
+    assert presence_writes[0]["Value"].endswith(",e")    # base64: the message has a comma
     # A genuine change on B right after is relayed (the original dropped it for 3 s).
     b.control.set_presence("CustomPresence:100", "available")
     wait_until(lambda: a.control.presences().get("CustomPresence:100") == ["available", "", ""],

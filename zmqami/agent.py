@@ -18,7 +18,6 @@ original agent ignores them, as it ignores every msg_type and field it does not 
 - ``AgentStates`` to ``[<requester>]`` (or ``[*]``), ``x_events``: the sender's own states, as the
   x_data of AsteriskEvent messages, read from its Asterisk's lists.
 """
-import argparse
 import errno
 import logging
 import os
@@ -34,14 +33,16 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__, envelope, security
 from .ami import AmiLink
 from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (PROJECT_DIR, ConfigError, Setting, is_bool, is_log_level,
-                     is_optional_text, is_positive_number, is_url, load_script_settings)
+from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, check_settings,
+                     is_bool, is_log_level, is_optional_text, is_positive_number, is_url,
+                     load_script_settings, reload_settings, script_arguments)
 from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
-from .loop import EventLoop
+from .loop import EventLoop, Timer
 from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
+from .status import StatusServer, link_status, print_status, when
 
 log = logging.getLogger("asterisk_agent")
 
@@ -103,7 +104,13 @@ AGENT_SETTINGS = {
     "ASTERISK_AMI_SECRET": Setting(None, is_optional_text),
     "CURVE_SERVER_KEY_FILE": Setting(None, is_optional_text),
     "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
+    **COMMON_SETTINGS,
 }
+# What a SIGHUP cannot change: who the agent is and how it reaches the hubs.
+RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE",
+                    "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET")
+ASTERISK_SETTINGS = ("ASTERISK_CMD_URL", "ASTERISK_EVT_URL", "ASTERISK_AMI_URL",
+                     "ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET", "ASTERISK_TIMEOUT")
 BATCH = 1000               # hub messages handled per wake-up
 COUNTER_EVERY = 100        # the original's "Message counter" line
 EXIT_PID_FILE = 1
@@ -138,6 +145,10 @@ class Agent:
         self.seen: "OrderedDict[str, None]" = OrderedDict()
         self.state_requesters: Set[str] = set()
         self.received = 0
+        self.context = context
+        self.config_path = ""
+        self.timers: List[Timer] = []
+        self.status: Optional[StatusServer] = None
         self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
         self.asterisk_ok: Optional[bool] = None
         self.asterisk = make_link(self.loop, context, settings, LinkHandlers(
@@ -168,8 +179,10 @@ class Agent:
         for sock in self.pushes + [self.sub]:
             security.make_client(sock, server_key, keys)
 
-    def run(self) -> None:
+    def run(self, config_path: str) -> None:
+        self.config_path = config_path
         self.loop.stop_on_signals()
+        self.loop.reload_on_sighup(self.reload)
         log.info("Agent %s (version %s) starting.", self.name, __version__)
         self.asterisk.start()
         for push, url in zip(self.pushes, self.hub_urls):
@@ -181,10 +194,10 @@ class Agent:
         self.loop.add_reader(self.sub, self.read_hub)
         self.loop.add_reader(self.sub_monitor, self.on_hub_connection)
         self.keep_alive()
-        self.loop.call_every(self.settings["KEEP_ALIVE_INTERVAL"], self.keep_alive)
-        self.loop.call_every(HEALTH_CHECK_INTERVAL, self.check_health)
-        if self.settings["RESYNC_INTERVAL"]:
-            self.loop.call_every(self.settings["RESYNC_INTERVAL"], self.repair)
+        self.schedule()
+        if self.settings["STATUS_SOCKET"]:
+            self.status = StatusServer(self.loop, self.context, self.settings["STATUS_SOCKET"],
+                                       "agent " + self.name, self.status_report)
         try:
             self.loop.run()
         finally:
@@ -193,7 +206,45 @@ class Agent:
                      sum(self.drops.counts.values()))
             self.asterisk.close()
             self.sub.disable_monitor()
+            if self.status is not None:
+                self.status.close()
             self.loop.close()
+
+    def schedule(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = [self.loop.call_every(self.settings["KEEP_ALIVE_INTERVAL"], self.keep_alive),
+                       self.loop.call_every(HEALTH_CHECK_INTERVAL, self.check_health)]
+        if self.settings["RESYNC_INTERVAL"]:
+            self.timers.append(self.loop.call_every(self.settings["RESYNC_INTERVAL"], self.repair))
+
+    def reload(self) -> None:
+        """SIGHUP: read the settings again; known states and connections that did not change stay."""
+        log.info("Received SIGHUP: reloading %s", self.config_path)
+        settings = reload_settings(self.config_path, AGENT_SETTINGS, self.settings,
+                                   RESTART_SETTINGS, log)
+        if settings is None:
+            return
+        asterisk_changed = any(settings[k] != self.settings[k] for k in ASTERISK_SETTINGS)
+        self.settings = settings
+        self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
+        self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
+        self.states.down_state = settings["DOWN_STATE"]
+        self.schedule()
+        if asterisk_changed:
+            log.info("The Asterisk connection changed: reconnecting")
+            self.asterisk.close()
+            self.asterisk = make_link(self.loop, self.context, settings, self.asterisk.handlers)
+            self.asterisk.start()
+            self.asterisk.ping()
+
+    def status_report(self) -> Dict[str, Any]:
+        return {"servers": [link_status(self.asterisk, self.drops.counts["Asterisk"])],
+                "peers": [{"name": name, "up": peer.up,
+                           "last_seen": when(time.time() - (time.monotonic() - peer.last_seen))}
+                          for name, peer in sorted(self.peers.items())],
+                "totals": {"hub_messages": self.received, "known_states": len(self.states.entries),
+                           "input_dropped": sum(self.drops.counts.values())}}
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         frames = envelope.build(target, msg_type, self.name,
@@ -337,7 +388,7 @@ class Agent:
 
     def answer_ping(self, message: Envelope) -> None:
         self.send(message.origin, "AgentPong")
-        log.info("AgentPing received from %s, sending AgentPong.", message.origin)
+        log.debug("AgentPing received from %s, sending AgentPong.", message.origin)
 
     def apply_event(self, message: Envelope) -> None:
         self.apply_peer_event(message, message.field("data"))
@@ -521,17 +572,16 @@ def _process_exists(pid: int) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python agent.py",
-                                     description="The zmq-ami-broker agent for one Asterisk host.")
-    parser.add_argument("config", nargs="?", help="settings file (default: agent_config.py "
-                                                  "beside agent.py)")
-    parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    config_path = args.config or os.path.join(PROJECT_DIR, "agent_config.py")
+    args = script_arguments("python agent.py", "The zmq-ami-broker agent for one Asterisk host.",
+                            "agent_config.py", argv)
+    if args.check_config:
+        return check_settings(args.config, AGENT_SETTINGS)
     try:
-        settings = load_script_settings(config_path, AGENT_SETTINGS, log)
+        settings = load_script_settings(args.config, AGENT_SETTINGS, log, quiet=args.status)
     except ConfigError as exc:
         return exc.report()
+    if args.status:
+        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
     pid_file = settings["PID_FILE"] or os.path.join(PROJECT_DIR, "zmq_agent.pid")
     try:
         claim_pid_file(pid_file)
@@ -539,13 +589,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_PID_FILE
     except OSError as exc:
-        print(f"{config_path}: PID_FILE: cannot write {pid_file}: {exc.strerror}", file=sys.stderr)
+        print(f"{args.config}: PID_FILE: cannot write {pid_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_PID_FILE
     context = zmq.Context()
     try:
         agent = Agent(settings, context)
-        agent.secure(config_path)
-        agent.run()
+        agent.secure(args.config)
+        agent.run(args.config)
     except ConfigError as exc:
         return exc.report()
     finally:

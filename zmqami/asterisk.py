@@ -82,6 +82,8 @@ class LinkStats:
     acknowledged: int = 0
     refused: int = 0
     timeouts: int = 0
+    last_event: float = 0.0   # wall-clock times, for the status
+    last_ack: float = 0.0
 
 
 class Outbox:
@@ -179,6 +181,7 @@ class Outbox:
         response = reply[0].get("Response") if reply and isinstance(reply[0], dict) else None
         if response == "Success":
             self.stats.acknowledged += 1
+            self.stats.last_ack = time.time()
             return
         # Asterisk refused the value: sending it again would be refused again.
         self.stats.refused += 1
@@ -274,6 +277,7 @@ class AsteriskLink:
         self.up: Optional[bool] = None         # None until the first reply or server timeout
         self.last_answer = time.monotonic()
         self.down_since = 0.0
+        self.since = time.time()  # wall-clock time of the last change of up, for the status
         self._timeout_timer: Optional[Timer] = None
 
     def start(self) -> None:
@@ -300,6 +304,7 @@ class AsteriskLink:
         if self.up is not False and now - self.last_answer > server_timeout:
             self.up = False
             self.down_since = now
+            self.since = time.time()
             log.warning("%s is down: no answer for %d s", self.name, now - self.last_answer)
             self.handlers.on_down(self)
 
@@ -315,6 +320,7 @@ class AsteriskLink:
             else:
                 log.info("%s is up again after %d s down", self.name, now - self.down_since)
             self.up = True
+            self.since = time.time()
             self.handlers.on_up(self)
 
     # --- sending ---------------------------------------------------------------------------------
@@ -365,6 +371,7 @@ class AsteriskLink:
         self._send_pending()
 
     def _deliver_event(self, event: Dict[str, Any]) -> None:
+        self.stats.last_event = time.time()
         self.handlers.on_event(self, event)
 
 

@@ -18,10 +18,11 @@ from .ami import AmiLink
 from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink, encode_action
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
                      load_broker_config, setup_logging)
-from .loop import EventLoop
+from .loop import EventLoop, Timer
 from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
+from .status import StatusServer, link_status, print_status
 
 log = logging.getLogger("broker")
 
@@ -32,36 +33,27 @@ HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout
 class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context) -> None:
         self.config = config
+        self.context = context
         self.loop = EventLoop()
         self.drops = DropLog(log)
         self.echoes = PresenceEchoFilter()
         self.states = StateTable(config.down_state)
         self.events_relayed = 0
-        handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
-                                on_up=self.resync, on_down=self.show_down)
-        self.links = [make_link(self.loop, context, server, config.request_timeout, handlers)
-                      for server in config.servers]
-        self.traced = {link.name for link, server in zip(self.links, config.servers)
-                       if server.ami_trace}
+        self.handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
+                                     on_up=self.resync, on_down=self.show_down)
+        self.servers: Dict[str, ServerConfig] = {}   # link name -> what it was made from
+        self.links: List[AsteriskLink] = []
+        self.timers: List[Timer] = []
+        self.status: Optional[StatusServer] = None
 
     def run(self) -> None:
-        """Relay until SIGTERM or Ctrl-C."""
+        """Relay until SIGTERM or Ctrl-C; SIGHUP reloads the config file."""
         self.loop.stop_on_signals()
+        self.loop.reload_on_sighup(self.reload)
         log.info("Broker %s starting with %d servers (device_state %s, presence %s)", __version__,
-                 len(self.links), _yes_no(self.config.device_state), _yes_no(self.config.presence))
-        if len(self.links) < 2:
-            log.warning("Only %d server in %s: there is nowhere to relay to",
-                        len(self.links), self.config.path)
-        for link in self.links:
-            link.start()
-        self.ping_all()
-        self.loop.call_every(self.config.ping_interval, self.ping_all)
-        self.loop.call_every(min(HEALTH_CHECK_INTERVAL, self.config.ping_interval),
-                             self.check_health)
-        if self.config.resync_interval:
-            self.loop.call_every(self.config.resync_interval, self.repair_all)
-        if self.config.count_messages:
-            self.loop.call_every(STATISTICS_INTERVAL, self.log_statistics)
+                 len(self.config.servers), _yes_no(self.config.device_state),
+                 _yes_no(self.config.presence))
+        self.apply(self.config)
         try:
             self.loop.run()
         finally:
@@ -70,7 +62,88 @@ class Broker:
                 self.log_statistics()
             for link in self.links:
                 link.close()
+            if self.status:
+                self.status.close()
             self.loop.close()
+
+    def apply(self, config: BrokerConfig) -> None:
+        """Run with config: links that did not change are kept, with all they hold."""
+        if len(config.servers) < 2:
+            log.warning("Only %d server in %s: there is nowhere to relay to",
+                        len(config.servers), config.path)
+        kept = {link.name: link for link in self.links
+                if self.servers.get(link.name) in config.servers}
+        for link in self.links:
+            if link.name not in kept:
+                log.info("Server %s removed: disconnecting", link.name)
+                link.close()
+        self.links, self.servers = [], {}
+        for server in config.servers:
+            link = kept.get(server.name)
+            if link is None:
+                link = make_link(self.loop, self.context, server, config.request_timeout,
+                                 self.handlers)
+                link.start()
+                link.ping()
+            link.outbox.timeout = config.request_timeout / 1000.0
+            self.links.append(link)
+            self.servers[server.name] = server
+        self.traced = {server.name for server in config.servers if server.ami_trace}
+        self.config = config
+        self.echoes.forget_except({link.name for link in self.links})
+        self.states.down_state = config.down_state
+        self._schedule(config)
+        self._serve_status(config)
+
+    def _schedule(self, config: BrokerConfig) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = [self.loop.call_every(config.ping_interval, self.ping_all),
+                       self.loop.call_every(min(HEALTH_CHECK_INTERVAL, config.ping_interval),
+                                            self.check_health)]
+        if config.resync_interval:
+            self.timers.append(self.loop.call_every(config.resync_interval, self.repair_all))
+        if config.count_messages:
+            self.timers.append(self.loop.call_every(STATISTICS_INTERVAL, self.log_statistics))
+
+    def _serve_status(self, config: BrokerConfig) -> None:
+        if self.status is not None and self.status.address != config.status_socket:
+            self.status.close()
+            self.status = None
+        if self.status is None and config.status_socket:
+            try:
+                self.status = StatusServer(self.loop, self.context, config.status_socket,
+                                           "broker", self.status_report)
+            except zmq.ZMQError as exc:
+                log.error("%s: [general] status_socket: cannot bind %s: %s", config.path,
+                          config.status_socket, exc.strerror)
+
+    def reload(self) -> None:
+        """SIGHUP: read the config file again; a broken one is logged and the running one kept."""
+        log.info("Received SIGHUP: reloading %s", self.config.path)
+        try:
+            config = load_broker_config(self.config.path)
+            setup_logging(config.log_level, config.log_file, config.log_syslog)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("Reload failed, running on as before: %s", line)
+            return
+        except OSError as exc:
+            log.error("Reload failed, running on as before: %s: [general] log_file: %s",
+                      self.config.path, exc)
+            return
+        before = set(self.servers)
+        self.apply(config)
+        after = set(self.servers)
+        log.info("Reloaded %s: %d servers (%d added, %d removed)", config.path, len(after),
+                 len(after - before), len(before - after))
+
+    def status_report(self) -> Dict[str, Any]:
+        return {"servers": [link_status(link, self.drops.counts[link.name])
+                            for link in self.links],
+                "totals": {"events_relayed": self.events_relayed,
+                           "known_states": len(self.states.entries),
+                           "input_dropped": sum(self.drops.counts.values())}}
 
     # --- events ----------------------------------------------------------------------------------
     def on_event(self, source: AsteriskLink, event: Dict[str, Any]) -> None:
@@ -222,6 +295,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true",
                         help="run against three stand-in Asterisk servers on 127.0.0.1 and show "
                              "what propagates where")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the config file, print every error, exit 0 or 2")
+    parser.add_argument("--status", action="store_true",
+                        help="print the status of the broker running with this config file")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     args = parser.parse_args(argv)
     if not args.demo and not args.config:
@@ -239,10 +316,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = load_broker_config(args.config)
     except ConfigError as exc:
         return exc.report()
-    setup_logging(config.log_level)
+    if args.check_config:
+        print(f"{args.config}: OK ({len(config.servers)} servers)")
+        return 0
+    if args.status:
+        return print_status(config.path, "[general] status_socket", config.status_socket)
+    try:
+        setup_logging(config.log_level, config.log_file, config.log_syslog)
+    except OSError as exc:
+        return ConfigError([f"{config.path}: [general] log_file: {exc}"]).report()
     context = zmq.Context()
     try:
         Broker(config, context).run()
     finally:
         context.destroy(linger=0)
     return 0
+

@@ -4,9 +4,11 @@ Every error names the file, the section (for ini files) and the key, in one line
 administrator can fix it without reading code.  Loaders collect every error they find and raise one
 ConfigError holding them all; the scripts print them and exit with status 2.
 """
+import argparse
 import configparser
 import ipaddress
 import logging
+import logging.handlers
 import os
 import runpy
 import sys
@@ -36,9 +38,26 @@ class ConfigError(Exception):
         return CONFIG_ERROR_EXIT
 
 
-def setup_logging(level: int) -> None:
-    """Log to stderr in the original project's format (the journal picks stderr up)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+def setup_logging(level: int, log_file: Optional[str] = None, syslog: bool = False) -> None:
+    """Log in the original project's format: to stderr (the journal picks it up), and to a file
+    and to syslog when asked.
+
+    The file is reopened when logrotate renames it (WatchedFileHandler), so neither copytruncate
+    nor a signal is needed.  Called again (a reload), it replaces the handlers it set up before.
+    """
+    handlers: List[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        handlers.append(logging.handlers.WatchedFileHandler(log_file, encoding="utf-8"))
+    if syslog:
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        syslog_handler = logging.handlers.SysLogHandler(address=address)
+        syslog_handler.setFormatter(logging.Formatter("zmq-ami: %(name)s - %(levelname)s - "
+                                                      "%(message)s"))
+        handlers.append(syslog_handler)
+    formatter = logging.Formatter(LOG_FORMAT)
+    for handler in handlers[:2]:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=handlers, force=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -89,6 +108,9 @@ class BrokerConfig:
     server_timeout: float = 30.0
     down_state: Optional[str] = "UNAVAILABLE"
     resync_interval: float = 300.0
+    log_file: Optional[str] = None
+    log_syslog: bool = False
+    status_socket: Optional[str] = None
     servers: List[ServerConfig] = field(default_factory=list)
 
 
@@ -186,6 +208,12 @@ def load_broker_config(path: str) -> BrokerConfig:
         ini.error("general", "down_state", f"{down_state!r} is not one of "
                   f"{', '.join(sorted(DEVICE_STATES))}, or empty to keep the last state")
     config.down_state = down_state or None
+    config.log_file = parser.get("general", "log_file", fallback="").strip() or None
+    config.log_syslog = ini.boolean("general", "log_syslog", False)
+    config.status_socket = parser.get("general", "status_socket", fallback="").strip() or None
+    if config.status_socket and is_url(config.status_socket):
+        ini.error("general", "status_socket", f"{config.status_socket!r} is not an address such "
+                  "as ipc:///run/zmq-ami/broker.status or tcp://127.0.0.1:5599")
 
     if not parser.has_section("servers"):
         ini.errors.append(f"{path}: [servers]: section missing")
@@ -256,6 +284,10 @@ def is_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be True or False"
 
 
+def is_optional_url(value: Any) -> Optional[str]:
+    return None if value is None else is_url(value)
+
+
 def is_log_level(value: Any) -> Optional[str]:
     ok = isinstance(value, str) and value.lower() in LOG_LEVELS
     return None if ok else f"must be one of {', '.join(LOG_LEVELS)}"
@@ -289,11 +321,78 @@ def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any]
     return settings, unknown
 
 
-def load_script_settings(path: str, schema: Dict[str, Setting],
-                         log: logging.Logger) -> Dict[str, Any]:
-    """load_settings for a script: also sets up logging at LOG_LEVEL and warns of unknown names."""
+# Settings every Python settings file has (server_config.py, agent_config.py).
+COMMON_SETTINGS = {
+    "LOG_FILE": Setting(None, is_optional_text),
+    "LOG_SYSLOG": Setting(False, is_bool),
+    "STATUS_SOCKET": Setting(None, is_optional_url),
+}
+
+
+def load_script_settings(path: str, schema: Dict[str, Setting], log: logging.Logger,
+                         quiet: bool = False) -> Dict[str, Any]:
+    """load_settings for a script: also sets up logging at LOG_LEVEL (unless quiet: --status)
+    and warns of unknown names."""
     settings, unknown = load_settings(path, schema)
-    setup_logging(LOG_LEVELS[settings["LOG_LEVEL"].lower()])
+    if quiet:
+        return settings
+    try:
+        setup_logging(LOG_LEVELS[settings["LOG_LEVEL"].lower()], settings["LOG_FILE"],
+                      settings["LOG_SYSLOG"])
+    except OSError as exc:
+        raise ConfigError([f"{path}: LOG_FILE: {exc}"]) from None
     for key in unknown:
         log.warning("%s: %s is not a known setting; ignored", path, key)
+    return settings
+
+
+def script_arguments(prog: str, description: str, default_name: str,
+                     argv: Optional[List[str]]) -> argparse.Namespace:
+    """The command line of server.py and agent.py: [CONFIG] --check-config --status --version."""
+    from . import __version__
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", nargs="?", default=os.path.join(PROJECT_DIR, default_name),
+                        help=f"settings file (default: {default_name} beside the script)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the settings file, print every error, exit 0 or 2")
+    parser.add_argument("--status", action="store_true",
+                        help="print the status of the process running with these settings")
+    parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
+    return parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+
+def check_settings(path: str, schema: Dict[str, Setting]) -> int:
+    """--check-config for a Python settings file."""
+    try:
+        _, unknown = load_settings(path, schema)
+    except ConfigError as exc:
+        return exc.report()
+    for key in unknown:
+        print(f"{path}: {key}: not a known setting (ignored)")
+    print(f"{path}: OK")
+    return 0
+
+
+def reload_settings(path: str, schema: Dict[str, Setting], running: Dict[str, Any],
+                    needs_restart: Tuple[str, ...], log: logging.Logger) -> Optional[Dict[str, Any]]:
+    """SIGHUP for a Python settings file: the new settings, or None (logged) if they are broken.
+
+    Settings that only a restart can change keep their running value, with a warning.
+    """
+    try:
+        settings, _ = load_settings(path, schema)
+        setup_logging(LOG_LEVELS[settings["LOG_LEVEL"].lower()], settings["LOG_FILE"],
+                      settings["LOG_SYSLOG"])
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("Reload failed, running on as before: %s", line)
+        return None
+    except OSError as exc:
+        log.error("Reload failed, running on as before: %s: LOG_FILE: %s", path, exc)
+        return None
+    for key in needs_restart:
+        if settings[key] != running[key]:
+            log.warning("%s: %s changed: it takes effect at the next restart", path, key)
+            settings[key] = running[key]
+    log.info("Reloaded %s", path)
     return settings

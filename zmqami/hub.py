@@ -5,7 +5,6 @@ which the agents subscribe.  It keeps no state.  It checks each message's shape 
 ``[...]``, a JSON object with a string msg_type) so that one bad sender cannot stop it; message
 types it does not know are relayed all the same, for newer agents.
 """
-import argparse
 import logging
 import os
 import sys
@@ -16,12 +15,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__
 from . import security
-from .config import (PROJECT_DIR, ConfigError, Setting, is_log_level, is_optional_text, is_url,
-                     load_script_settings)
+from .config import (COMMON_SETTINGS, ConfigError, Setting, check_settings, is_log_level,
+                     is_optional_text, is_url, load_script_settings, reload_settings,
+                     script_arguments)
 from .envelope import hub_socket, parse_frames
 from .loop import EventLoop
 from .rules import BadInput
 from .stats import DropLog, printable
+from .status import StatusServer, print_status
 
 log = logging.getLogger("esb_server")
 
@@ -32,7 +33,11 @@ HUB_SETTINGS = {
     "SUB_BIND_URL": Setting("tcp://127.0.0.1:55556", is_url),
     "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
     "CURVE_CLIENTS_DIR": Setting(None, is_optional_text),
+    **COMMON_SETTINGS,
 }
+# What a SIGHUP cannot change: the sockets are bound.
+RESTART_SETTINGS = ("PUB_BIND_URL", "SUB_BIND_URL", "CURVE_SECRET_KEY_FILE", "CURVE_CLIENTS_DIR",
+                    "STATUS_SOCKET")
 BATCH = 1000  # messages relayed per wake-up
 
 
@@ -45,6 +50,8 @@ class Hub:
         self.refusals = DropLog(log, what="a connection to")
         self.relayed = 0
         self.authenticator: Optional[security.Authenticator] = None
+        self.status: Optional[StatusServer] = None
+        self.config_path = ""
         self.pull = hub_socket(context, zmq.PULL)
         self.pub = hub_socket(context, zmq.PUB)
         self.source = f"agents on {settings['SUB_BIND_URL']}"
@@ -87,9 +94,17 @@ class Hub:
                 raise ConfigError([f"{config_path}: {key}: cannot bind {self.settings[key]}: "
                                    f"{exc.strerror}"]) from None
 
-    def run(self) -> None:
+    def run(self, config_path: str) -> None:
+        self.config_path = config_path
         self.loop.stop_on_signals()
+        self.loop.reload_on_sighup(self.reload)
         self.loop.add_reader(self.pull, self.relay_messages)
+        if self.settings["STATUS_SOCKET"]:
+            self.status = StatusServer(self.loop, self.context, self.settings["STATUS_SOCKET"],
+                                       "hub", lambda: {"totals": {
+                                           "messages_relayed": self.relayed,
+                                           "input_dropped": sum(self.drops.counts.values()),
+                                           "connections_refused": sum(self.refusals.counts.values())}})
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
                  self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
         try:
@@ -99,7 +114,16 @@ class Hub:
                      self.loop.stop_signal or "stop", self.relayed, sum(self.drops.counts.values()))
             if self.authenticator is not None:
                 self.authenticator.stop()
+            if self.status is not None:
+                self.status.close()
             self.loop.close()
+
+    def reload(self) -> None:
+        log.info("Received SIGHUP: reloading %s", self.config_path)
+        settings = reload_settings(self.config_path, HUB_SETTINGS, self.settings,
+                                   RESTART_SETTINGS, log)
+        if settings is not None:
+            self.settings = settings
 
     def relay_messages(self) -> None:
         for _ in range(BATCH):
@@ -115,33 +139,34 @@ class Hub:
         except BadInput as exc:
             self.drops.drop(self.source, str(exc), b" | ".join(frames))
             return
-        if log.isEnabledFor(logging.INFO):  # escaping costs: only for a line that is written
-            log.info("Message %s from %s to %s, uuid %s.", envelope.msg_type,
-                     printable(envelope.origin), envelope.target.decode("utf-8", "replace"),
-                     printable(envelope.uuid))
+        # The original's line, now at debug: one line per message is no log for months.
+        if log.isEnabledFor(logging.DEBUG):  # escaping costs: only for a line that is written
+            log.debug("Message %s from %s to %s, uuid %s.", envelope.msg_type,
+                      printable(envelope.origin), envelope.target.decode("utf-8", "replace"),
+                      printable(envelope.uuid))
         log.debug("%s", envelope.body)
         self.pub.send_multipart(frames)
         self.relayed += 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python server.py",
-                                     description="The hub between zmq-ami-broker agents.")
-    parser.add_argument("config", nargs="?", help="settings file (default: server_config.py "
-                                                  "beside server.py)")
-    parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    config_path = args.config or os.path.join(PROJECT_DIR, "server_config.py")
+    args = script_arguments("python server.py", "The hub between zmq-ami-broker agents.",
+                            "server_config.py", argv)
+    if args.check_config:
+        return check_settings(args.config, HUB_SETTINGS)
+    try:
+        settings = load_script_settings(args.config, HUB_SETTINGS, log, quiet=args.status)
+    except ConfigError as exc:
+        return exc.report()
+    if args.status:
+        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
     context = zmq.Context()
     try:
-        hub = Hub(load_script_settings(config_path, HUB_SETTINGS, log), context)
-        hub.bind(config_path)
+        hub = Hub(settings, context)
+        hub.bind(args.config)
+        hub.run(args.config)
     except ConfigError as exc:
-        context.destroy(linger=0)
         return exc.report()
-    try:
-        hub.run()
     finally:
         context.destroy(linger=0)
     return 0
-

@@ -45,6 +45,8 @@ class EventLoop:
         self._timers: List[Tuple[float, int, Timer]] = []
         self._sequence = itertools.count()
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+        self._on_hangup: Optional[Callable[[], None]] = None
+        self._hangup_pending = False
 
     # --- readers and writers ---------------------------------------------------------------------
     # zmq.Poller hands back a plain socket as its file descriptor: that is the key for those.
@@ -121,7 +123,15 @@ class EventLoop:
             signal.signal(signum, self._on_signal)
         self.add_reader(reader.fileno(), self._drain_wakeup)
 
+    def reload_on_sighup(self, callback: Callable[[], None]) -> None:
+        """SIGHUP calls callback from the loop (not from the signal handler)."""
+        self._on_hangup = callback
+        signal.signal(signal.SIGHUP, self._on_signal)
+
     def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._hangup_pending = True
+            return
         self.stop_signal = signal.Signals(signum).name
         self.stop()
 
@@ -141,11 +151,16 @@ class EventLoop:
                     self._writers[sock]()
                 if not self.running:
                     break
+            if self._hangup_pending and self.running:
+                self._hangup_pending = False
+                self._on_hangup()
             self._run_due_timers()
 
     def close(self) -> None:
         if self._wakeup:
             signal.set_wakeup_fd(-1)
+            if self._on_hangup is not None:
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
             self.remove_reader(self._wakeup[0].fileno())
             for sock in self._wakeup:
                 sock.close()

@@ -260,6 +260,11 @@ class PresenceEchoFilter:
         value, count = self._written.get(key, (None, 0))
         self._written[key] = (update.value, count + 1 if value == update.value else 1)
 
+    def forget_except(self, servers: set) -> None:
+        """Forget what was written to servers that are gone (a reload removed them)."""
+        for key in [key for key in self._written if key[0] not in servers]:
+            del self._written[key]
+
     def is_echo(self, server: str, update: StateUpdate) -> bool:
         key = (server, update.variable)
         value, count = self._written.pop(key, (None, 0))

@@ -1,0 +1,124 @@
+"""Live status: a running process answers on a local control socket with a JSON status, and
+``--status CONFIG`` prints it as a table, like Asterisk's own ``corosync show members``.
+
+The socket is off unless the config names it (``status_socket`` / ``STATUS_SOCKET``): an
+``ipc://`` path or a ``tcp://127.0.0.1:PORT`` address.  Any request gets the status; nothing can
+be changed through it.
+"""
+import json
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import zmq
+
+from . import __version__
+from .loop import EventLoop
+
+STATUS_TIMEOUT_MS = 3000
+
+
+def when(timestamp: Optional[float]) -> Optional[str]:
+    """A wall-clock time for the status, or None."""
+    return None if not timestamp else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                    time.localtime(timestamp))
+
+
+def link_status(link: Any, dropped: int) -> Dict[str, Any]:
+    """The status of one Asterisk connection (an AsteriskLink)."""
+    return {"name": link.name, "up": link.up, "since": when(link.since),
+            "last_event": when(link.stats.last_event), "last_ack": when(link.stats.last_ack),
+            "queued": len(link.outbox), "events": link.stats.events, "sent": link.stats.sent,
+            "acknowledged": link.stats.acknowledged, "refused": link.stats.refused,
+            "timeouts": link.stats.timeouts, "dropped": dropped}
+
+
+class StatusServer:
+    """Answers every request on the status socket with provide()'s JSON."""
+
+    def __init__(self, loop: EventLoop, context: zmq.Context, address: str, program: str,
+                 provide: Callable[[], Dict[str, Any]]) -> None:
+        self.started = time.time()
+        self.program = program
+        self.provide = provide
+        self.sock = context.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 1024)
+        self.sock.bind(address)
+        self.address = address
+        self.loop = loop
+        loop.add_reader(self.sock, self.answer)
+
+    def answer(self) -> None:
+        self.sock.recv()
+        status = {"program": self.program, "version": __version__,
+                  "started": when(self.started), "uptime": round(time.time() - self.started)}
+        status.update(self.provide())
+        self.sock.send(json.dumps(status).encode("utf-8"))
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock)
+        self.sock.close()
+
+
+def fetch_status(address: str) -> Dict[str, Any]:
+    """Ask a running process for its status; TimeoutError if it does not answer."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, STATUS_TIMEOUT_MS)
+    try:
+        sock.connect(address)
+        sock.send(b"status")
+        return json.loads(sock.recv())
+    except zmq.Again:
+        raise TimeoutError(f"no answer on {address} within {STATUS_TIMEOUT_MS // 1000} s: "
+                           "is it running?") from None
+    finally:
+        sock.close()
+
+
+def _state(up: Optional[bool]) -> str:
+    return {True: "up", False: "DOWN", None: "unknown"}[up]
+
+
+def render(status: Dict[str, Any]) -> str:
+    """The status as a few readable lines and a table."""
+    lines = [f"{status['program']} {status['version']}, running since {status['started']} "
+             f"({status['uptime']} s)"]
+    rows: List[List[str]] = []
+    for server in status.get("servers", []):
+        rows.append([server["name"], _state(server["up"]), server["since"] or "-",
+                     server["last_event"] or "-", server["last_ack"] or "-",
+                     str(server["queued"]), str(server["events"]), str(server["sent"]),
+                     str(server["refused"]), str(server["timeouts"]), str(server["dropped"])])
+    if rows:
+        header = ["server", "state", "since", "last event", "last ack", "queued", "events",
+                  "sent", "refused", "timeouts", "dropped"]
+        lines += _table(header, rows)
+    peers = status.get("peers", [])
+    if peers:
+        lines += _table(["peer", "state", "last seen"],
+                        [[p["name"], _state(p["up"]), p["last_seen"] or "-"] for p in peers])
+    for key, value in status.get("totals", {}).items():
+        lines.append(f"{key.replace('_', ' ')}: {value}")
+    return "\n".join(lines)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    return [""] + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                   for row in [header] + rows]
+
+
+def print_status(config_path: str, key: str, address: Optional[str]) -> int:
+    """--status: ask the running process on its status socket, print a table."""
+    if not address:
+        print(f"{config_path}: {key}: not set, so there is no status to ask for", file=sys.stderr)
+        return 2
+    try:
+        print(render(fetch_status(address)))
+    except TimeoutError as exc:
+        print(f"{config_path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
