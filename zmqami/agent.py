@@ -33,16 +33,16 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__, envelope, security
 from .ami import AmiLink
 from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, check_settings,
-                     is_bool, is_log_level, is_optional_text, is_positive_number, is_url,
-                     load_script_settings, reload_settings, script_arguments)
+from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_bool,
+                     is_log_level, is_optional_text, is_positive_number, is_url, reload_settings,
+                     run_settings_script)
 from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
 from .loop import EventLoop, Timer
 from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
-from .status import StatusServer, link_status, print_status, when
+from .status import StatusServer, link_status, when
 
 log = logging.getLogger("asterisk_agent")
 
@@ -572,16 +572,12 @@ def _process_exists(pid: int) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = script_arguments("python agent.py", "The zmq-ami-broker agent for one Asterisk host.",
-                            "agent_config.py", argv)
-    if args.check_config:
-        return check_settings(args.config, AGENT_SETTINGS)
-    try:
-        settings = load_script_settings(args.config, AGENT_SETTINGS, log, quiet=args.status)
-    except ConfigError as exc:
-        return exc.report()
-    if args.status:
-        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
+    return run_settings_script("python agent.py",
+                               "The zmq-ami-broker agent for one Asterisk host.",
+                               "agent_config.py", AGENT_SETTINGS, log, argv, run_agent)
+
+
+def run_agent(config_path: str, settings: Dict[str, Any]) -> int:
     pid_file = settings["PID_FILE"] or os.path.join(PROJECT_DIR, "zmq_agent.pid")
     try:
         claim_pid_file(pid_file)
@@ -589,13 +585,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_PID_FILE
     except OSError as exc:
-        print(f"{args.config}: PID_FILE: cannot write {pid_file}: {exc.strerror}", file=sys.stderr)
+        print(f"{config_path}: PID_FILE: cannot write {pid_file}: {exc.strerror}",
+              file=sys.stderr)
         return EXIT_PID_FILE
     context = zmq.Context()
     try:
         agent = Agent(settings, context)
-        agent.secure(args.config)
-        agent.run(args.config)
+        agent.secure(config_path)
+        agent.run(config_path)
     except ConfigError as exc:
         return exc.report()
     finally:

@@ -361,6 +361,24 @@ def script_arguments(prog: str, description: str, default_name: str,
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
+def run_settings_script(prog: str, description: str, default_name: str,
+                        schema: Dict[str, Setting], log: logging.Logger,
+                        argv: Optional[List[str]],
+                        run: Callable[[str, Dict[str, Any]], int]) -> int:
+    """main() of server.py and agent.py: the options every script has, then run(path, settings)."""
+    from .status import print_status
+    args = script_arguments(prog, description, default_name, argv)
+    if args.check_config:
+        return check_settings(args.config, schema)
+    try:
+        settings = load_script_settings(args.config, schema, log, quiet=args.status)
+    except ConfigError as exc:
+        return exc.report()
+    if args.status:
+        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
+    return run(args.config, settings)
+
+
 def check_settings(path: str, schema: Dict[str, Setting]) -> int:
     """--check-config for a Python settings file."""
     try:

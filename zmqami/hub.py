@@ -7,7 +7,6 @@ types it does not know are relayed all the same, for newer agents.
 """
 import logging
 import os
-import sys
 from typing import List, Optional
 
 import zmq
@@ -15,14 +14,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__
 from . import security
-from .config import (COMMON_SETTINGS, ConfigError, Setting, check_settings, is_log_level,
-                     is_optional_text, is_url, load_script_settings, reload_settings,
-                     script_arguments)
+from .config import (COMMON_SETTINGS, ConfigError, Setting, is_log_level, is_optional_text,
+                     is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
 from .loop import EventLoop
 from .rules import BadInput
 from .stats import DropLog, printable
-from .status import StatusServer, print_status
+from .status import StatusServer
 
 log = logging.getLogger("esb_server")
 
@@ -150,21 +148,16 @@ class Hub:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = script_arguments("python server.py", "The hub between zmq-ami-broker agents.",
-                            "server_config.py", argv)
-    if args.check_config:
-        return check_settings(args.config, HUB_SETTINGS)
-    try:
-        settings = load_script_settings(args.config, HUB_SETTINGS, log, quiet=args.status)
-    except ConfigError as exc:
-        return exc.report()
-    if args.status:
-        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
+    return run_settings_script("python server.py", "The hub between zmq-ami-broker agents.",
+                               "server_config.py", HUB_SETTINGS, log, argv, run_hub)
+
+
+def run_hub(config_path: str, settings: dict) -> int:
     context = zmq.Context()
     try:
         hub = Hub(settings, context)
-        hub.bind(args.config)
-        hub.run(args.config)
+        hub.bind(config_path)
+        hub.run(config_path)
     except ConfigError as exc:
         return exc.report()
     finally:
