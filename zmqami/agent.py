@@ -42,7 +42,7 @@ from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, ev
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
-from .status import StatusServer, link_status, when
+from .status import StatusServer, link_status, serve_status, when
 
 log = logging.getLogger("asterisk_agent")
 
@@ -195,9 +195,9 @@ class Agent:
         self.loop.add_reader(self.sub_monitor, self.on_hub_connection)
         self.keep_alive()
         self.schedule()
-        if self.settings["STATUS_SOCKET"]:
-            self.status = StatusServer(self.loop, self.context, self.settings["STATUS_SOCKET"],
-                                       "agent " + self.name, self.status_report)
+        self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"],
+                                   "agent " + self.name, self.status_report,
+                                   f"{config_path}: STATUS_SOCKET")
         try:
             self.loop.run()
         finally:

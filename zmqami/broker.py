@@ -22,7 +22,7 @@ from .loop import EventLoop, Timer
 from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
-from .status import StatusServer, link_status, print_status
+from .status import StatusServer, link_status, print_status, serve_status
 
 log = logging.getLogger("broker")
 
@@ -110,13 +110,10 @@ class Broker:
         if self.status is not None and self.status.address != config.status_socket:
             self.status.close()
             self.status = None
-        if self.status is None and config.status_socket:
-            try:
-                self.status = StatusServer(self.loop, self.context, config.status_socket,
-                                           "broker", self.status_report)
-            except zmq.ZMQError as exc:
-                log.error("%s: [general] status_socket: cannot bind %s: %s", config.path,
-                          config.status_socket, exc.strerror)
+        if self.status is None:
+            self.status = serve_status(self.loop, self.context, config.status_socket, "broker",
+                                       self.status_report,
+                                       f"{config.path}: [general] status_socket")
 
     def reload(self) -> None:
         """SIGHUP: read the config file again; a broken one is logged and the running one kept."""

@@ -20,7 +20,7 @@ from .envelope import hub_socket, parse_frames
 from .loop import EventLoop
 from .rules import BadInput
 from .stats import DropLog, printable
-from .status import StatusServer
+from .status import StatusServer, serve_status
 
 log = logging.getLogger("esb_server")
 
@@ -97,12 +97,8 @@ class Hub:
         self.loop.stop_on_signals()
         self.loop.reload_on_sighup(self.reload)
         self.loop.add_reader(self.pull, self.relay_messages)
-        if self.settings["STATUS_SOCKET"]:
-            self.status = StatusServer(self.loop, self.context, self.settings["STATUS_SOCKET"],
-                                       "hub", lambda: {"totals": {
-                                           "messages_relayed": self.relayed,
-                                           "input_dropped": sum(self.drops.counts.values()),
-                                           "connections_refused": sum(self.refusals.counts.values())}})
+        self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"], "hub",
+                                   self.status_report, f"{config_path}: STATUS_SOCKET")
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
                  self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
         try:
@@ -115,6 +111,11 @@ class Hub:
             if self.status is not None:
                 self.status.close()
             self.loop.close()
+
+    def status_report(self) -> dict:
+        return {"totals": {"messages_relayed": self.relayed,
+                           "input_dropped": sum(self.drops.counts.values()),
+                           "connections_refused": sum(self.refusals.counts.values())}}
 
     def reload(self) -> None:
         log.info("Received SIGHUP: reloading %s", self.config_path)

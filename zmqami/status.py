@@ -6,6 +6,7 @@ The socket is off unless the config names it (``status_socket`` / ``STATUS_SOCKE
 be changed through it.
 """
 import json
+import logging
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -14,6 +15,8 @@ import zmq
 
 from . import __version__
 from .loop import EventLoop
+
+log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_MS = 3000
 
@@ -59,6 +62,20 @@ class StatusServer:
     def close(self) -> None:
         self.loop.remove_reader(self.sock)
         self.sock.close()
+
+
+def serve_status(loop: EventLoop, context: zmq.Context, address: Optional[str], program: str,
+                 provide: Callable[[], Dict[str, Any]], where: str) -> Optional[StatusServer]:
+    """A StatusServer on address, if one is set; a bind that fails is logged (where names the
+    file and key) and the program runs on without it."""
+    if not address:
+        return None
+    try:
+        return StatusServer(loop, context, address, program, provide)
+    except zmq.ZMQError as exc:
+        log.error("%s: cannot bind %s: %s; running without a status socket", where, address,
+                  exc.strerror)
+        return None
 
 
 def fetch_status(address: str) -> Dict[str, Any]:
