@@ -82,6 +82,10 @@ def test_log_level_is_looked_up_never_evaluated(tmp_path):
     (None, "cannot read the file"),
     ("not an ini file", "not a valid ini file"),
     (GOOD.replace("evt_port = 30968", "evt_port = x"), "[server-1] evt_port: 'x' is not a whole number"),
+    (GOOD.replace("addr = 127.0.0.1\ncmd_port = 30967", "cmd_port = 30967"), "[server-1] addr: missing"),
+    (GOOD.replace("presence = no", "presence = perhaps"), "[general] presence: 'perhaps' is not yes or no"),
+    (GOOD.replace("log_level = info", "log_level = verbose"), "[general] log_level: 'verbose' is not one of"),
+    (GOOD.split("[servers]")[0], "[servers]: section missing"),
 ])
 def test_the_broker_prints_one_line_and_exits_with_status_2(tmp_path, text, expected):
     path = tmp_path / "config.ini"

@@ -37,7 +37,7 @@ from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_bool
                      is_log_level, is_optional_text, is_positive_number, is_url, reload_settings,
                      run_settings_script)
 from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
-from .loop import EventLoop, Timer
+from .loop import EventLoop, Timer, drain
 from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
@@ -111,7 +111,6 @@ RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE",
                     "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET")
 ASTERISK_SETTINGS = ("ASTERISK_CMD_URL", "ASTERISK_EVT_URL", "ASTERISK_AMI_URL",
                      "ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET", "ASTERISK_TIMEOUT")
-BATCH = 1000               # hub messages handled per wake-up
 COUNTER_EVERY = 100        # the original's "Message counter" line
 EXIT_PID_FILE = 1
 HEALTH_CHECK_INTERVAL = 1.0
@@ -191,7 +190,7 @@ class Agent:
             self.sub.connect(url)
         log.info("Connected to the hub: pushing to %s, subscribed to %s.",
                  ", ".join(self.hub_urls), ", ".join(_as_list(self.settings["ZMQ_SUB_URL"])))
-        self.loop.add_reader(self.sub, self.read_hub)
+        self.loop.add_reader(self.sub, lambda: drain(self.sub, self.on_hub_message))
         self.loop.add_reader(self.sub_monitor, self.on_hub_connection)
         self.keep_alive()
         self.schedule()
@@ -346,14 +345,6 @@ class Agent:
             self.read_own_states(repair=True, requester=ALL)
 
     # --- the hubs -> its Asterisk -----------------------------------------------------------------
-    def read_hub(self) -> None:
-        for _ in range(BATCH):
-            try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.on_hub_message(frames)
-
     def on_hub_message(self, frames: List[bytes]) -> None:
         self.received += 1
         if self.received % COUNTER_EVERY == 0:

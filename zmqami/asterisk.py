@@ -26,14 +26,13 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import zmq
 
-from .loop import EventLoop, Timer
+from .loop import EventLoop, Timer, drain
 from .rules import CRASHING_ACTIONS, BadInput, StateUpdate, decode_event
 from .stats import DropLog, printable
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 10  # requests queued at Asterisk per server; small, so that newer states conflate
-EVENT_BATCH = 1000  # messages read per wake-up before other sockets get their turn
 EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
 EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connection reset)
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
@@ -446,12 +445,7 @@ class ZmqManagerLink(AsteriskLink):
 
     # --- receiving -------------------------------------------------------------------------------
     def _read_replies(self) -> None:
-        for _ in range(EVENT_BATCH):
-            try:
-                frames = self.cmd_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._on_reply(frames)
+        drain(self.cmd_socket, self._on_reply)
         self._send_pending()
 
     def _on_reply(self, frames: List[bytes]) -> None:
@@ -470,22 +464,20 @@ class ZmqManagerLink(AsteriskLink):
         self.outbox.reply(action_id if isinstance(action_id, str) else None, reply)
 
     def _read_events(self) -> None:
-        for _ in range(EVENT_BATCH):
-            try:
-                frames = self.evt_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.stats.events += 1
-            try:
-                if len(frames) != 1:
-                    raise BadInput(f"event of {len(frames)} frames")
-                event = decode_event(frames[0])
-            except BadInput as exc:
-                self.handlers.drops.drop(self.name, str(exc), b"".join(frames))
-                continue
-            if event["Event"] in BOOT_EVENTS:
-                self._booted(event["Event"])
-            self._deliver_event(event)
+        drain(self.evt_socket, self._on_event)
+
+    def _on_event(self, frames: List[bytes]) -> None:
+        self.stats.events += 1
+        try:
+            if len(frames) != 1:
+                raise BadInput(f"event of {len(frames)} frames")
+            event = decode_event(frames[0])
+        except BadInput as exc:
+            self.handlers.drops.drop(self.name, str(exc), b"".join(frames))
+            return
+        if event["Event"] in BOOT_EVENTS:
+            self._booted(event["Event"])
+        self._deliver_event(event)
 
 
 def encode_action(action: Dict[str, Any]) -> bytes:

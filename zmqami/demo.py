@@ -116,9 +116,10 @@ def _print_mirrors(standins: List[Standin]) -> None:
     print("\nWhat each server holds now (Custom: devices are the mirrors the broker wrote):")
     states = [standin.control.devices() for standin in standins]
     devices = sorted({device for state in states for device in state})
-    print(f"    {'device':<22}" + "".join(f"{name:<14}" for name in SERVERS))
+    print((f"    {'device':<22}" + "".join(f"{name:<14}" for name in SERVERS)).rstrip())
     for device in devices:
-        print(f"    {device:<22}" + "".join(f"{state.get(device, '-'):<14}" for state in states))
+        print((f"    {device:<22}" + "".join(f"{state.get(device, '-'):<14}"
+                                            for state in states)).rstrip())
 
 
 def run_demo() -> int:

@@ -17,7 +17,7 @@ from . import security
 from .config import (COMMON_SETTINGS, ConfigError, Setting, is_log_level, is_optional_text,
                      is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
-from .loop import EventLoop
+from .loop import EventLoop, drain
 from .rules import BadInput
 from .stats import DropLog, printable
 from .status import StatusServer, serve_status
@@ -36,7 +36,6 @@ HUB_SETTINGS = {
 # What a SIGHUP cannot change: the sockets are bound.
 RESTART_SETTINGS = ("PUB_BIND_URL", "SUB_BIND_URL", "CURVE_SECRET_KEY_FILE", "CURVE_CLIENTS_DIR",
                     "STATUS_SOCKET")
-BATCH = 1000  # messages relayed per wake-up
 
 
 class Hub:
@@ -96,7 +95,7 @@ class Hub:
         self.config_path = config_path
         self.loop.stop_on_signals()
         self.loop.reload_on_sighup(self.reload)
-        self.loop.add_reader(self.pull, self.relay_messages)
+        self.loop.add_reader(self.pull, lambda: drain(self.pull, self.relay))
         self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"], "hub",
                                    self.status_report, f"{config_path}: STATUS_SOCKET")
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
@@ -123,14 +122,6 @@ class Hub:
                                    RESTART_SETTINGS, log)
         if settings is not None:
             self.settings = settings
-
-    def relay_messages(self) -> None:
-        for _ in range(BATCH):
-            try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.relay(frames)
 
     def relay(self, frames: List[bytes]) -> None:
         try:

@@ -18,6 +18,19 @@ log = logging.getLogger(__name__)
 Pollable = Union[zmq.Socket, int]
 
 
+READ_BATCH = 1000  # messages handled per wake-up before other sockets get their turn
+
+
+def drain(sock: zmq.Socket, handle: Callable[[List[bytes]], None]) -> None:
+    """Hand each message waiting on sock to handle (up to READ_BATCH), without blocking."""
+    for _ in range(READ_BATCH):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        handle(frames)
+
+
 def _key(sock: Any) -> Pollable:
     return sock if isinstance(sock, (zmq.Socket, int)) else sock.fileno()
 
