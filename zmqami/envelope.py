@@ -21,8 +21,6 @@ HEARTBEAT_IVL_MS = 10_000  # ZeroMQ heartbeats on hub connections: a dead peer i
 
 ALL = "*"
 STATS = "AsteriskStats"
-MSG_TYPES = ("AsteriskEvent", "AsteriskAction", "AsteriskActionStatus", "AgentPing", "AgentPong",
-             "AsteriskConfig")
 _TOPIC = re.compile(rb"\[[^\[\]\x00-\x1f\x7f]{1,200}\]")
 _MSG_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NODE_NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,%d}" % MAX_NAME_LENGTH)
