@@ -9,8 +9,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config,  # noqa: E402
-                     free_port, python_settings, wait_until)
+                     free_port, kill_all_scripts, python_settings, wait_until)
 from zmqami.standin import Standin, start_standin, start_standin_process  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_script_outlives_its_test():
+    yield
+    kill_all_scripts()
 
 
 @pytest.fixture

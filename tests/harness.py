@@ -40,6 +40,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+STARTED: List["Script"] = []  # every script started, so that each test can end its own
+
+
+def kill_all_scripts() -> None:
+    """Kill every script still running: none may outlive its test (a later test could reuse
+    its ports and receive its traffic)."""
+    while STARTED:
+        STARTED.pop().kill()
+
+
 class Script:
     """python <script> <args>, run from the project's root, its output kept in a file."""
 
@@ -51,6 +61,7 @@ class Script:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=str(ROOT),
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        STARTED.append(self)
 
     def output(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -84,7 +95,8 @@ class Script:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 def run_script(script: str, *args: str, timeout: float = DEADLINE) -> subprocess.CompletedProcess:
