@@ -79,8 +79,8 @@ class Hub:
         # libzmq tells the endpoint, not the peer: a client without CURVE never reaches the
         # authenticator, which logs the address of clients with an unknown key.
         event = recv_monitor_message(monitor)
-        self.refusals.drop(event["endpoint"].decode(), "a client without CURVE (or another "
-                           "mechanism) was refused")
+        self.refusals.drop(event["endpoint"].decode(), "a client without CURVE (or with another "
+                           "security mechanism) was refused")
 
     def bind(self, config_path: str) -> None:
         self.secure(config_path)

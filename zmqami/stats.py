@@ -48,5 +48,6 @@ class DropLog:
             return
         self._last_warning[source] = now
         more = self._not_logged.pop(source, 0)
-        self.log.warning("Dropped %s %s: %s: %s%s", self.what, source, printable(reason), preview(raw),
+        self.log.warning("Dropped %s %s: %s%s%s", self.what, source, printable(reason),
+                         f": {preview(raw)}" if raw else "",
                          f" ({more} more dropped since the last warning)" if more else "")
