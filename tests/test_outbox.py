@@ -99,3 +99,26 @@ def test_in_flight_is_bounded_and_the_rest_waits_conflated():
         outbox.write_state(device(f"SIP/{i}", "INUSE"), f"id{i}")
     assert len(send_all(outbox)) == MAX_IN_FLIGHT
     assert len(outbox) == 5
+
+
+def test_a_server_that_refuses_every_write_is_logged_once_not_per_write(caplog):
+    outbox = new_outbox()
+    for i in range(5):
+        outbox.write_state(device(f"SIP/{i}", "BUSY"), f"id{i}")
+    send_all(outbox)
+    for i in range(5):
+        outbox.reply(f"id{i}", [{"Response": "Error", "ActionID": f"id{i}",
+                                 "Message": "Variable not set"}])
+    assert outbox.stats.refused == 5
+    assert len([r for r in caplog.records if "refused Setvar" in r.getMessage()]) == 1
+
+
+def test_a_request_that_can_never_be_sent_is_answered_with_an_error():
+    outbox = new_outbox()
+    replies = []
+    outbox.send_action({"Action": "Ping"}, replies.append)
+    outbox.refuse(outbox.next_request(), "not sent: bad value")
+    assert replies == [[{"Response": "Error", "Message": "not sent: bad value"}]]
+    outbox.write_state(device("SIP/1", "BUSY"), "a")
+    outbox.refuse(outbox.next_request(), "not sent: bad value")
+    assert outbox.stats.refused == 1 and len(outbox) == 0 and not outbox.busy

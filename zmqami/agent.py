@@ -32,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__, envelope, security
 from .ami import AmiLink
-from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink
+from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_bool,
                      is_log_level, is_optional_text, is_positive_number, is_url, reload_settings,
                      run_settings_script)
@@ -113,7 +113,6 @@ ASTERISK_SETTINGS = ("ASTERISK_CMD_URL", "ASTERISK_EVT_URL", "ASTERISK_AMI_URL",
                      "ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET", "ASTERISK_TIMEOUT")
 COUNTER_EVERY = 100        # the original's "Message counter" line
 EXIT_PID_FILE = 1
-HEALTH_CHECK_INTERVAL = 1.0
 SEEN_UUIDS = 10_000        # messages remembered to apply each once when they come by two hubs
 STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription must reach the hub
 

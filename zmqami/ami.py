@@ -212,7 +212,6 @@ class AmiLink(AsteriskLink):
     def _reset(self) -> None:
         """No answer in time: this connection is stuck, make a new one now."""
         self._drop_socket()
-        self.outbox.requeue_in_flight()
         if self._reconnect_timer:
             self._reconnect_timer.cancel()
         self._connect()
@@ -221,12 +220,7 @@ class AmiLink(AsteriskLink):
     def _transmit(self, request: Request) -> bool:
         if self.state != "ready":
             return False
-        try:
-            data = format_action(request.payload())
-        except BadInput as exc:  # checked upstream; never let it through
-            log.error("Not sent to %s: %s", self.name, exc)
-            return True
-        self._write(data)
+        self._write(format_action(request.payload()))
         return True
 
     def _write(self, data: bytes) -> None:

@@ -28,7 +28,7 @@ import zmq
 
 from .loop import EventLoop, Timer, drain
 from .rules import CRASHING_ACTIONS, BadInput, StateUpdate, decode_event
-from .stats import DropLog, printable
+from .stats import DropLog, Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connec
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
 BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
 BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted belongs to the same boot
+HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout (see check_health)
 
 ReplyCallback = Callable[[Optional[List[Dict[str, Any]]]], None]
 
@@ -97,6 +98,7 @@ class Outbox:
         self.one_shots: Deque[Request] = deque()
         self.in_flight: "OrderedDict[str, Request]" = OrderedDict()  # by ActionID, oldest first
         self.busy: set = set()                   # variables in flight
+        self.refusals = Throttle()  # a server that refuses every write is logged once a minute
 
     def __len__(self) -> int:
         return len(self.pending) + len(self.waiting) + len(self.one_shots)
@@ -184,9 +186,15 @@ class Outbox:
             return
         # Asterisk refused the value: sending it again would be refused again.
         self.stats.refused += 1
-        message = _reply_message(reply)
-        log.warning("%s refused Setvar %s=%s: %s", self.name, request.update.variable,
-                    request.update.value, printable(message))
+        more = self.refusals.allow(self.name)
+        if more is not None:
+            log.warning("%s refused Setvar %s=%s: %s%s", self.name, request.update.variable,
+                        request.update.value, printable(_reply_message(reply)),
+                        held_back(more, "refused"))
+
+    def refuse(self, request: Request, why: str) -> None:
+        """A request that cannot be sent at all: answered with an error, never retried."""
+        self._complete(request, [{"Response": "Error", "Message": why}])
 
     def _lost(self, request: Request) -> None:
         if request.on_reply is not None:
@@ -287,6 +295,7 @@ class AsteriskLink:
             self._timeout_timer.cancel()
 
     def _transmit(self, request: Request) -> bool:
+        """Send request; False if it cannot be sent now; BadInput if it can never be."""
         raise NotImplementedError
 
     def _reset(self) -> None:
@@ -337,9 +346,13 @@ class AsteriskLink:
             request = self.outbox.next_request()
             if request is None:
                 break
-            if not self._transmit(request):
-                self.outbox.unsent(request)
-                break
+            try:
+                if not self._transmit(request):
+                    self.outbox.unsent(request)
+                    break
+            except BadInput as exc:  # values are checked before; this is the last guard
+                self.outbox.refuse(request, f"not sent: {exc}")
+                continue
             self.outbox.sent(request)
         self._arm_timeout()
 

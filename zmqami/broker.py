@@ -9,13 +9,14 @@ import logging
 import sys
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import zmq
 
 from . import __version__
 from .ami import AmiLink
-from .asterisk import AsteriskLink, LinkHandlers, ZmqManagerLink, encode_action
+from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink,
+                       encode_action)
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
                      load_broker_config, setup_logging)
 from .loop import EventLoop, Timer
@@ -27,7 +28,6 @@ from .status import StatusServer, link_status, print_status, serve_status
 log = logging.getLogger("broker")
 
 STATISTICS_INTERVAL = 60.0  # seconds between statistics lines with count_messages = yes
-HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout
 
 
 class Broker:
@@ -43,6 +43,7 @@ class Broker:
                                      on_up=self.resync, on_down=self.show_down)
         self.servers: Dict[str, ServerConfig] = {}   # link name -> what it was made from
         self.links: List[AsteriskLink] = []
+        self.traced: Set[str] = set()                 # servers with ami_trace = yes
         self.timers: List[Timer] = []
         self.status: Optional[StatusServer] = None
 

@@ -1,8 +1,8 @@
-"""Counters and the rate-limited log of dropped input, shared by the three scripts."""
+"""Counters and rate-limited warnings (dropped input, refused writes), shared by the scripts."""
 import logging
 import time
 from collections import Counter
-from typing import Dict
+from typing import Dict, Optional
 
 PREVIEW_BYTES = 120
 PRINTABLE_CHARS = 100
@@ -23,6 +23,29 @@ def preview(raw: bytes) -> str:
     return text + ("..." if len(raw) > PREVIEW_BYTES else "")
 
 
+class Throttle:
+    """Lets a warning through at most once per interval per key, counting those it holds back."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: Dict[str, float] = {}
+        self._held: Counter = Counter()
+
+    def allow(self, key: str) -> Optional[int]:
+        """None to hold this warning back; else how many were held back since the last one."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] += 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+def held_back(count: int, what: str) -> str:
+    return f" ({count} more {what} since the last warning)" if count else ""
+
+
 class DropLog:
     """Counts input that is dropped, and logs it at most once per source per interval.
 
@@ -33,21 +56,13 @@ class DropLog:
 
     def __init__(self, log: logging.Logger, interval: float = 60.0, what: str = "input from") -> None:
         self.log = log
-        self.interval = interval
         self.what = what
         self.counts: Counter = Counter()
-        self._last_warning: Dict[str, float] = {}
-        self._not_logged: Counter = Counter()
+        self.throttle = Throttle(interval)
 
     def drop(self, source: str, reason: str, raw: bytes = b"") -> None:
         self.counts[source] += 1
-        now = time.monotonic()
-        last = self._last_warning.get(source)
-        if last is not None and now - last < self.interval:
-            self._not_logged[source] += 1
-            return
-        self._last_warning[source] = now
-        more = self._not_logged.pop(source, 0)
-        self.log.warning("Dropped %s %s: %s%s%s", self.what, source, printable(reason),
-                         f": {preview(raw)}" if raw else "",
-                         f" ({more} more dropped since the last warning)" if more else "")
+        more = self.throttle.allow(source)
+        if more is not None:
+            self.log.warning("Dropped %s %s: %s%s%s", self.what, source, printable(reason),
+                             f": {preview(raw)}" if raw else "", held_back(more, "dropped"))
