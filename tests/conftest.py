@@ -4,6 +4,7 @@ from typing import Callable, List
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -11,6 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config,  # noqa: E402
                      free_port, kill_all_scripts, python_settings, wait_until)
 from zmqami.standin import Standin, start_standin, start_standin_process  # noqa: E402
+
+# The suite runs on busy, shared machines: Hypothesis keeps its number of examples but never fails
+# a test for being slow (no deadline, no too_slow or data-size health checks).
+settings.register_profile("suite", deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+settings.load_profile("suite")
 
 
 @pytest.fixture(autouse=True)

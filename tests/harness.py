@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-DEADLINE = 10.0  # seconds: generous, so that a slow CI machine never fails a test by timing
+DEADLINE = 30.0  # seconds: generous, so that a busy CI machine never fails a test by timing
 
 
 def wait_until(condition: Callable[[], object], timeout: float = DEADLINE,
@@ -203,10 +203,10 @@ def custom_states(standin) -> Dict[str, str]:
     return {d: s for d, s in standin.control.devices().items() if d.startswith("Custom:")}
 
 
-def restart(processes, standin, name):
+def restart(processes, standin, name, **options):
     """kill -9 a stand-in process, then start it again on the same ports with its database."""
     standin.kill()
-    ports = dict(cmd_port=standin.cmd_port, evt_port=standin.evt_port)
+    ports = dict(cmd_port=standin.cmd_port, evt_port=standin.evt_port, **options)
     if standin.ami_port is not None:
         ports["ami_port"] = standin.ami_port
     return processes(name, **ports)

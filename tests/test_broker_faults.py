@@ -5,8 +5,6 @@ from zmqami.standin import Standin
 FAST = dict(ping_interval="0.2", server_timeout="1", request_timeout="300")
 
 
-
-
 def dead_server() -> Standin:
     """Ports that nothing listens on: a server that is down."""
     return Standin(free_port(), free_port(), control=None)
@@ -66,7 +64,12 @@ def test_a_quick_restart_is_seen_by_its_boot_events(standins, broker, processes)
     wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "RINGING")
     a.kill()
     b.control.set_device("SIP/200", "NOT_INUSE")
-    a = restart(processes, a, "a")
+    # The module publishes LoadZmq 2 s after it loads; here it is published once the broker has
+    # subscribed again, so that the test never depends on how fast the broker reconnects.
+    a = restart(processes, a, "a", loadzmq_delay=None)
+    wait_until(lambda: a.control.state()["subscriptions"] >= 1,
+               message="the broker to subscribe to the restarted server")
+    a.control.boot()
     converge("broker, quick restart seen by LoadZmq: stale mirror rewritten",
              lambda: custom_states(a).get("Custom:SIP/200") == "NOT_INUSE")
     script.wait_for_output("server-1 published")

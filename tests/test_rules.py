@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from harness import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,11 +60,13 @@ def test_other_events_are_not_relayed():
     (device_event(device="SIP/1\nAction: Originate"), "control character"),
     (device_event(device="SIP/1)"), "parenthesis"),
     (device_event(device="SIP/1,2"), "comma"),
-    (device_event(device="x" * 201), "longer than"),
+    (device_event(device="x" * 201), "longer than 200 bytes"),
+    (device_event(device="\u00e9" * 101), "longer than 200 bytes"),  # 2 bytes each
     (presence_event(status="sleeping"), "not a presence state"),
     (presence_event(message="a\r\nAction: Originate"), "control character"),
     (presence_event(subtype=3), "not a string"),
-    (presence_event(message="m" * 1001), "longer than"),
+    (presence_event(message="m" * 4001), "longer than 4000 bytes"),
+    (presence_event(message="\U0001f600" * 1001), "longer than 4000 bytes"),  # 4 bytes each
 ])
 def test_values_that_must_not_reach_asterisk_are_refused(event, reason):
     with pytest.raises(BadInput, match=reason):
@@ -127,20 +130,39 @@ def test_any_bytes_give_an_update_none_or_bad_input_and_never_a_control_characte
             assert not any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
-def test_echo_filter_drops_only_the_value_written_to_that_server():
+def test_echo_filter_recognises_every_write_awaiting_its_echo():
     echoes = PresenceEchoFilter()
-    away = StateUpdate("PRESENCE_STATE(CustomPresence:1)", "away")
-    back = StateUpdate("PRESENCE_STATE(CustomPresence:1)", "available")
-    echoes.written("B", away)
-    assert not echoes.is_echo("C", away)      # C was not written
-    assert echoes.is_echo("B", away)          # B's echo of our write
-    assert not echoes.is_echo("B", away)      # a second event is a genuine write on B
-    echoes.written("B", away)
-    assert not echoes.is_echo("B", back)      # a different value is a genuine change
-    echoes.written("B", away)
-    echoes.written("B", away)                 # written twice (a resync): echoed twice
-    assert echoes.is_echo("B", away) and echoes.is_echo("B", away)
-    assert not echoes.is_echo("B", away)
+    lunch, meeting, available = (StateUpdate("PRESENCE_STATE(CustomPresence:1)", value)
+                                 for value in ("away,,lunch", "dnd,,meeting", "available"))
+    echoes.sent(lunch)
+    assert echoes.is_echo(lunch)               # the echo of our write
+    assert not echoes.is_echo(lunch)           # a second event is a genuine write
+    echoes.sent(lunch)
+    assert not echoes.is_echo(meeting)         # a different value is a genuine change
+    # Three writes sent before any echo came back: each echo is recognised, in order.
+    for update in (lunch, meeting, available):
+        echoes.sent(update)
+    assert echoes.is_echo(lunch) and echoes.is_echo(meeting) and echoes.is_echo(available)
+    assert not echoes.is_echo(lunch)
+    # Written twice (a resync): echoed twice.
+    echoes.sent(lunch)
+    echoes.sent(lunch)
+    assert echoes.is_echo(lunch) and echoes.is_echo(lunch) and not echoes.is_echo(lunch)
+    # An echo that came means the writes before it will not be echoed any more.
+    echoes.sent(lunch)
+    echoes.sent(meeting)
+    assert echoes.is_echo(meeting) and not echoes.is_echo(lunch)
+    # A write Asterisk refused is echoed by nothing.
+    echoes.sent(lunch)
+    echoes.refused(lunch)
+    assert not echoes.is_echo(lunch)
+
+
+def test_an_echo_that_never_came_expires():
+    echoes = PresenceEchoFilter(window=0.0)
+    lunch = StateUpdate("PRESENCE_STATE(CustomPresence:1)", "away,,lunch")
+    echoes.sent(lunch)
+    wait_until(lambda: not echoes.is_echo(lunch), message="the write to expire")
 
 
 @given(st.one_of(

@@ -38,7 +38,7 @@ from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_bool
                      run_settings_script)
 from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
 from .loop import EventLoop, Timer, drain
-from .rules import (DEVICE_STATES, BadInput, PresenceEchoFilter, StateUpdate, event_for,
+from .rules import (DEVICE_STATES, BadInput, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
@@ -137,7 +137,6 @@ class Agent:
         self.loop = EventLoop()
         self.drops = DropLog(log)
         self.unsent = DropLog(log, what="a message to")
-        self.echoes = PresenceEchoFilter()
         self.states = StateTable(settings["DOWN_STATE"])
         self.peers: Dict[str, Peer] = {}
         self.seen: "OrderedDict[str, None]" = OrderedDict()
@@ -265,7 +264,7 @@ class Agent:
         except BadInput as exc:
             self.drops.drop(link.name, f"{event['Event']}: {exc}", repr(event).encode())
             return
-        if update is None or (update.is_presence and self.echoes.is_echo(self.name, update)):
+        if update is None or (update.is_presence and link.is_echo(update)):
             return
         if self.states.record(self.name, update):
             log.debug("My device %s state %s.", update.variable, update.value)
@@ -318,7 +317,7 @@ class Agent:
         items = [item for item in reply[1:] if item.get("Event") == event]
         on_bad = lambda item, exc: self.drops.drop("Asterisk", f"list item: {exc}",  # noqa: E731
                                                    repr(item).encode())
-        writing = self.asterisk.outbox.is_writing
+        writing = self.asterisk.outbox.is_unsettled
         if event == "DeviceStateChange":
             reading = self.states.read_device_list(self.name, items, asked_at, writing, on_bad)
         else:
@@ -409,8 +408,6 @@ class Agent:
 
     def write(self, update: StateUpdate, action_id: str = "") -> None:
         """Write a state on its Asterisk (SetVar, ActionID the message's uuid, as the original)."""
-        if update.is_presence:
-            self.echoes.written(self.name, update)
         self.asterisk.write_state(update, action_id or envelope.new_uuid(), verb="SetVar")
 
     def run_action(self, message: Envelope) -> None:

@@ -27,7 +27,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import zmq
 
 from .loop import EventLoop, Timer, drain
-from .rules import CRASHING_ACTIONS, BadInput, StateUpdate, decode_event
+from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
+                    StateUpdate, check_module_action, decode_event)
 from .stats import DropLog, Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class LinkStats:
     sent: int = 0
     acknowledged: int = 0
     refused: int = 0
+    too_large: int = 0        # writes never sent: this server could not safely take them
     timeouts: int = 0
     last_event: float = 0.0   # wall-clock times, for the status
     last_ack: float = 0.0
@@ -98,6 +100,8 @@ class Outbox:
         self.one_shots: Deque[Request] = deque()
         self.in_flight: "OrderedDict[str, Request]" = OrderedDict()  # by ActionID, oldest first
         self.busy: set = set()                   # variables in flight
+        self.unsendable: Dict[str, str] = {}     # variable -> its newest state, too large to send
+        self.echoes = PresenceEchoFilter()       # presence writes sent, until their echo
         self.refusals = Throttle()  # a server that refuses every write is logged once a minute
 
     def __len__(self) -> int:
@@ -106,24 +110,37 @@ class Outbox:
     def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar",
                     encoded: Optional[bytes] = None) -> None:
         """Queue a state write; encoded, if given, is its action already in JSON."""
+        self.unsendable.pop(update.variable, None)
         request = Request(action_id, update=update, verb=verb, encoded=encoded)
         if update.variable in self.busy:
             self.waiting[update.variable] = request
         else:
             self.pending[update.variable] = request
 
-    def is_writing(self, variable: str) -> bool:
-        """True while a write of variable waits to be sent or for its reply.
+    def cannot_send(self, update: StateUpdate, why: str) -> None:
+        """A state this server cannot safely take: never sent, counted, logged once a minute."""
+        self.unsendable[update.variable] = update.value
+        self.stats.too_large += 1
+        more = self.refusals.allow(self.name + " too large")
+        if more is not None:
+            log.warning("Not writing %s on %s: %s%s", printable(update.variable), self.name, why,
+                        held_back(more, "not written"))
 
-        A list read from the server while it is true may not show that write yet.
-        """
-        return variable in self.busy or variable in self.pending or variable in self.waiting
+    def is_unsettled(self, variable: str) -> bool:
+        """True while what the server shows for variable cannot be judged: a write of it waits
+        to be sent or for its reply (a list read meanwhile may predate it), or its newest state
+        could not be sent at all (a repair would only be refused again)."""
+        return (variable in self.busy or variable in self.pending or variable in self.waiting
+                or variable in self.unsendable)
 
     def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
         # Our own ActionID makes the reply ours to match; the caller's is put back into the reply.
+        # (Asterisk reads the first ActionID of any spelling: the caller's goes, whatever its case.)
         action_id = "zab-" + uuid.uuid4().hex
-        request = Request(action_id, action=dict(action, ActionID=action_id), on_reply=on_reply,
-                          caller_action_id=action.get("ActionID"))
+        callers = [key for key in action if key.lower() == "actionid"]
+        own = {key: value for key, value in action.items() if key not in callers}
+        request = Request(action_id, action=dict(own, ActionID=action_id), on_reply=on_reply,
+                          caller_action_id=action[callers[0]] if callers else None)
         self.one_shots.append(request)
 
     def next_request(self) -> Optional[Request]:
@@ -140,6 +157,8 @@ class Outbox:
         self.in_flight[request.action_id] = request
         if request.update is not None:
             self.busy.add(request.update.variable)
+            if request.update.is_presence:
+                self.echoes.sent(request.update)
         self.stats.sent += 1
 
     def unsent(self, request: Request) -> None:
@@ -186,6 +205,8 @@ class Outbox:
             return
         # Asterisk refused the value: sending it again would be refused again.
         self.stats.refused += 1
+        if request.update.is_presence:
+            self.echoes.refused(request.update)
         more = self.refusals.allow(self.name)
         if more is not None:
             log.warning("%s refused Setvar %s=%s: %s%s", self.name, request.update.variable,
@@ -333,9 +354,23 @@ class AsteriskLink:
 
     # --- sending ---------------------------------------------------------------------------------
     def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar",
-                    encoded: Optional[bytes] = None) -> None:
+                    encoded: Optional[bytes] = None) -> bool:
+        """Queue a state write; False (logged, counted) if this server cannot safely take it."""
+        why = self.refusal(update)
+        if why is not None:
+            self.outbox.cannot_send(update, why)
+            return False
         self.outbox.write_state(update, action_id, verb, encoded)
         self._send_pending()
+        return True
+
+    def refusal(self, update: StateUpdate) -> Optional[str]:
+        """Why this server cannot safely take update, or None."""
+        return None
+
+    def is_echo(self, update: StateUpdate) -> bool:
+        """True for a presence event that is the echo of a write we sent this server."""
+        return self.outbox.echoes.is_echo(update)
 
     def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
         self.outbox.send_action(action, on_reply)
@@ -449,7 +484,20 @@ class ZmqManagerLink(AsteriskLink):
         else:
             self._answered()  # its boot event is as good an answer as any
 
+    def refusal(self, update: StateUpdate) -> Optional[str]:
+        # Short enough in characters that no line can reach the limit in bytes (4 per character):
+        # device states always are, so the hot path costs one comparison.
+        if 4 * (len(update.variable) + len(update.value)) < MODULE_MAX_LINE_BYTES - 32:
+            return None
+        try:
+            check_module_action(update.action("0" * 32))
+        except BadInput as exc:
+            return str(exc)
+        return None
+
     def _transmit(self, request: Request) -> bool:
+        if request.update is None:
+            check_module_action(request.action)  # BadInput: answered with an error, never sent
         try:
             self.cmd_socket.send_multipart([b"", request.wire()], zmq.NOBLOCK)
         except zmq.Again:

@@ -20,7 +20,7 @@ from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqMan
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
                      load_broker_config, setup_logging)
 from .loop import EventLoop, Timer
-from .rules import BadInput, PresenceEchoFilter, StateUpdate, relayed_update
+from .rules import BadInput, StateUpdate, relayed_update
 from .states import ListReading, StateTable
 from .stats import DropLog, printable
 from .status import StatusServer, link_status, print_status, serve_status
@@ -36,7 +36,6 @@ class Broker:
         self.context = context
         self.loop = EventLoop()
         self.drops = DropLog(log)
-        self.echoes = PresenceEchoFilter()
         self.states = StateTable(config.down_state)
         self.events_relayed = 0
         self.handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
@@ -91,7 +90,6 @@ class Broker:
             self.servers[server.name] = server
         self.traced = {server.name for server in config.servers if server.ami_trace}
         self.config = config
-        self.echoes.forget_except({link.name for link in self.links})
         self.states.down_state = config.down_state
         self._schedule(config)
         self._serve_status(config)
@@ -156,7 +154,7 @@ class Broker:
         if update is None:
             log.debug("Ignoring event %s from %s", printable(event["Event"]), source.name)
             return
-        if update.is_presence and self.echoes.is_echo(source.name, update):
+        if update.is_presence and source.is_echo(update):
             log.debug("Ignoring %s=%s from %s: the echo of our own write", update.variable,
                       update.value, source.name)
             return
@@ -178,8 +176,6 @@ class Broker:
 
     def write(self, link: AsteriskLink, update: StateUpdate, action_id: str = "",
               encoded: Optional[bytes] = None) -> None:
-        if update.is_presence:
-            self.echoes.written(link.name, update)
         link.write_state(update, action_id or uuid.uuid4().hex, encoded=encoded)
 
     # --- health, resynchronisation, repair ---------------------------------------------------------
@@ -229,14 +225,14 @@ class Broker:
                        asked_at: float) -> None:
         reading = self.states.read_device_list(
             link.name, _list_items(link, reply, "DeviceStateChange"), asked_at,
-            link.outbox.is_writing, self._bad_item(link))
+            link.outbox.is_unsettled, self._bad_item(link))
         self.apply_reading(link, reading, "devices")
 
     def on_presence_list(self, link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
                          asked_at: float, repair: bool) -> None:
         reading = self.states.read_presence_list(
             link.name, _list_items(link, reply, "PresenceStateChange"), asked_at,
-            after_restart=not repair, writing=link.outbox.is_writing, on_bad=self._bad_item(link))
+            after_restart=not repair, writing=link.outbox.is_unsettled, on_bad=self._bad_item(link))
         self.apply_reading(link, reading, "presences")
 
     def apply_reading(self, link: AsteriskLink, reading: ListReading, what: str) -> None:

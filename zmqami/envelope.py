@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 import zmq
 
-from .rules import MAX_NAME_LENGTH, BadInput, decode_json_object
+from .rules import MAX_NAME_BYTES, BadInput, decode_json_object
 
 HUB_MAX_BYTES = 16 * 1024 * 1024  # the largest message on a hub socket (AgentStates of 100k devices)
 HEARTBEAT_IVL_MS = 10_000  # ZeroMQ heartbeats on hub connections: a dead peer is noticed in 30 s
@@ -23,7 +23,7 @@ ALL = "*"
 STATS = "AsteriskStats"
 _TOPIC = re.compile(rb"\[[^\[\]\x00-\x1f\x7f]{1,200}\]")
 _MSG_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_NODE_NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,%d}" % MAX_NAME_LENGTH)
+_NODE_NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,%d}" % MAX_NAME_BYTES)
 _UUID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # the original's uuid4().hex, used as an ActionID
 
 

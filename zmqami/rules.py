@@ -15,8 +15,10 @@ import base64
 import binascii
 import json
 import re
+import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, Optional, Tuple
 
 DEVICE_STATES = frozenset({
     "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE", "RINGING", "RINGINUSE", "ONHOLD",
@@ -25,15 +27,23 @@ PRESENCE_STATES = frozenset({"not_set", "unavailable", "available", "away", "xa"
 CUSTOM_DEVICE = "Custom:"
 CUSTOM_PRESENCE = "CustomPresence:"
 
-# Asterisk's own device and extension names are far shorter; the limits keep every action far from
-# res_zmq_manager's 10240-byte buffer whatever the input.
-MAX_NAME_LENGTH = 200
-MAX_TEXT_LENGTH = 1000
+# Sane limits for whatever is relayed, counted in UTF-8 bytes (what buffers hold), whichever way
+# Asterisk is reached.  Asterisk's own device and extension names are far shorter.
+MAX_NAME_BYTES = 200
+MAX_TEXT_BYTES = 4000    # a presence subtype or message, any header value of a client's action
+MAX_ACTION_BYTES = 8192  # a client's action, as AMI text
+
+# res_zmq_manager copies into fixed stack buffers without a bound (PROTOCOL.md): the action it is
+# given (10240 bytes), each line of an event it publishes (4096) and each line of a reply it
+# parses (2048).  What is sent to it stays within half of those: each line of an action within
+# half the smallest (a presence message written comes back in events and in list replies, and
+# is never longer than the line that wrote it), the whole action within half of its buffer.
+MODULE_MAX_LINE_BYTES = 1024
+MODULE_MAX_ACTION_BYTES = 5120
 
 # Actions that crash Asterisk 20 when they come through res_zmq_manager (its hook sessions have no
 # manager session): Getvar and Status were seen to, the others do by code inspection.
 CRASHING_ACTIONS = frozenset({"getvar", "status", "challenge", "listcommands", "waitevent", "filter"})
-MAX_ACTION_BYTES = 4096  # res_zmq_manager copies an action into a 10240-byte stack buffer
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -89,8 +99,8 @@ def check_name(what: str, value: Any) -> str:
     """A device or presentity name that is safe inside ``FUNCTION(<name>)``."""
     if not isinstance(value, str) or not value:
         raise BadInput(f"{what} missing or not a string")
-    if len(value) > MAX_NAME_LENGTH:
-        raise BadInput(f"{what} longer than {MAX_NAME_LENGTH} characters")
+    if len(value.encode("utf-8")) > MAX_NAME_BYTES:
+        raise BadInput(f"{what} longer than {MAX_NAME_BYTES} bytes")
     if _NAME_FORBIDDEN.search(value):
         raise BadInput(f"{what} {value!r} contains a control character, a comma or a parenthesis")
     return value
@@ -102,8 +112,8 @@ def check_text(what: str, value: Any) -> str:
         return ""
     if not isinstance(value, str):
         raise BadInput(f"{what} not a string")
-    if len(value) > MAX_TEXT_LENGTH:
-        raise BadInput(f"{what} longer than {MAX_TEXT_LENGTH} characters")
+    if len(value.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise BadInput(f"{what} longer than {MAX_TEXT_BYTES} bytes")
     if _CONTROL_CHARS.search(value):
         raise BadInput(f"{what} {value!r} contains a control character")
     return value
@@ -113,28 +123,52 @@ def safe_action(action: Any, crashing: frozenset = CRASHING_ACTIONS) -> Dict[str
     """A copy of an AMI action a peer asked for that is safe to hand to Asterisk.
 
     Raises BadInput for anything that would crash Asterisk (crashing: the actions that do so the
-    way it is reached), inject AMI headers or overflow res_zmq_manager's buffer.  Originate is
-    always made asynchronous: a synchronous one holds the module's only command thread (or the
-    AMI session) until the call is answered.
+    way it is reached), inject AMI headers or overflow a buffer.  Asterisk runs the first
+    ``Action`` header of any case (PROTOCOL.md), so two keys that are one header to Asterisk are
+    refused, and the one action checked is written first, as ``Action`` (the only spelling
+    res_zmq_manager takes).  Originate is always made asynchronous: a synchronous one holds the
+    module's only command thread (or the AMI session) until the call is answered.
     """
     if not isinstance(action, dict):
         raise BadInput("the action is not a JSON object")
-    name = action.get("Action")
+    keys: Dict[str, str] = {}  # header name as Asterisk compares it -> as given
+    for key in action:
+        if not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
+            raise BadInput(f"header name {str(key)[:40]!r} is not valid")
+        if key.lower() in keys:
+            raise BadInput(f"headers {keys[key.lower()]!r} and {key!r} are one header to Asterisk")
+        keys[key.lower()] = key
+    name = action.get(keys.get("action", "Action"))
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise BadInput("the action has no valid Action name")
     if name.lower() in crashing:
         raise BadInput(f"{name} crashes Asterisk when sent through res_zmq_manager")
-    checked = {}
+    checked = {"Action": name}
     for key, value in action.items():
-        if not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
-            raise BadInput(f"header name {str(key)[:40]!r} is not valid")
-        checked[key] = check_text(key, value) if value is not None else ""
+        if key.lower() != "action":
+            checked[key] = check_text(key, value) if value is not None else ""
     if name.lower() == "originate":
         checked = {k: v for k, v in checked.items() if k.lower() != "async"}
         checked["Async"] = "true"
-    if sum(len(k) + len(v) + 4 for k, v in checked.items()) > MAX_ACTION_BYTES:
+    if action_bytes(checked) > MAX_ACTION_BYTES:
         raise BadInput(f"the action is longer than {MAX_ACTION_BYTES} bytes")
     return checked
+
+
+def action_bytes(action: Dict[str, str]) -> int:
+    """The size of an action as the AMI text Asterisk reads (``Key: value`` lines), in bytes."""
+    return sum(len(f"{key}: {value}\r\n".encode("utf-8")) for key, value in action.items()) + 2
+
+
+def check_module_action(action: Dict[str, Any]) -> None:
+    """Raise BadInput if res_zmq_manager could overflow a buffer with this action."""
+    for key, value in action.items():
+        if len(f"{key}: {value}".encode("utf-8")) > MODULE_MAX_LINE_BYTES:
+            raise BadInput(f"its {key} line is longer than the {MODULE_MAX_LINE_BYTES} bytes "
+                           "res_zmq_manager can safely take")
+    if action_bytes(action) > MODULE_MAX_ACTION_BYTES:
+        raise BadInput(f"it is longer than the {MODULE_MAX_ACTION_BYTES} bytes res_zmq_manager "
+                       "can safely take")
 
 
 def device_state_update(event: Dict[str, Any]) -> Optional[StateUpdate]:
@@ -240,36 +274,54 @@ def relayed_update(event: Dict[str, Any], device_state: bool = True,
 
 
 class PresenceEchoFilter:
-    """Recognises the PresenceStateChange a server publishes when we write its presence.
+    """Recognises the PresenceStateChange one server publishes when we write its presence.
 
     Asterisk publishes a PresenceStateChange on every write, even of an unchanged value, and the
     presentity keeps its name, so the echo cannot be told apart by name (unlike Custom: devices).
     The original broker ignored every change of a presentity for 3 s after relaying it, which also
-    swallowed genuine changes made on another server in that time.  Here, what was last written to
-    each server is remembered, and only an event from that server carrying that very value is
-    taken as the echo (one echo per write: a value written twice is echoed twice).  An event
-    that differs is a genuine change and is relayed.
+    swallowed genuine changes made on another server in that time.  Here every write sent to the
+    server and not yet echoed is remembered, in the order sent: a later write may be sent before an
+    earlier one's echo comes back, and each echo must be recognised, not only the newest.  An
+    event carrying one of those values is that write's echo (the writes before it will not be
+    echoed any more: Asterisk handles one connection's writes in order); any other is a genuine
+    change.  A remembered write expires after ECHO_WINDOW seconds, so an echo that never came
+    cannot hide a genuine change for long (and anti-entropy repairs one it did hide).
     """
 
-    def __init__(self) -> None:
-        # (server, variable) -> (value, how many writes of it have not been echoed yet)
-        self._written: Dict[Tuple[str, str], Tuple[str, int]] = {}
+    def __init__(self, window: float = 30.0, most: int = 32) -> None:
+        self.window = window
+        self.most = most  # writes remembered per presentity: bounded whatever happens
+        self._sent: Dict[str, Deque[Tuple[str, float]]] = {}  # variable -> (value, when sent)
 
-    def written(self, server: str, update: StateUpdate) -> None:
-        key = (server, update.variable)
-        value, count = self._written.get(key, (None, 0))
-        self._written[key] = (update.value, count + 1 if value == update.value else 1)
+    def sent(self, update: StateUpdate) -> None:
+        awaited = self._sent.setdefault(update.variable, deque(maxlen=self.most))
+        awaited.append((update.value, time.monotonic()))
 
-    def forget_except(self, servers: set) -> None:
-        """Forget what was written to servers that are gone (a reload removed them)."""
-        for key in [key for key in self._written if key[0] not in servers]:
-            del self._written[key]
+    def refused(self, update: StateUpdate) -> None:
+        """Asterisk refused that write: it publishes nothing for it."""
+        awaited = self._sent.get(update.variable)
+        if awaited:
+            for entry in awaited:
+                if entry[0] == update.value:
+                    awaited.remove(entry)
+                    break
+            if not awaited:
+                del self._sent[update.variable]
 
-    def is_echo(self, server: str, update: StateUpdate) -> bool:
-        key = (server, update.variable)
-        value, count = self._written.pop(key, (None, 0))
-        if value != update.value:
+    def is_echo(self, update: StateUpdate) -> bool:
+        awaited = self._sent.get(update.variable)
+        if not awaited:
             return False
-        if count > 1:
-            self._written[key] = (value, count - 1)
-        return True
+        expired = time.monotonic() - self.window
+        while awaited and awaited[0][1] < expired:
+            awaited.popleft()
+        for index, (value, _) in enumerate(awaited):
+            if value == update.value:
+                for _ in range(index + 1):
+                    awaited.popleft()
+                break
+        else:
+            index = -1
+        if not awaited:
+            del self._sent[update.variable]
+        return index >= 0

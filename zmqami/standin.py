@@ -6,8 +6,9 @@ It answers like the captures of two real Asterisk 20 servers (../shared/asterisk
   PRESENCE_STATE(CustomPresence:...), DeviceStateList, PresenceStateList, ExtensionStateList,
   CoreStatus, async Originate.  Getvar, Status and the other actions that crash Asterisk through
   the module make the stand-in stop answering, as the real server does.
-- evt socket (PUB, as an XPUB so the stand-in can tell when somebody subscribed): LoadZmq shortly
-  after start, FullyBooted, and a DeviceStateChange when a device's state changes (a Setvar of the
+- evt socket (PUB, as an XPUB so the stand-in can tell when somebody subscribed): LoadZmq 2 s
+  after start (as the module publishes it; a test may instead trigger it with the control
+  socket's ``boot`` once the program under test has subscribed), FullyBooted, and a DeviceStateChange when a device's state changes (a Setvar of the
   same state publishes nothing), a PresenceStateChange on every presence write.
 
 A third socket, the control socket (REP, JSON), lets a test or the demo play the phones (change a
@@ -29,9 +30,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 import zmq
 
@@ -52,6 +53,26 @@ AMI_BANNER = b"Asterisk Call Manager/9.0.0\r\n"
 AMI_AUTH_TIMEOUT = 30.0  # s an unauthenticated session may stay (manager.conf authtimeout)
 AMI_LOGIN_FAILURE_DELAY = 1.0  # Asterisk sleeps 1 s before answering a failed login
 AMI_MAX_QUEUED = 64 * 1024 * 1024  # bytes queued for a client that does not read
+LOADZMQ_DELAY = 2.0  # s: res_zmq_manager publishes LoadZmq 2 s after it loads
+# res_zmq_manager's unbounded copies into stack buffers (PROTOCOL.md): past these, Asterisk dies.
+MODULE_ACTION_BUFFER = 10240
+MODULE_EVENT_LINE = 4096
+MODULE_REPLY_LINE = 2048
+
+
+def asterisk_headers(pairs: Iterable[Tuple[str, str]]) -> Dict[str, str]:
+    """Header lines as Asterisk reads them (astman_get_header): names compared in any case, the
+    FIRST of a name wins (``action: ModuleLoad`` before ``Action: Ping`` runs ModuleLoad)."""
+    headers: Dict[str, str] = {}
+    for key, value in pairs:
+        headers.setdefault(key.lower(), value)
+    return headers
+
+
+def _longest_line(messages: List[Dict[str, Any]]) -> int:
+    """The longest ``Key: value`` line of these AMI messages, in bytes."""
+    return max((len(f"{k}: {v}".encode("utf-8")) for message in messages
+                for k, v in message.items()), default=0)
 
 
 def _compact(obj: Any) -> bytes:
@@ -63,7 +84,7 @@ class StandinAsterisk:
     """The stand-in server; serve() runs its loop until stop()."""
 
     def __init__(self, cmd_port: int = 0, evt_port: int = 0, control_port: int = 0,
-                 loadzmq_delay: float = 0.1, state_file: Optional[str] = None,
+                 loadzmq_delay: Optional[float] = LOADZMQ_DELAY, state_file: Optional[str] = None,
                  ami_port: Optional[int] = None, ami_user: str = AMI_USER,
                  ami_secret: str = AMI_SECRET, ami_chunk: int = 0) -> None:
         self.context = zmq.Context()
@@ -75,6 +96,8 @@ class StandinAsterisk:
         self._load_database()
         self.requests: Deque[str] = deque(maxlen=REQUEST_LOG)
         self.request_count = 0
+        self.actions_run: Counter = Counter()  # action names as Asterisk picked them, lower case
+        self.crashes: List[str] = []            # why it played dead
         self.subscriptions = 0
         self.mode = "normal"      # normal, hung, slow or crashed
         self.delay = 0.0          # seconds, in slow mode
@@ -107,7 +130,8 @@ class StandinAsterisk:
         return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
 
     def serve(self) -> None:
-        self.loop.call_later(self.loadzmq_delay, self._booted)
+        if self.loadzmq_delay is not None:  # None: only when the control socket says boot
+            self.loop.call_later(self.loadzmq_delay, self._booted)
         try:
             self.loop.run()
         finally:
@@ -123,6 +147,11 @@ class StandinAsterisk:
 
     # --- the evt socket --------------------------------------------------------------------------
     def publish(self, event: Dict[str, Any]) -> None:
+        # The module's hook sees every event, however caused (short events skip the count).
+        longest = _longest_line([event]) if len(str(event)) * 4 > MODULE_EVENT_LINE else 0
+        if longest > MODULE_EVENT_LINE:
+            self._play_dead(f"an event line of {longest} bytes overflows the module's "
+                            f"{MODULE_EVENT_LINE}-byte buffer")
         if self.mode != "crashed":
             self.evt.send(_compact(event))
             if self.ami is not None:
@@ -200,22 +229,38 @@ class StandinAsterisk:
             return INTERNAL_ERROR
         if not isinstance(request, dict) or "Action" not in request:
             return INTERNAL_ERROR
-        # The module sends a non-string value to Asterisk as "(null)"; header names are
-        # case-insensitive in Asterisk, the "Action" key is not in the module.
-        headers = {str(k).lower(): (v if isinstance(v, str) else "(null)")
-                   for k, v in request.items()}
+        # The module writes every key as a header line, a non-string value as "(null)"; the
+        # "Action" key must be spelt so for the module, but Asterisk then reads the lines.
+        headers = asterisk_headers((str(k), v if isinstance(v, str) else "(null)")
+                                   for k, v in request.items())
         action = headers["action"].lower()
         if action in CRASHING_ACTIONS:
-            log.warning("Stand-in Asterisk: %s crashes a real Asterisk; playing dead", action)
-            self.mode = "crashed"
-            return None
+            return self._play_dead(f"{action} crashes a real Asterisk")
+        size = sum(len(f"{k}: {v}\r\n".encode("utf-8")) for k, v in request.items())
+        if size > MODULE_ACTION_BUFFER:
+            return self._play_dead(f"an action of {size} bytes overflows the module's "
+                                   f"{MODULE_ACTION_BUFFER}-byte buffer")
         reply = self.dispatch(headers)
-        return INTERNAL_ERROR if reply is None else reply  # unknown actions, Login
+        if reply is None:
+            return INTERNAL_ERROR  # unknown actions, Login
+        longest = _longest_line(reply)
+        if longest > MODULE_REPLY_LINE:
+            return self._play_dead(f"a reply line of {longest} bytes overflows the module's "
+                                   f"{MODULE_REPLY_LINE}-byte line buffer")
+        return reply
+
+    def _play_dead(self, why: str) -> None:
+        """What kills a real Asterisk (PROTOCOL.md) makes the stand-in stop answering."""
+        log.warning("Stand-in Asterisk: %s; playing dead", why)
+        self.mode = "crashed"
+        self.crashes.append(why)
+        return None
 
     def dispatch(self, headers: Dict[str, str]) -> Optional[List[Dict[str, str]]]:
         """Asterisk's answer to an action (lower-case header names): its AMI messages in order,
         or None for an action it does not know."""
         action = headers.get("action", "").lower()
+        self.actions_run[action] += 1
         handler = getattr(self, "_action_" + action, None) if action.isalpha() else None
         return None if handler is None else handler(headers)
 
@@ -333,6 +378,7 @@ class StandinAsterisk:
     def _control_state(self, command: Dict[str, Any]) -> Dict[str, Any]:
         return {"devices": self.devices, "presences": self.presences, "mode": self.mode,
                 "requests": self.request_count, "subscriptions": self.subscriptions,
+                "actions_run": self.actions_run, "crashes": self.crashes,
                 "ami_sessions": 0 if self.ami is None else sum(
                     1 for session in self.ami.sessions.values() if session.user is not None)}
 
@@ -396,6 +442,11 @@ class StandinAsterisk:
         if self.ami is not None:
             self.ami.shutdown()
         self.loop.call_later(0.05, self.loop.stop)
+        return {}
+
+    def _control_boot(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """Publish the boot events now (LoadZmq, FullyBooted)."""
+        self._booted()
         return {}
 
     def _control_stop(self, command: Dict[str, Any]) -> Dict[str, Any]:
@@ -472,7 +523,7 @@ class AmiServer:
     def _on_action(self, session: AmiSession, pairs: List[Tuple[str, str]]) -> None:
         if session.closing:
             return
-        headers = {key.lower(): value for key, value in pairs}
+        headers = asterisk_headers(pairs)
         self.core.request_count += 1
         self.core.requests.append(json.dumps(dict(pairs)))
         # Asterisk sends an action's response before the events the action caused (04d).
@@ -662,6 +713,10 @@ class StandinControl:
     def requests(self) -> List[str]:
         return self.call("requests")["requests"]
 
+    def boot(self) -> None:
+        """Publish LoadZmq and FullyBooted now, as a (re)started server does."""
+        self.call("boot")
+
     def set_mode(self, mode: str, delay_ms: int = 0) -> None:
         self.call("mode", mode=mode, delay_ms=delay_ms)
 
@@ -716,11 +771,16 @@ def start_standin(context: zmq.Context, **options: Any) -> Standin:
 def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int = 0,
                           control_port: int = 0, state_file: Optional[str] = None,
                           mode: str = "normal", delay_ms: int = 0,
-                          ami_port: Optional[int] = None, ami_chunk: int = 0) -> Standin:
+                          ami_port: Optional[int] = None, ami_chunk: int = 0,
+                          loadzmq_delay: Optional[float] = LOADZMQ_DELAY) -> Standin:
     """Start a stand-in Asterisk in its own process (python -m zmqami.standin)."""
     command = [sys.executable, "-m", "zmqami.standin", "--cmd-port", str(cmd_port),
                "--evt-port", str(evt_port), "--control-port", str(control_port),
                "--mode", mode, "--delay-ms", str(delay_ms), "--ami-chunk", str(ami_chunk)]
+    if loadzmq_delay is not None:
+        command += ["--loadzmq-delay", str(loadzmq_delay)]
+    else:
+        command += ["--boot-on-command"]
     if state_file:
         command += ["--state-file", state_file]
     if ami_port is not None:
@@ -752,12 +812,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ami-secret", default=AMI_SECRET)
     parser.add_argument("--ami-chunk", type=int, default=0,
                         help="send AMI output in pieces of this many bytes")
+    parser.add_argument("--loadzmq-delay", type=float, default=LOADZMQ_DELAY,
+                        help="seconds from start to LoadZmq and FullyBooted (the module's 2 s)")
+    parser.add_argument("--boot-on-command", action="store_true",
+                        help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
     setup_logging(logging.INFO)
     server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port,
                              state_file=args.state_file, ami_port=args.ami_port,
                              ami_user=args.ami_user, ami_secret=args.ami_secret,
-                             ami_chunk=args.ami_chunk)
+                             ami_chunk=args.ami_chunk,
+                             loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
     print(json.dumps(server.ports), flush=True)

@@ -18,7 +18,7 @@ from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, check_name, device_sta
 DEVICE_PREFIX = "DEVICE_STATE("
 
 OnBadItem = Callable[[Dict[str, Any], BadInput], None]
-IsWriting = Callable[[str], bool]  # Outbox.is_writing of the server the list came from
+IsWriting = Callable[[str], bool]  # Outbox.is_unsettled of the server the list came from
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""What a hostile review did to harm Asterisk or stop the programs, each done again end to end."""
+import json
+
+import pytest
+
+from harness import HubClient, converge, custom_states, wait_until
+from zmqami.standin import MODULE_REPLY_LINE
+
+OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
+EMOJI = "\U0001f600"  # 4 bytes in UTF-8
+
+
+def actions_run(standin) -> set:
+    """The actions a stand-in ran, as Asterisk picked them (the first Action header, any case)."""
+    return set(standin.control.state()["actions_run"])
+
+
+def assert_alive(*servers) -> None:
+    for server in servers:
+        assert server.control.state()["crashes"] == []
+
+
+# --- 1. the allow-list, checked on the Action header Asterisk will run -----------------------------
+
+BYPASSES = [
+    {"action": "ModuleLoad", "Action": "Ping", "LoadType": "unload", "Module": "chan_sip.so"},
+    {"Action": "Ping", "ACTION": "Hangup", "Channel": "/.*/"},
+    {"Action": "Ping", "aCtIoN": "Originate", "Channel": "SIP/100", "Exten": "100",
+     "Context": "default", "Priority": "1"},
+    {"Action": "Ping", "Async": "true", "async": "false"},
+]
+
+
+@pytest.mark.parametrize("over_ami", [True, False], ids=["AMI", "res_zmq_manager"])
+def test_an_action_hidden_behind_a_second_action_header_never_runs(standins, agents, hub,
+                                                                    context, over_ami):
+    x, = standins(1, ami_port=0)
+    agents([x], ami=(0,) if over_ami else ())
+    client = HubClient(context, hub, name="Attacker")
+    client.ping_until_pong("X")
+    for action in BYPASSES:
+        client.received.clear()
+        client.send("X", "AsteriskAction", data=action)
+        status = client.wait_for("AsteriskActionStatus", "X")["x_data"][0]
+        assert status["Response"] == "Error" and "one header to Asterisk" in status["Message"]
+    # An ActionID of any case is the caller's: the agent's own replaces it, and it comes back.
+    client.received.clear()
+    client.send("X", "AsteriskAction", data={"Action": "Ping", "actionid": "mine"})
+    status = client.wait_for("AsteriskActionStatus", "X")["x_data"][0]
+    assert status["Response"] == "Success" and status["ActionID"] == "mine"
+    assert actions_run(x) <= OWN_ACTIONS
+    assert_alive(x)
+
+
+def test_the_stand_in_runs_the_first_action_header_as_asterisk_does(standins, context):
+    """So that the tests above would see the bypass if it came back."""
+    from zmqami.ami import format_action
+    import socket
+    from harness import AMI_SECRET, AMI_USER
+    x, = standins(1, ami_port=0)
+    with socket.create_connection(("127.0.0.1", x.ami_port)) as conn:
+        login = format_action({"Action": "Login", "Username": AMI_USER, "Secret": AMI_SECRET,
+                               "Events": "off"})
+        conn.sendall(login + b"action: CoreStatus\r\nAction: Ping\r\n\r\n")
+        wait_until(lambda: "corestatus" in actions_run(x), message="CoreStatus to run")
+    assert "ping" not in actions_run(x)
+
+
+# --- 2. nothing sent may overflow res_zmq_manager -------------------------------------------------
+
+def module_requests_fit(standin) -> None:
+    """Every request the module stand-in received fits within half of the module's buffers."""
+    for raw in standin.control.requests():
+        request = json.loads(raw)
+        for key, value in request.items():
+            assert len(f"{key}: {value}".encode("utf-8")) <= 1024, key
+        assert sum(len(f"{k}: {v}\r\n".encode()) for k, v in request.items()) <= 5120
+
+
+def test_an_action_too_large_for_the_module_is_refused_not_sent(standins, agents, hub, context):
+    x, = standins(1)
+    agents([x])
+    client = HubClient(context, hub, name="Console")
+    client.ping_until_pong("X")
+    # Within the general limits (4000 bytes a value), far beyond what the module can take.
+    client.send("X", "AsteriskAction", data={"Action": "Ping", "A": EMOJI * 990,
+                                              "B": EMOJI * 990})
+    status = client.wait_for("AsteriskActionStatus", "X")["x_data"][0]
+    assert status["Response"] == "Error" and "res_zmq_manager" in status["Message"]
+    module_requests_fit(x)
+    assert_alive(x)
+
+
+def list_reads(standin) -> int:
+    return standin.control.state()["actions_run"].get("presencestatelist", 0)
+
+
+def anti_entropy_rounds(servers, rounds: int = 3) -> None:
+    """Wait until each server's presences were read rounds more times."""
+    reads = [list_reads(server) for server in servers]
+    for server, before in zip(servers, reads):
+        wait_until(lambda: list_reads(server) >= before + rounds, message="anti-entropy rounds")
+
+
+def presence_event(presentity, status, message):
+    return {"Event": "PresenceStateChange", "Presentity": presentity, "Status": status,
+            "Subtype": "", "Message": message}
+
+
+def test_an_agent_never_mirrors_a_presence_too_large_for_its_module(standins, agents, hub,
+                                                                     context):
+    x, y = standins(2)
+    scripts = agents([x, y], PRESENCE=True, RESYNC_INTERVAL=0.3)
+    client = HubClient(context, hub, name="Peer", topics=["[Peer]", "[*]"])
+    client.send("*", "AsteriskEvent", data=presence_event("CustomPresence:7", "away", "lunch"))
+    for standin in (x, y):
+        wait_until(lambda: standin.control.presences().get("CustomPresence:7") ==
+                   ["away", "", "lunch"])
+    # A comma: base64, x4/3.  Within the general limit (4000 bytes), far beyond the module's.
+    long_message = "lunch, " + EMOJI * 900
+    client.send("*", "AsteriskEvent", data=presence_event("CustomPresence:7", "dnd",
+                                                          long_message))
+    for script in scripts:
+        script.wait_for_output("Not writing PRESENCE_STATE(CustomPresence:7) on Asterisk")
+    client.received.clear()
+    # The value that could not be mirrored starts no repair loop: the stale one on the agents'
+    # Asterisk servers is not taken for a change and sent to everyone.
+    anti_entropy_rounds([x, y])
+    client.poll()
+    sent_by_agents = [body for _, body in client.received if body["origin"] in ("X", "Y")]
+    assert sent_by_agents and "CustomPresence:7" not in json.dumps(sent_by_agents)
+    for standin, script in zip((x, y), scripts):
+        assert standin.control.presences()["CustomPresence:7"] == ["away", "", "lunch"]
+        assert len(script.lines("Not writing")) == 1
+        module_requests_fit(standin)
+        assert_alive(standin)
+
+
+def test_a_broker_relays_a_long_presence_to_ami_servers_only(standins, broker):
+    a, b, c = standins(3, ami_port=0)
+    script = broker([a, b, c], ami=(0, 1), presence="yes", resync_interval="0.3")
+    a.control.set_presence("CustomPresence:9", "away", "", "lunch")
+    for standin in (b, c):
+        wait_until(lambda: standin.control.presences().get("CustomPresence:9") ==
+                   ["away", "", "lunch"])
+    long_message = "back at 2, " + "x" * 3000   # fine over AMI, too long for the module
+    a.control.set_presence("CustomPresence:9", "dnd", "", long_message)
+    wait_until(lambda: b.control.presences().get("CustomPresence:9") ==
+               ["dnd", "", long_message])
+    script.wait_for_output("Not writing PRESENCE_STATE(CustomPresence:9) on server-3")
+    anti_entropy_rounds([a, b, c])
+    # C's stale presence was not taken for a change and relayed back.
+    for standin in (a, b):
+        assert standin.control.presences()["CustomPresence:9"] == ["dnd", "", long_message]
+    assert c.control.presences()["CustomPresence:9"] == ["away", "", "lunch"]
+    assert len(script.lines("Not writing")) == 1
+    module_requests_fit(c)
+    assert_alive(a, b, c)
