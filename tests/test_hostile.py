@@ -1,10 +1,13 @@
 """What a hostile review did to harm Asterisk or stop the programs, each done again end to end."""
 import json
+import socket
 
 import pytest
+import zmq
 
-from harness import HubClient, converge, custom_states, wait_until
-from zmqami.standin import MODULE_REPLY_LINE
+from harness import (AMI_SECRET, AMI_USER, HubClient, Script, free_port, run_script,
+                     wait_until)
+from zmqami.ami import format_action
 
 OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
 EMOJI = "\U0001f600"  # 4 bytes in UTF-8
@@ -54,9 +57,6 @@ def test_an_action_hidden_behind_a_second_action_header_never_runs(standins, age
 
 def test_the_stand_in_runs_the_first_action_header_as_asterisk_does(standins, context):
     """So that the tests above would see the bypass if it came back."""
-    from zmqami.ami import format_action
-    import socket
-    from harness import AMI_SECRET, AMI_USER
     x, = standins(1, ami_port=0)
     with socket.create_connection(("127.0.0.1", x.ami_port)) as conn:
         login = format_action({"Action": "Login", "Username": AMI_USER, "Secret": AMI_SECRET,
@@ -156,3 +156,42 @@ def test_a_broker_relays_a_long_presence_to_ami_servers_only(standins, broker):
     assert len(script.lines("Not writing")) == 1
     module_requests_fit(c)
     assert_alive(a, b, c)
+
+
+# --- 4. nothing read from the status socket can end a program -----------------------------------
+
+def hostile_status_requests(context, address: str) -> None:
+    """Requests no --status sends: several frames, an empty one, oversized, a peer that leaves."""
+    for frames in ([b"", b"status", b"more"], [b"", b""], [b"", b"x" * 5000],
+                   [b"", b"a", b"b", b"c"]):
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(address)
+        dealer.send_multipart(frames)
+        if len(frames[-1]) < 1000:  # larger than the socket takes: the peer is dropped instead
+            assert dealer.poll(10_000), f"no answer to {frames!r}"
+            assert b'"program"' in dealer.recv_multipart()[-1]
+        dealer.close()
+
+
+def test_hostile_status_requests_are_answered_and_end_nothing(standins, agents, hub, broker,
+                                                               context, tmp_path):
+    x, y = standins(2)
+    agent_status = f"ipc://{tmp_path}/agent.status"
+    broker_status = f"ipc://{tmp_path}/broker.status"
+    agent, = agents([x], STATUS_SOCKET=agent_status)
+    broker_script = broker([x, y], status_socket=broker_status)
+    hub_config = tmp_path / "hub_status.py"
+    hub_config.write_text((tmp_path / "server_config.py").read_text()
+                          .replace(hub.pull_url, f"tcp://127.0.0.1:{free_port()}")
+                          .replace(hub.pub_url, f"tcp://127.0.0.1:{free_port()}") +
+                          f"STATUS_SOCKET = 'ipc://{tmp_path}/hub.status'\n")
+    hub_script = Script("server.py", str(hub_config), log_dir=tmp_path, name="hub_status")
+    hub_script.wait_for_output("Started")
+    for address in (agent_status, broker_status, f"ipc://{tmp_path}/hub.status"):
+        hostile_status_requests(context, address)
+    for script, config in ((agent, tmp_path / "agent_X.py"), (hub_script, hub_config),
+                           (broker_script, tmp_path / "config0.ini")):
+        assert script.proc.poll() is None, script.output()
+        assert run_script(script.script, "--status", str(config)).returncode == 0
+        assert "Traceback" not in script.output()

@@ -53,11 +53,18 @@ class StatusServer:
         loop.add_reader(self.sock, self.answer)
 
     def answer(self) -> None:
-        self.sock.recv()
+        """Whatever came (one frame or several, any bytes), the answer is the status."""
+        try:
+            self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
         status = {"program": self.program, "version": __version__,
                   "started": when(self.started), "uptime": round(time.time() - self.started)}
         status.update(self.provide())
-        self.sock.send(json.dumps(status).encode("utf-8"))
+        try:
+            self.sock.send(json.dumps(status).encode("utf-8"), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the asker is gone: REP drops the answer, or says why
+            log.debug("Status answer not sent: %s", exc.strerror)
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock)
