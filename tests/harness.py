@@ -33,10 +33,10 @@ def converge(label: str, condition: Callable[[], object], timeout: float = DEADL
     print(f"converged: {label}: {time.monotonic() - started:.2f} s")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on host (127.0.0.1 or ::1) that nothing listens on right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 

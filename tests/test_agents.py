@@ -246,14 +246,23 @@ def test_pid_file_rules(standins, agents, hub, tmp_path):
 
 
 @pytest.mark.parametrize("script, settings, expected", [
-    ("agent.py", "KEEP_ALIVE_INTERVAL = 'often'\n", "KEEP_ALIVE_INTERVAL: must be a number above 0"),
+    ("agent.py", "KEEP_ALIVE_INTERVAL = 'often'\n", "KEEP_ALIVE_INTERVAL: must be a number of"),
+    ("agent.py", "KEEP_ALIVE_INTERVAL = 1e-6\n", "from 0.1 to 86400"),
+    ("agent.py", "RESYNC_INTERVAL = 0.0001\n", "RESYNC_INTERVAL: must be a number of seconds"),
+    ("agent.py", "ASTERISK_TIMEOUT = 0.5\n", "ASTERISK_TIMEOUT: must be a number of millisec"),
+    ("agent.py", "ZMQ_PUB_URL = 'tcp://127.0.0.1'\n", "ZMQ_PUB_URL: 'tcp://127.0.0.1' has no port"),
+    ("agent.py", "ZMQ_SUB_URL = ['tcp://hub two:4']\n", "'hub two' is not a host name"),
+    ("agent.py", "ASTERISK_AMI_URL = 'tcp://127.0.0.1:None'\n", "has no port"),
+    ("agent.py", "ASTERISK_CMD_URL = 'tcp://::1:1967'\n", "IPv6 address goes in brackets"),
+    ("agent.py", "ASTERISK_EVT_URL = 'udp://127.0.0.1:1'\n", "must be a ZeroMQ address"),
     ("agent.py", "SYSTEM_NAME = '[Moscow]'\n", "SYSTEM_NAME: must be a name"),
     ("agent.py", "PRESENCE = 'yes'\n", "PRESENCE: must be True or False"),
     ("agent.py", "LOG_LEVEL = 'loud'\n", "LOG_LEVEL: must be one of debug, info, warning, error"),
     ("agent.py", "ZMQ_PUB_URL = 5556\n", "ZMQ_PUB_URL: must be a ZeroMQ address"),
     ("agent.py", "SYSTEM_NAME = 'x\n", "line 1"),
     ("server.py", "PUB_BIND_URL = None\n", "PUB_BIND_URL: must be a ZeroMQ address"),
-    ("server.py", "SUB_BIND_URL = 'tcp://127.0.0.1:0x'\n", "SUB_BIND_URL: cannot bind"),
+    ("server.py", "SUB_BIND_URL = 'tcp://127.0.0.1:0x'\n", "SUB_BIND_URL: 'tcp://127.0.0.1:0x' has no"),
+    ("server.py", "SUB_BIND_URL = PUB_BIND_URL = 'tcp://127.0.0.1:55599'\n", "_BIND_URL: cannot bind"),
 ])
 def test_settings_errors_print_one_line_and_exit_2(tmp_path, script, settings, expected):
     path = tmp_path / "settings.py"

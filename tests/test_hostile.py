@@ -1,12 +1,14 @@
 """What a hostile review did to harm Asterisk or stop the programs, each done again end to end."""
 import json
+import signal
 import socket
+from types import SimpleNamespace
 
 import pytest
 import zmq
 
-from harness import (AMI_SECRET, AMI_USER, HubClient, Script, free_port, run_script,
-                     wait_until)
+from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config, custom_states,
+                     free_port, python_settings, run_script, wait_until)
 from zmqami.ami import format_action
 
 OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
@@ -195,3 +197,89 @@ def test_hostile_status_requests_are_answered_and_end_nothing(standins, agents, 
         assert script.proc.poll() is None, script.output()
         assert run_script(script.script, "--status", str(config)).returncode == 0
         assert "Traceback" not in script.output()
+
+
+# --- 5. addresses and intervals checked at load, IPv6 that works --------------------------------
+
+BROKER_MISTAKES = [
+    ("addr = 127.0.0.1", "addr = pbx 3.example.com", "[server-1] addr: 'pbx 3.example.com' is not"),
+    ("addr = 127.0.0.1", "addr = 127.0.0.1:5000", "[server-1] addr: '127.0.0.1:5000' is not an IP"),
+    ("addr = 127.0.0.1", "addr = -bad-.example", "[server-1] addr: '-bad-.example' is not"),
+    ("sections = server-1, server-2", "sections = ,", "[servers] sections: names no server"),
+    ("[general]", "[general]\nresync_interval = 1e-6", "[general] resync_interval: 1e-6 is not 0"),
+    ("[general]", "[general]\nping_interval = 0.001", "[general] ping_interval: 0.001 is not"),
+    ("[general]", "[general]\nstatus_socket = tcp://127.0.0.1", "[general] status_socket:"),
+]
+
+
+def two_servers(tmp_path, standins, *change):
+    a, b = standins(2)
+    text = broker_config([a, b])
+    text = text.replace(f"cmd_port = {b.cmd_port}", f"cmd_port = {a.cmd_port}").replace(
+        f"evt_port = {b.evt_port}", f"evt_port = {a.evt_port}") if not change else \
+        text.replace(change[0], change[1], 1)
+    path = tmp_path / "mistake.ini"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("mistake", BROKER_MISTAKES + [None], ids=lambda m: m and m[1])
+def test_check_config_rejects_what_a_start_rejects(tmp_path, standins, mistake):
+    if mistake is None:  # two sections for one server
+        path, expected = two_servers(tmp_path, standins), "[server-2] addr: the same server as"
+    else:
+        path, expected = two_servers(tmp_path, standins, *mistake[:2]), mistake[2]
+    for args in (["--check-config", str(path)], [str(path)]):
+        result = run_script("broker.py", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"{path}: {expected}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_reload_with_a_bad_address_is_refused_and_the_broker_runs_on(standins, broker,
+                                                                        tmp_path):
+    a, b = standins(2)
+    script = broker([a, b])
+    config = tmp_path / "config0.ini"
+    config.write_text(config.read_text().replace("addr = 127.0.0.1", "addr = pbx 3.example.com",
+                                                 1))
+    script.proc.send_signal(signal.SIGHUP)
+    script.wait_for_output("Reload failed, running on as before")
+    a.control.set_device("SIP/1", "INUSE")
+    wait_until(lambda: custom_states(b).get("Custom:SIP/1") == "INUSE")
+    assert script.proc.poll() is None and "Traceback" not in script.output()
+
+
+def test_ipv6_end_to_end_on_the_loopback(standins, tmp_path, context):
+    """The broker, the hub and the agents on ::1, res_zmq_manager and AMI alike."""
+    a, b, c = standins(3, host="::1", ami_port=0)
+    config = tmp_path / "ipv6.ini"
+    config.write_text(broker_config([a, b, c], ami=(2,)).replace("addr = 127.0.0.1", "addr = ::1"))
+    broker_script = Script("broker.py", str(config), log_dir=tmp_path, name="broker6")
+    wait_until(lambda: a.control.state()["subscriptions"] and b.control.state()["subscriptions"]
+               and c.control.state()["ami_sessions"], message="the broker to reach ::1")
+    a.control.set_device("SIP/6", "RINGING")
+    for standin in (b, c):
+        wait_until(lambda: custom_states(standin).get("Custom:SIP/6") == "RINGING")
+    broker_script.kill()
+
+    hub_urls = dict(PUB_BIND_URL=f"tcp://[::1]:{free_port('::1')}",
+                    SUB_BIND_URL=f"tcp://[::1]:{free_port('::1')}")
+    hub = Script("server.py", str(python_settings(tmp_path / "hub6.py", **hub_urls)),
+                 log_dir=tmp_path, name="hub6")
+    hub.wait_for_output("Started")
+    for name, standin in (("X", a), ("Y", b)):
+        settings = python_settings(
+            tmp_path / f"agent6_{name}.py", SYSTEM_NAME=name, PID_FILE=str(tmp_path / name),
+            ASTERISK_CMD_URL=f"tcp://[::1]:{standin.cmd_port}",
+            ASTERISK_EVT_URL=f"tcp://[::1]:{standin.evt_port}",
+            ZMQ_PUB_URL=hub_urls["SUB_BIND_URL"], ZMQ_SUB_URL=hub_urls["PUB_BIND_URL"])
+        Script("agent.py", str(settings), log_dir=tmp_path, name=f"agent6_{name}")
+    context.setsockopt(zmq.IPV6, 1)
+    client = HubClient(context, SimpleNamespace(pull_url=hub_urls["SUB_BIND_URL"],
+                                                pub_url=hub_urls["PUB_BIND_URL"]), name="Six")
+    for name in ("X", "Y"):
+        client.ping_until_pong(name)
+    b.control.set_device("SIP/7", "BUSY")
+    wait_until(lambda: custom_states(a).get("Custom:SIP/7") == "BUSY",
+               message="a state from Y to X through the hub on ::1")
+    client.close()

@@ -33,9 +33,9 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__, envelope, security
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_bool,
-                     is_log_level, is_optional_text, is_positive_number, is_url, reload_settings,
-                     run_settings_script)
+from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_action_names,
+                     is_bool, is_down_state, is_log_level, is_optional_text, is_url,
+                     is_url_or_urls, number_between, reload_settings, run_settings_script)
 from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
 from .loop import EventLoop, Timer, drain
 from .rules import (DEVICE_STATES, BadInput, StateUpdate, event_for,
@@ -45,33 +45,6 @@ from .stats import DropLog, printable
 from .status import StatusServer, link_status, serve_status, when
 
 log = logging.getLogger("asterisk_agent")
-
-
-def is_url_or_urls(value: Any) -> Optional[str]:
-    urls = value if isinstance(value, (list, tuple)) else [value]
-    if not urls or any(is_url(url) for url in urls):
-        return "must be a ZeroMQ address such as 'tcp://127.0.0.1:55555', or a list of them"
-    return None
-
-
-def is_down_state(value: Any) -> Optional[str]:
-    if value is None or value in DEVICE_STATES:
-        return None
-    return f"must be None (keep the last state) or one of {', '.join(sorted(DEVICE_STATES))}"
-
-
-def is_seconds_or_none(value: Any) -> Optional[str]:
-    return None if value is None else is_positive_number(value)
-
-
-def is_seconds_or_zero(value: Any) -> Optional[str]:
-    return None if value == 0 else is_positive_number(value)
-
-
-def is_action_names(value: Any) -> Optional[str]:
-    ok = isinstance(value, (list, tuple, set, frozenset)) and all(
-        isinstance(name, str) for name in value)
-    return None if ok else "must be a list of AMI action names"
 
 
 # Actions a client may have an agent run: read-only ones.  Others (Originate, Setvar, Command, ...)
@@ -88,16 +61,16 @@ AGENT_SETTINGS = {
                            "must be a name without brackets or control characters"),
     "ASTERISK_CMD_URL": Setting("tcp://127.0.0.1:1967", is_url),
     "ASTERISK_EVT_URL": Setting("tcp://127.0.0.1:1968", is_url),
-    "KEEP_ALIVE_INTERVAL": Setting(30, is_positive_number),
+    "KEEP_ALIVE_INTERVAL": Setting(30, number_between(0.1, 86400, "seconds")),
     "ZMQ_PUB_URL": Setting("tcp://127.0.0.1:55556", is_url_or_urls),
     "ZMQ_SUB_URL": Setting("tcp://127.0.0.1:55555", is_url_or_urls),
     "PID_FILE": Setting(None, is_optional_text),
-    "ASTERISK_TIMEOUT": Setting(5000, is_positive_number),
+    "ASTERISK_TIMEOUT": Setting(5000, number_between(10, 600_000, "milliseconds")),
     "DEVICE_STATE": Setting(True, is_bool),
     "PRESENCE": Setting(False, is_bool),
-    "PEER_TIMEOUT": Setting(None, is_seconds_or_none),
+    "PEER_TIMEOUT": Setting(None, number_between(0.1, 864000, "seconds", none=True)),
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
-    "RESYNC_INTERVAL": Setting(300, is_seconds_or_zero),
+    "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),
     "ALLOWED_ACTIONS": Setting(list(READ_ONLY_ACTIONS), is_action_names),
     "ASTERISK_AMI_URL": Setting("tcp://127.0.0.1:5038", is_url),
     "ASTERISK_AMI_USER": Setting(None, is_optional_text),

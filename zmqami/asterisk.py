@@ -547,4 +547,5 @@ def encode_action(action: Dict[str, Any]) -> bytes:
 
 def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)  # IPv6 addresses as well as IPv4 ones
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import logging.handlers
 import os
+import re
 import runpy
 import sys
 from dataclasses import dataclass, field
@@ -58,6 +59,52 @@ def setup_logging(level: int, log_file: Optional[str] = None, syslog: bool = Fal
     for handler in handlers[:2]:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=handlers, force=True)
+
+
+# --- addresses ---------------------------------------------------------------------------------
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+URL_EXAMPLE = "'tcp://127.0.0.1:55555'"
+
+
+def host_problem(host: str) -> Optional[str]:
+    """Why host is not a host name, an IPv4 or an IPv6 address (brackets optional), or None."""
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(literal)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        return f"{host!r} is not an IP address or a host name (a port goes in its own setting)"
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if not host or len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return f"{host!r} is not a host name or an IP address"
+    return None
+
+
+def url_problem(url: Any, bind: bool = False) -> Optional[str]:
+    """Why url is not a ZeroMQ address this program can use, or None.
+
+    ``tcp://<host>:<port>`` with a host name, an IPv4 address or an IPv6 address in brackets
+    (``tcp://[::1]:55555``); for a bind also ``*`` (every interface) or an interface name; or
+    ``ipc://<path>``.
+    """
+    if not isinstance(url, str):
+        return f"must be a ZeroMQ address such as {URL_EXAMPLE}"
+    scheme, separator, rest = url.partition("://")
+    if scheme == "ipc" and separator and rest and not re.search(r"[\x00-\x1f\x7f]", rest):
+        return None
+    if scheme != "tcp" or not separator:
+        return f"must be a ZeroMQ address such as {URL_EXAMPLE} or 'ipc:///path'"
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{url!r} has no port from 1 to 65535 (e.g. {URL_EXAMPLE})"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"{url!r}: an IPv6 address goes in brackets, e.g. 'tcp://[::1]:55555'"
+    if bind and host == "*":
+        return None
+    problem = host_problem(host)
+    return f"{url!r}: {problem}" if problem else None
 
 
 def is_loopback(host: str) -> bool:
@@ -160,15 +207,18 @@ class _IniReader:
             self.error(section, key, f"{number} is not between {low} and {high}")
         return number
 
-    def seconds(self, section: str, key: str, default: float, low: float, high: float) -> float:
+    def seconds(self, section: str, key: str, default: float, low: float, high: float,
+                zero: bool = False) -> float:
+        """A number of seconds from low to high (or 0, if zero means off)."""
         value = self.raw(section, key, str(default))
         try:
             number = float(value)
         except ValueError:
             self.error(section, key, f"{value!r} is not a number of seconds")
             return default
-        if not low <= number <= high:
-            self.error(section, key, f"{value} is not between {low:g} and {high:g} seconds")
+        if not (low <= number <= high or (zero and number == 0)):
+            self.error(section, key, f"{value} is not {'0 or ' if zero else ''}between {low:g} "
+                       f"and {high:g} seconds")
         return number
 
     def choice(self, section: str, key: str, default: str, choices: Dict[str, Any]) -> Any:
@@ -202,7 +252,8 @@ def load_broker_config(path: str) -> BrokerConfig:
     config.ping_interval = ini.seconds("general", "ping_interval", 10.0, 0.1, 3600)
     config.server_timeout = ini.seconds("general", "server_timeout", 3 * config.ping_interval,
                                         config.ping_interval, 36000)
-    config.resync_interval = ini.seconds("general", "resync_interval", 300.0, 0, 86400)
+    config.resync_interval = ini.seconds("general", "resync_interval", 300.0, 0.1, 86400,
+                                         zero=True)
     down_state = parser.get("general", "down_state", fallback="UNAVAILABLE").strip().upper()
     if down_state and down_state not in DEVICE_STATES:
         ini.error("general", "down_state", f"{down_state!r} is not one of "
@@ -211,7 +262,7 @@ def load_broker_config(path: str) -> BrokerConfig:
     config.log_file = parser.get("general", "log_file", fallback="").strip() or None
     config.log_syslog = ini.boolean("general", "log_syslog", False)
     config.status_socket = parser.get("general", "status_socket", fallback="").strip() or None
-    if config.status_socket and is_url(config.status_socket):
+    if config.status_socket and url_problem(config.status_socket, bind=True):
         ini.error("general", "status_socket", f"{config.status_socket!r} is not an address such "
                   "as ipc:///run/zmq-ami/broker.status or tcp://127.0.0.1:5599")
 
@@ -219,6 +270,8 @@ def load_broker_config(path: str) -> BrokerConfig:
         ini.errors.append(f"{path}: [servers]: section missing")
         raise ConfigError(ini.errors)
     sections = [s.strip() for s in (ini.raw("servers", "sections") or "").split(",") if s.strip()]
+    if not sections and not ini.errors:
+        ini.error("servers", "sections", "names no server section")
     for section in sections:
         if not parser.has_section(section):
             ini.error(section, None, "section missing (listed in [servers] sections)")
@@ -238,9 +291,26 @@ def load_broker_config(path: str) -> BrokerConfig:
             ami_port=ini.integer(section, "ami_port", 5038, 1, 65535),
         ))
     _check_server_names(ini, config.servers)
+    _check_server_addresses(ini, config.servers)
     if ini.errors:
         raise ConfigError(ini.errors)
     return config
+
+
+def _check_server_addresses(ini: _IniReader, servers: List[ServerConfig]) -> None:
+    seen: Dict[Tuple, str] = {}
+    for server in servers:
+        problem = host_problem(server.addr) if server.addr else None
+        if problem:
+            ini.error(server.section, "addr", problem)
+            continue
+        host = server.addr.strip("[]").lower()
+        where = (host, "ami", server.ami_port) if server.ami_user else \
+            (host, server.cmd_port, server.evt_port)
+        if where in seen:
+            ini.error(server.section, "addr", f"the same server as [{seen[where]}] (same "
+                      "address and ports)")
+        seen.setdefault(where, server.section)
 
 
 def _check_server_names(ini: _IniReader, servers: List[ServerConfig]) -> None:
@@ -270,22 +340,57 @@ def is_optional_text(value: Any) -> Optional[str]:
 
 
 def is_url(value: Any) -> Optional[str]:
-    if not isinstance(value, str) or "://" not in value:
-        return "must be a ZeroMQ address such as 'tcp://127.0.0.1:55555'"
+    """A ZeroMQ address to connect to."""
+    return url_problem(value)
+
+
+def is_bind_url(value: Any) -> Optional[str]:
+    """A ZeroMQ address to bind: also tcp://*:<port> or an interface name."""
+    return url_problem(value, bind=True)
+
+
+def is_url_or_urls(value: Any) -> Optional[str]:
+    urls = value if isinstance(value, (list, tuple)) else [value]
+    problems = [url_problem(url) for url in urls]
+    if not urls or any(problems):
+        return next((p for p in problems if p), "must be a ZeroMQ address such as " +
+                    URL_EXAMPLE) + ", or a list of them"
     return None
 
 
-def is_positive_number(value: Any) -> Optional[str]:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    return None if ok else "must be a number above 0"
+def number_between(low: float, high: float, unit: str, zero: bool = False,
+                   none: bool = False) -> Callable[[Any], Optional[str]]:
+    """A check of a number from low to high (or 0 when zero means off, or None when allowed)."""
+    def check(value: Any) -> Optional[str]:
+        if (none and value is None) or (zero and value == 0 and not isinstance(value, bool)):
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            low <= value <= high
+        if ok:
+            return None
+        alternatives = "".join([" (or None)" if none else "", " (or 0: off)" if zero else ""])
+        return f"must be a number of {unit} from {low:g} to {high:g}{alternatives}"
+    return check
+
+
+def is_down_state(value: Any) -> Optional[str]:
+    if value is None or value in DEVICE_STATES:
+        return None
+    return f"must be None (keep the last state) or one of {', '.join(sorted(DEVICE_STATES))}"
+
+
+def is_action_names(value: Any) -> Optional[str]:
+    ok = isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(name, str) for name in value)
+    return None if ok else "must be a list of AMI action names"
 
 
 def is_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be True or False"
 
 
-def is_optional_url(value: Any) -> Optional[str]:
-    return None if value is None else is_url(value)
+def is_optional_bind_url(value: Any) -> Optional[str]:
+    return None if value is None else is_bind_url(value)
 
 
 def is_log_level(value: Any) -> Optional[str]:
@@ -325,7 +430,7 @@ def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any]
 COMMON_SETTINGS = {
     "LOG_FILE": Setting(None, is_optional_text),
     "LOG_SYSLOG": Setting(False, is_bool),
-    "STATUS_SOCKET": Setting(None, is_optional_url),
+    "STATUS_SOCKET": Setting(None, is_optional_bind_url),
 }
 
 

@@ -31,6 +31,7 @@ def hub_socket(context: zmq.Context, kind: int) -> zmq.Socket:
     """A socket of the hub network, on either side: size limit, keep-alives, heartbeats."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)  # IPv6 addresses as well as IPv4 ones
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, HUB_MAX_BYTES)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)

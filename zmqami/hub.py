@@ -15,7 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__
 from . import security
 from .config import (COMMON_SETTINGS, ConfigError, Setting, is_log_level, is_optional_text,
-                     is_url, reload_settings, run_settings_script)
+                     is_bind_url, is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
 from .loop import EventLoop, drain
 from .rules import BadInput
@@ -26,9 +26,9 @@ log = logging.getLogger("esb_server")
 
 HUB_SETTINGS = {
     "LOG_LEVEL": Setting("info", is_log_level),
-    "PUB_BIND_URL": Setting("tcp://127.0.0.1:55555", is_url),
+    "PUB_BIND_URL": Setting("tcp://127.0.0.1:55555", is_bind_url),
     "PUB_CONNECT_URL": Setting("tcp://127.0.0.1:55555", is_url),  # kept from the original; unused
-    "SUB_BIND_URL": Setting("tcp://127.0.0.1:55556", is_url),
+    "SUB_BIND_URL": Setting("tcp://127.0.0.1:55556", is_bind_url),
     "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
     "CURVE_CLIENTS_DIR": Setting(None, is_optional_text),
     **COMMON_SETTINGS,

@@ -7,6 +7,7 @@ folder is read again whenever it changes, so adding or removing a key takes effe
 connection, without a restart.
 """
 import inspect
+import ipaddress
 import logging
 import os
 import stat
@@ -109,7 +110,7 @@ class Authenticator(ThreadAuthenticator):
 
     async def handle_zap_message(self, msg: List[bytes]) -> None:
         if len(msg) >= 6:
-            self._peer = (msg[3].decode("utf-8", "replace"),
+            self._peer = (_ipv4_if_mapped(msg[3].decode("utf-8", "replace")),
                           msg[6] if len(msg) > 6 else msg[5])
         result: Any = super().handle_zap_message(msg)
         if inspect.isawaitable(result):
@@ -124,6 +125,15 @@ class Authenticator(ThreadAuthenticator):
             log.warning("Refused a connection from %s: %s (%s)", address, what,
                         status_text.decode("utf-8", "replace"))
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def _ipv4_if_mapped(address: str) -> str:
+    """127.0.0.1 rather than ::ffff:127.0.0.1 (sockets with IPv6 on see IPv4 peers so)."""
+    try:
+        mapped = ipaddress.ip_address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return str(mapped) if mapped else address
 
 
 def start_authenticator(context: zmq.Context, clients_dir: str) -> Authenticator:

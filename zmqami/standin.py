@@ -86,8 +86,9 @@ class StandinAsterisk:
     def __init__(self, cmd_port: int = 0, evt_port: int = 0, control_port: int = 0,
                  loadzmq_delay: Optional[float] = LOADZMQ_DELAY, state_file: Optional[str] = None,
                  ami_port: Optional[int] = None, ami_user: str = AMI_USER,
-                 ami_secret: str = AMI_SECRET, ami_chunk: int = 0) -> None:
+                 ami_secret: str = AMI_SECRET, ami_chunk: int = 0, host: str = HOST) -> None:
         self.context = zmq.Context()
+        self.host = host
         self.loop = EventLoop()
         self.loadzmq_delay = loadzmq_delay
         self.state_file = state_file
@@ -108,7 +109,7 @@ class StandinAsterisk:
         self.evt = self._bind(zmq.XPUB, evt_port)
         self.evt.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.evt.setsockopt(zmq.SNDHWM, 100_000)
-        self.control = self._bind(zmq.REP, control_port)
+        self.control = self._bind(zmq.REP, control_port, HOST)  # tests reach it there
         self.ports = {"cmd_port": self._port(self.cmd), "evt_port": self._port(self.evt),
                       "control_port": self._port(self.control)}
         self.ami: Optional[AmiServer] = None
@@ -119,10 +120,13 @@ class StandinAsterisk:
         self.loop.add_reader(self.evt, self._on_subscription)
         self.loop.add_reader(self.control, self._on_control)
 
-    def _bind(self, kind: int, port: int) -> zmq.Socket:
+    def _bind(self, kind: int, port: int, host: str = "") -> zmq.Socket:
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(f"tcp://{HOST}:{port or '*'}")
+        sock.setsockopt(zmq.IPV6, 1)
+        host = host or self.host
+        address = f"[{host}]" if ":" in host else host
+        sock.bind(f"tcp://{address}:{port or '*'}")
         return sock
 
     @staticmethod
@@ -484,9 +488,9 @@ class AmiServer:
         self.sessions: Dict[socket.socket, AmiSession] = {}
         # events published while an action is answered, sent after its response
         self.held: Optional[List[Tuple[AmiSession, bytes]]] = None
-        self.listener = socket.socket()
+        self.listener = socket.socket(socket.AF_INET6 if ":" in core.host else socket.AF_INET)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((HOST, port))
+        self.listener.bind((core.host, port))
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]

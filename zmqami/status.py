@@ -46,6 +46,7 @@ class StatusServer:
         self.provide = provide
         self.sock = context.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1024)
         self.sock.bind(address)
         self.address = address
@@ -90,6 +91,7 @@ def fetch_status(address: str) -> Dict[str, Any]:
     context = zmq.Context.instance()
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.RCVTIMEO, STATUS_TIMEOUT_MS)
     try:
         sock.connect(address)
