@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config,  # noqa: E402
-                     free_port, kill_all_scripts, python_settings, wait_until)
+from harness import (HubClient, Script, broker_config, free_port, kill_all_scripts,  # noqa: E402
+                     python_settings, start_agent, wait_until)
 from zmqami.standin import Standin, start_standin, start_standin_process  # noqa: E402
 
 # The suite runs on busy, shared machines: Hypothesis keeps its number of examples but never fails
@@ -108,15 +108,8 @@ def agents(tmp_path, hub, context):
         hub_urls = dict(ZMQ_PUB_URL=hub.pull_url, ZMQ_SUB_URL=hub.pub_url) if hubs is None else \
             dict(ZMQ_PUB_URL=[h.pull_url for h in hubs], ZMQ_SUB_URL=[h.pub_url for h in hubs])
         for index, (name, standin) in enumerate(zip(names, servers)):
-            asterisk = dict(ASTERISK_AMI_URL=f"tcp://127.0.0.1:{standin.ami_port}",
-                            ASTERISK_AMI_USER=AMI_USER, ASTERISK_AMI_SECRET=AMI_SECRET) \
-                if index in ami else {}
-            config = python_settings(
-                tmp_path / f"agent_{name}.py", SYSTEM_NAME=name, LOG_LEVEL="info",
-                ASTERISK_CMD_URL=f"tcp://127.0.0.1:{standin.cmd_port}",
-                ASTERISK_EVT_URL=f"tcp://127.0.0.1:{standin.evt_port}",
-                PID_FILE=str(tmp_path / f"agent_{name}.pid"), **hub_urls, **asterisk, **settings)
-            script = Script("agent.py", str(config), log_dir=tmp_path, name=f"agent_{name}")
+            script = start_agent(tmp_path, name, standin, ami=index in ami, **hub_urls,
+                                 **settings)
             running.append(script)
             new.append(script)
         for index, (name, standin) in enumerate(zip(names, servers)):

@@ -124,6 +124,21 @@ def broker_config(servers: list, names: Optional[List[str]] = None, ami=(), ami_
     return "\n".join(lines) + "\n"
 
 
+def start_agent(tmp_path: Path, name: str, standin, ami: bool = False, host: str = "127.0.0.1",
+                **settings) -> Script:
+    """python agent.py for a stand-in, with its own settings file and pid file; settings
+    (ZMQ_PUB_URL, ZMQ_SUB_URL at least) are added to the file."""
+    host = f"[{host}]" if ":" in host else host
+    asterisk = dict(ASTERISK_AMI_URL=f"tcp://{host}:{standin.ami_port}", ASTERISK_AMI_USER=AMI_USER,
+                    ASTERISK_AMI_SECRET=AMI_SECRET) if ami else {}
+    config = python_settings(
+        tmp_path / f"agent_{name}.py", SYSTEM_NAME=name, LOG_LEVEL="info",
+        ASTERISK_CMD_URL=f"tcp://{host}:{standin.cmd_port}",
+        ASTERISK_EVT_URL=f"tcp://{host}:{standin.evt_port}",
+        PID_FILE=str(tmp_path / f"agent_{name}.pid"), **asterisk, **settings)
+    return Script("agent.py", str(config), log_dir=tmp_path, name=f"agent_{name}")
+
+
 def setvars(standin) -> List[Dict]:
     """The Setvar requests a stand-in received, decoded."""
     return [json.loads(r) for r in standin.control.requests() if '"Setvar"' in r or '"SetVar"' in r]
@@ -143,6 +158,7 @@ class HubClient:
         self.name = name
         self.push = context.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDTIMEO, 10_000)  # a dead hub fails the test, never hangs it
         self.push.connect(hub.pull_url)
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)

@@ -1,5 +1,6 @@
 """What a hostile review did to harm Asterisk or stop the programs, each done again end to end."""
 import json
+import re
 import signal
 import socket
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pytest
 import zmq
 
 from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config, custom_states,
-                     free_port, python_settings, run_script, wait_until)
+                     free_port, python_settings, run_script, start_agent, wait_until)
 from zmqami.ami import format_action
 
 OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
@@ -268,12 +269,8 @@ def test_ipv6_end_to_end_on_the_loopback(standins, tmp_path, context):
                  log_dir=tmp_path, name="hub6")
     hub.wait_for_output("Started")
     for name, standin in (("X", a), ("Y", b)):
-        settings = python_settings(
-            tmp_path / f"agent6_{name}.py", SYSTEM_NAME=name, PID_FILE=str(tmp_path / name),
-            ASTERISK_CMD_URL=f"tcp://[::1]:{standin.cmd_port}",
-            ASTERISK_EVT_URL=f"tcp://[::1]:{standin.evt_port}",
-            ZMQ_PUB_URL=hub_urls["SUB_BIND_URL"], ZMQ_SUB_URL=hub_urls["PUB_BIND_URL"])
-        Script("agent.py", str(settings), log_dir=tmp_path, name=f"agent6_{name}")
+        start_agent(tmp_path, name, standin, host="::1", ZMQ_PUB_URL=hub_urls["SUB_BIND_URL"],
+                    ZMQ_SUB_URL=hub_urls["PUB_BIND_URL"])
     context.setsockopt(zmq.IPV6, 1)
     client = HubClient(context, SimpleNamespace(pull_url=hub_urls["SUB_BIND_URL"],
                                                 pub_url=hub_urls["PUB_BIND_URL"]), name="Six")
@@ -283,3 +280,78 @@ def test_ipv6_end_to_end_on_the_loopback(standins, tmp_path, context):
     wait_until(lambda: custom_states(a).get("Custom:SIP/7") == "BUSY",
                message="a state from Y to X through the hub on ::1")
     client.close()
+
+
+# --- 6. a flood from one hub client cannot exhaust an agent ---------------------------------------
+
+def test_a_flood_of_devices_and_origins_is_bounded(standins, agents, hub, context):
+    x, = standins(1)
+    script, = agents([x], MAX_PEERS=20, MAX_DEVICES_PER_PEER=50)
+    client = HubClient(context, hub, name="Flooder")
+    client.ping_until_pong("X")
+    for i in range(2000):  # distinct devices from one origin, then heartbeats from many
+        client.send("*", "AsteriskEvent", data={"Event": "DeviceStateChange",
+                                                "Device": f"SIP/{i}", "State": "INUSE"})
+    for i in range(2000):
+        client.send("*", "AgentHeartbeat", origin=f"p{i}", heartbeat="30", asterisk="up")
+    client.send("*", "AgentHeartbeat", origin="Last", heartbeat="30", asterisk="up")
+    client.received.clear()
+    client.ping_until_pong("X")  # everything sent before the pong has been handled
+    wait_until(lambda: len(custom_states(x)) == 50, message="the first 50 devices mirrored")
+    assert len(script.lines("Peer p")) == 20 and not script.lines("Peer Last is up")
+    # One warning a minute for all that, every drop counted.
+    assert len(script.lines("Dropped input from")) == 1
+    assert "more than 50 states of one source" in script.output()
+    assert script.stop() == 0
+    dropped = int(script.lines("Received SIGTERM")[0].split(", ")[1].split()[0])
+    assert dropped == (2000 - 50) + (2001 - 20)
+
+
+# --- 8. a new agent must not crash an original hub ------------------------------------------------
+
+def test_every_message_of_a_new_agent_survives_the_original_hub(standins, tmp_path, context):
+    pull, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    hub = Script("tests/original_hub.py", pull, pub, log_dir=tmp_path, name="original_hub")
+    hub.wait_for_output("Started")
+    x, y = standins(2)
+    urls = dict(ZMQ_PUB_URL=pull, ZMQ_SUB_URL=pub)
+    for name, standin in (("X", x), ("Y", y)):
+        start_agent(tmp_path, name, standin, PRESENCE=True, KEEP_ALIVE_INTERVAL=0.3,
+                    RESYNC_INTERVAL=0.3, **urls)
+    client = HubClient(context, SimpleNamespace(pull_url=pull, pub_url=pub), name="Console")
+    client.ping_until_pong("X")
+    client.ping_until_pong("Y")
+    x.control.set_device("SIP/1", "INUSE")
+    x.control.set_presence("CustomPresence:1", "away", "", "lunch")
+    x.control.publish_raw(json.dumps({"Event": "Reload", "Module": "x", "Status": "0"}).encode())
+    client.send("X", "AsteriskAction", data={"Action": "Ping"})
+    client.send("X", "AsteriskAction", data={"Action": "Originate"})  # refused: an error answer
+    wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "INUSE")
+    x.control.set_mode("hung")  # the next AsteriskAction is answered with null
+    client.send("X", "AsteriskAction", data={"Action": "Ping"})
+    for msg_type in ("AgentPing", "AgentPong", "AgentHeartbeat", "AgentStateRequest",
+                     "AgentStates", "AsteriskEvent", "AsteriskAction", "AsteriskActionStatus"):
+        hub.wait_for_output(f"relayed {msg_type}")
+    wait_until(lambda: [m for m in client.find("AsteriskActionStatus", "X") if m["x_data"] is None],
+               message="an AsteriskActionStatus with null data")
+    assert hub.proc.poll() is None, hub.output()
+
+
+# --- 7. two agents with one SYSTEM_NAME -------------------------------------------------------------
+
+def test_two_agents_with_one_system_name_are_told_about_it(standins, hub, tmp_path):
+    x, y = standins(2)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first = start_agent(tmp_path / "one", "Moscow", x, ZMQ_PUB_URL=hub.pull_url,
+                        ZMQ_SUB_URL=hub.pub_url, KEEP_ALIVE_INTERVAL=0.2,
+                        STATUS_SOCKET=f"ipc://{tmp_path}/one.status")
+    second = start_agent(tmp_path / "two", "Moscow", y, ZMQ_PUB_URL=hub.pull_url,
+                         ZMQ_SUB_URL=hub.pub_url, KEEP_ALIVE_INTERVAL=0.2)
+    for script in (first, second):
+        script.wait_for_output("Another agent also calls itself Moscow")
+    status = lambda: run_script("agent.py", "--status",  # noqa: E731
+                                str(tmp_path / "one" / "agent_Moscow.py")).stdout
+    wait_until(lambda: re.search(r"messages from another agent with my name: [1-9]", status()),
+               message="the status to show the clash")
+    assert len(first.lines("Another agent also calls itself")) == 1  # once a minute

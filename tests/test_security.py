@@ -85,9 +85,9 @@ def test_curve_agents_relay_and_strangers_can_neither_inject_nor_listen(curve, s
                                                                          context):
     keys, hub, start_agent = curve
     x, y = standins(2)
-    start_agent("X", x, keys.client("x"))
-    start_agent("Y", y, keys.client("y"))
-    console = curve_client(context, hub, keys, keys.client("console"), "Console",
+    start_agent("X", x, keys.client("X"))
+    start_agent("Y", y, keys.client("Y"))
+    console = curve_client(context, hub, keys, keys.client("Console"), "Console",
                            topics=["[Console]", "[*]"])
     console.ping_until_pong("X")
     console.ping_until_pong("Y")
@@ -119,8 +119,8 @@ def test_curve_agents_relay_and_strangers_can_neither_inject_nor_listen(curve, s
 def test_a_key_added_to_the_folder_is_accepted_without_a_restart(curve, standins, context):
     keys, hub, start_agent = curve
     x, = standins(1)
-    start_agent("X", x, keys.client("x"))
-    late = keys.client("late", allowed=False)
+    start_agent("X", x, keys.client("X"))
+    late = keys.client("Late", allowed=False)
     shutil.copy(late[0], keys.clients)
     client = curve_client(context, hub, keys, late, "Late")
     client.ping_until_pong("X")
@@ -162,3 +162,21 @@ def test_hub_curve_needs_its_clients_folder(tmp_path):
 ])
 def test_which_bind_addresses_reach_beyond_this_host(url, beyond):
     assert binds_beyond_loopback(url) == beyond
+
+
+def test_a_client_may_only_speak_as_the_name_of_its_key(curve, standins, context):
+    keys, hub, start_agent = curve
+    x, y = standins(2)
+    start_agent("X", x, keys.client("X"))
+    start_agent("Y", y, keys.client("Y"))
+    console = curve_client(context, hub, keys, keys.client("Console"), "Console")
+    console.ping_until_pong("X")
+    console.ping_until_pong("Y")
+    # The Console's key, X's name: as X, it could inject states that every agent would mirror.
+    console.send("*", "AsteriskEvent", origin="X", data={"Event": "DeviceStateChange",
+                                                        "Device": "SIP/forged", "State": "BUSY"})
+    hub.script.wait_for_output("with origin 'X' from the key of 'Console': a client may only "
+                               "speak as itself")
+    x.control.set_device("SIP/real", "INUSE")  # X itself still relays
+    wait_until(lambda: custom_states(y).get("Custom:SIP/real") == "INUSE")
+    assert "Custom:SIP/forged" not in custom_states(y)

@@ -36,12 +36,13 @@ from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqMana
 from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_action_names,
                      is_bool, is_down_state, is_log_level, is_optional_text, is_url,
                      is_url_or_urls, number_between, reload_settings, run_settings_script)
-from .envelope import ALL, STATS, Envelope, hub_socket, is_node_name, parse_message
+from .envelope import (ALL, STATS, Envelope, hub_socket, is_heartbeat, is_node_name,
+                       parse_message)
 from .loop import EventLoop, Timer, drain
 from .rules import (DEVICE_STATES, BadInput, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable
-from .stats import DropLog, printable
+from .stats import DropLog, Throttle, held_back, printable
 from .status import StatusServer, link_status, serve_status, when
 
 log = logging.getLogger("asterisk_agent")
@@ -72,6 +73,8 @@ AGENT_SETTINGS = {
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
     "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),
     "ALLOWED_ACTIONS": Setting(list(READ_ONLY_ACTIONS), is_action_names),
+    "MAX_PEERS": Setting(1000, number_between(1, 100_000, "peers")),
+    "MAX_DEVICES_PER_PEER": Setting(10_000, number_between(1, 10_000_000, "devices")),
     "ASTERISK_AMI_URL": Setting("tcp://127.0.0.1:5038", is_url),
     "ASTERISK_AMI_USER": Setting(None, is_optional_text),
     "ASTERISK_AMI_SECRET": Setting(None, is_optional_text),
@@ -110,9 +113,13 @@ class Agent:
         self.loop = EventLoop()
         self.drops = DropLog(log)
         self.unsent = DropLog(log, what="a message to")
-        self.states = StateTable(settings["DOWN_STATE"])
+        self.states = StateTable(settings["DOWN_STATE"], settings["MAX_DEVICES_PER_PEER"],
+                                 settings["MAX_PEERS"] + 1)  # the peers and itself
         self.peers: Dict[str, Peer] = {}
         self.seen: "OrderedDict[str, None]" = OrderedDict()
+        self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
+        self.name_clashes = 0
+        self.clash_warnings = Throttle()
         self.state_requesters: Set[str] = set()
         self.received = 0
         self.context = context
@@ -214,11 +221,17 @@ class Agent:
                            "last_seen": when(time.time() - (time.monotonic() - peer.last_seen))}
                           for name, peer in sorted(self.peers.items())],
                 "totals": {"hub_messages": self.received, "known_states": len(self.states.entries),
+                           "messages_from_another_agent_with_my_name": self.name_clashes,
                            "input_dropped": sum(self.drops.counts.values())}}
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
-        frames = envelope.build(target, msg_type, self.name,
-                                heartbeat=self.settings["KEEP_ALIVE_INTERVAL"], **fields)
+        uuid = envelope.new_uuid()
+        self.sent_uuids[uuid] = None
+        if len(self.sent_uuids) > SEEN_UUIDS:
+            self.sent_uuids.popitem(last=False)
+        frames = envelope.build(target, msg_type, self.name, uuid,
+                                heartbeat=envelope.heartbeat(self.settings["KEEP_ALIVE_INTERVAL"]),
+                                **fields)
         for push, url in zip(self.pushes, self.hub_urls):
             try:
                 push.send_multipart(frames, zmq.NOBLOCK)
@@ -234,6 +247,7 @@ class Agent:
             return
         try:
             update = relayed_update(event, self.settings["DEVICE_STATE"], self.settings["PRESENCE"])
+            self.states.check_room(self.name, update)
         except BadInput as exc:
             self.drops.drop(link.name, f"{event['Event']}: {exc}", repr(event).encode())
             return
@@ -328,7 +342,8 @@ class Agent:
         if self.already_seen(message.uuid):
             return  # the same message by another hub
         if message.origin == self.name:
-            log.debug("Ignoring %s: coming from myself.", message.msg_type)
+            if message.uuid not in self.sent_uuids:
+                self.name_clash(message)
             return
         handler = {"AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
                    "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
@@ -339,6 +354,21 @@ class Agent:
             return
         self.saw_peer(message)
         handler(message)
+
+    def drop_from_peer(self, message: Envelope, why: str, raw: bytes = b"") -> None:
+        """Bad input in a peer's message.  Counted and rate-limited as the hub's, the origin
+        named in the line: a flood of invented origins must not grow a table or the log."""
+        self.drops.drop(self.hub_source, f"{message.msg_type} from {message.origin}: {why}", raw)
+
+    def name_clash(self, message: Envelope) -> None:
+        """A message in its own name that it did not send: another agent has its SYSTEM_NAME."""
+        self.name_clashes += 1
+        more = self.clash_warnings.allow("clash")
+        if more is not None:
+            log.error("Another agent also calls itself %s (a %s in my name that I did not "
+                      "send): the two never mirror each other.  Give each agent its own "
+                      "SYSTEM_NAME.%s", self.name, message.msg_type,
+                      held_back(more, "such messages"))
 
     def already_seen(self, uuid: str) -> bool:
         if uuid in self.seen:
@@ -358,7 +388,7 @@ class Agent:
     def apply_states(self, message: Envelope) -> None:
         events = message.field("events")
         if not isinstance(events, list):
-            self.drops.drop(f"{message.origin} via the hub", "AgentStates: x_events is not a list")
+            self.drop_from_peer(message, "x_events is not a list")
             return
         for event in events:
             self.apply_peer_event(message, event)
@@ -370,9 +400,9 @@ class Agent:
             if not isinstance(data, dict):
                 raise BadInput("not an object")
             update = relayed_update(data, self.settings["DEVICE_STATE"], self.settings["PRESENCE"])
+            self.states.check_room(message.origin, update)
         except BadInput as exc:
-            self.drops.drop(f"{message.origin} via the hub", f"{message.msg_type}: {exc}",
-                            repr(data).encode())
+            self.drop_from_peer(message, str(exc), repr(data).encode())
             return
         if update is None or not self.states.record(message.origin, update):
             return
@@ -408,7 +438,11 @@ class Agent:
         peer = self.peers.get(message.origin)
         if peer is not None:
             peer.last_seen = time.monotonic()
-        elif isinstance(message.field("heartbeat"), (int, float)):
+        elif is_heartbeat(message.field("heartbeat")):
+            if len(self.peers) >= self.settings["MAX_PEERS"]:
+                self.drop_from_peer(message, f"more than {self.settings['MAX_PEERS']} peers "
+                                    "(MAX_PEERS): not tracked")
+                return
             log.info("Peer %s is up.", message.origin)
             self.peers[message.origin] = Peer()
 

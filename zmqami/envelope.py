@@ -48,13 +48,34 @@ def is_node_name(name: Any) -> bool:
     return isinstance(name, str) and _NODE_NAME.fullmatch(name) is not None
 
 
+def heartbeat(interval: float) -> str:
+    """The x_heartbeat field: the sender's KEEP_ALIVE_INTERVAL, as a string.
+
+    Every field a new agent adds must survive the original hub, which calls len() on each value
+    it logs: a number there killed it (PROTOCOL.md section 3).
+    """
+    return f"{interval:g}"
+
+
+def is_heartbeat(value: Any) -> bool:
+    """An x_heartbeat as new agents send it (a string) or as the first new agents did (a number)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        return isinstance(value, str) and float(value) > 0
+    except ValueError:
+        return False
+
+
 def new_uuid() -> str:
     return uuid.uuid4().hex
 
 
-def build(target: str, msg_type: str, origin: str, **fields: Any) -> List[bytes]:
+def build(target: str, msg_type: str, origin: str, uuid: str = "", **fields: Any) -> List[bytes]:
     """The two frames of a message to ``[target]``; each field becomes ``x_<field>``."""
-    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": new_uuid(), "origin": origin}
+    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": uuid or new_uuid(), "origin": origin}
     for key, value in fields.items():
         body["x_" + key] = value
     return [topic(target), json.dumps(body).encode("utf-8")]

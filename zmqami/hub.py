@@ -95,7 +95,10 @@ class Hub:
         self.config_path = config_path
         self.loop.stop_on_signals()
         self.loop.reload_on_sighup(self.reload)
-        self.loop.add_reader(self.pull, lambda: drain(self.pull, self.relay))
+        if self.authenticator is None:
+            self.loop.add_reader(self.pull, lambda: drain(self.pull, self.relay))
+        else:
+            self.loop.add_reader(self.pull, lambda: drain(self.pull, self.relay_own, copy=False))
         self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"], "hub",
                                    self.status_report, f"{config_path}: STATUS_SOCKET")
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
@@ -123,9 +126,17 @@ class Hub:
         if settings is not None:
             self.settings = settings
 
-    def relay(self, frames: List[bytes]) -> None:
+    def relay_own(self, frames: List[zmq.Frame]) -> None:
+        """With CURVE: relay a message only if its origin is the name of the key that sent it."""
+        sender = frames[0].get("User-Id")
+        self.relay([frame.bytes for frame in frames], sender)
+
+    def relay(self, frames: List[bytes], sender: Optional[str] = None) -> None:
         try:
             envelope = parse_frames(frames)
+            if sender is not None and envelope.origin != sender:
+                raise BadInput(f"{envelope.msg_type} with origin {envelope.origin!r} from the "
+                               f"key of {sender!r}: a client may only speak as itself")
         except BadInput as exc:
             self.drops.drop(self.source, str(exc), b" | ".join(frames))
             return

@@ -21,11 +21,12 @@ Pollable = Union[zmq.Socket, int]
 READ_BATCH = 1000  # messages handled per wake-up before other sockets get their turn
 
 
-def drain(sock: zmq.Socket, handle: Callable[[List[bytes]], None]) -> None:
-    """Hand each message waiting on sock to handle (up to READ_BATCH), without blocking."""
+def drain(sock: zmq.Socket, handle: Callable[[List[Any]], None], copy: bool = True) -> None:
+    """Hand each message waiting on sock to handle (up to READ_BATCH), without blocking;
+    copy=False hands zmq.Frame objects (which carry their sender's User-Id)."""
     for _ in range(READ_BATCH):
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
         handle(frames)

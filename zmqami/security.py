@@ -5,18 +5,23 @@ Keys are the certificate files that ``zmq.auth.create_certificates(folder, name)
 agent or client has its own, and the hub accepts only the public keys in CURVE_CLIENTS_DIR.  The
 folder is read again whenever it changes, so adding or removing a key takes effect at the next
 connection, without a restart.
+
+A key's file name is its owner's name: ``<SYSTEM_NAME>.key`` for an agent.  The authenticator
+gives that name to ZeroMQ as the connection's User-Id, and the hub drops every message whose
+``origin`` is not the name of the key that sent it: a client may only speak as itself.
 """
 import inspect
 import ipaddress
 import logging
 import os
 import stat
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from .config import ConfigError, is_loopback
 
@@ -74,11 +79,12 @@ def binds_beyond_loopback(url: str) -> bool:
 
 
 class ClientKeys:
-    """The public keys allowed to connect: the .key files of a folder, read again on change."""
+    """The public keys allowed to connect, by owner: the .key files of a folder (``<name>.key``),
+    read again on change."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self.keys: Set[bytes] = set()
+        self.names: Dict[bytes, str] = {}  # z85 public key -> its owner's name
         self._signature: Optional[List[Tuple[str, float]]] = None
         self.reload()
 
@@ -88,8 +94,16 @@ class ClientKeys:
         if signature == self._signature:
             return
         self._signature = signature
-        self.keys = set(zmq.auth.load_certificates(self.folder))
-        log.info("%d client keys allowed (from %s)", len(self.keys), self.folder)
+        names = {}
+        for name, _ in signature:
+            try:
+                public, _secret = zmq.auth.load_certificate(os.path.join(self.folder, name))
+            except (OSError, ValueError) as exc:
+                log.error("Cannot read the client key %s in %s: %s", name, self.folder, exc)
+                continue
+            names[public] = name[:-len(".key")]
+        self.names = names
+        log.info("%d client keys allowed (from %s)", len(self.names), self.folder)
 
     def callback(self, domain: str, key: bytes) -> bool:
         """zmq.auth's credentials provider: is this client's public key (z85) allowed?"""
@@ -97,14 +111,15 @@ class ClientKeys:
             self.reload()
         except OSError as exc:
             log.error("Cannot read the client keys in %s: %s", self.folder, exc)
-        return key in self.keys
+        return key in self.names
 
 
 class Authenticator(ThreadAuthenticator):
     """pyzmq's authenticator thread, logging each refused peer once, with its address."""
 
-    def __init__(self, context: zmq.Context) -> None:
+    def __init__(self, context: zmq.Context, client_keys: ClientKeys) -> None:
         super().__init__(context)
+        self.client_keys = client_keys
         self.refused: Set[Tuple[str, bytes]] = set()
         self._peer: Tuple[str, bytes] = ("", b"")
 
@@ -118,6 +133,8 @@ class Authenticator(ThreadAuthenticator):
 
     def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
                         user_id: str = "anonymous") -> None:
+        if status_code == b"200" and len(self._peer[1]) == 32:  # a CURVE key: its owner's name
+            user_id = self.client_keys.names.get(z85.encode(self._peer[1]), user_id)
         if status_code != b"200" and self._peer not in self.refused:
             self.refused.add(self._peer)
             address, credential = self._peer
@@ -137,7 +154,8 @@ def _ipv4_if_mapped(address: str) -> str:
 
 
 def start_authenticator(context: zmq.Context, clients_dir: str) -> Authenticator:
-    authenticator = Authenticator(context)
+    client_keys = ClientKeys(clients_dir)
+    authenticator = Authenticator(context, client_keys)
     authenticator.start()
-    authenticator.configure_curve_callback(domain="*", credentials_provider=ClientKeys(clients_dir))
+    authenticator.configure_curve_callback(domain="*", credentials_provider=client_keys)
     return authenticator

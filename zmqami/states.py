@@ -6,9 +6,12 @@ is given every known state again, a server that goes down has its devices shown 
 on the others, and a list read from a server (DeviceStateList, PresenceStateList) is compared
 with what is known, so that a missed event or a stale mirror is repaired.
 
-Memory is bounded by the number of devices and presentities: one small entry per variable.
+Memory is bounded: one small entry per variable, at most max_per_source variables per source
+and at most max_sources sources (a flood of distinct devices or origins is refused, not stored,
+and never written into Asterisk's database as Custom: devices).
 """
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
@@ -40,10 +43,25 @@ class Entry:
 
 
 class StateTable:
-    def __init__(self, down_state: Optional[str]) -> None:
+    def __init__(self, down_state: Optional[str], max_per_source: int = 10_000,
+                 max_sources: int = 1_000) -> None:
         self.down_state = down_state
+        self.max_per_source = max_per_source
+        self.max_sources = max_sources
         self.entries: Dict[str, Entry] = {}  # variable -> what its source reported last
         self.shown_down: Set[str] = set()    # device variables shown as down_state
+        self.per_source: Counter = Counter()  # source -> how many variables it owns
+
+    def refusal(self, source: str, variable: str) -> Optional[str]:
+        """Why a new variable of source is not taken (a table bound), or None."""
+        entry = self.entries.get(variable)
+        if entry is not None and entry.source == source:
+            return None
+        if self.per_source[source] >= self.max_per_source:
+            return f"more than {self.max_per_source} states of one source: ignored"
+        if source not in self.per_source and len(self.per_source) >= self.max_sources:
+            return f"more than {self.max_sources} sources: ignored"
+        return None
 
     def record(self, source: str, update: StateUpdate) -> bool:
         """Remember what a source reported in an event; True if its mirrors must change."""
@@ -61,9 +79,19 @@ class StateTable:
 
     def _remember(self, source: str, update: StateUpdate, when: float) -> bool:
         news = self.expected(update.variable) != update.value  # what the mirrors show now
+        old = self.entries.get(update.variable)
+        if old is None or old.source != source:
+            self.per_source[source] += 1
+            if old is not None:
+                self._disown(old.source)
         self.entries[update.variable] = Entry(update.value, source, when)
         self.shown_down.discard(update.variable)
         return news
+
+    def _disown(self, source: str) -> None:
+        self.per_source[source] -= 1
+        if self.per_source[source] <= 0:
+            del self.per_source[source]
 
     def owner(self, variable: str) -> Optional[str]:
         entry = self.entries.get(variable)
@@ -114,6 +142,7 @@ class StateTable:
                 continue
             try:
                 update = device_state_update(item)
+                self.check_room(server, update)
             except BadInput as exc:
                 on_bad(item, exc)
                 continue
@@ -134,6 +163,7 @@ class StateTable:
         for item in items:
             try:
                 update = presence_update(item)
+                self.check_room(server, update)
             except BadInput as exc:
                 on_bad(item, exc)
                 continue
@@ -147,6 +177,12 @@ class StateTable:
             elif self.owner(update.variable) == server:
                 reading.current.append(StateUpdate(update.variable, expected))
         return reading
+
+    def check_room(self, source: str, update: Optional[StateUpdate]) -> None:
+        """BadInput if the table has no room for update of source (see refusal)."""
+        why = update and self.refusal(source, update.variable)
+        if why:
+            raise BadInput(why)
 
     def _read_own(self, server: str, update: StateUpdate, asked_at: float,
                   reading: ListReading) -> None:
