@@ -8,8 +8,16 @@ LOG_LEVEL = 'info'
 # No brackets and no control characters.
 SYSTEM_NAME = 'Moscow'
 
-# This host's Asterisk, res_zmq_manager's sockets (addr_cmd and addr_evt of
-# /etc/asterisk/zmq_manager.conf).  The agent runs on the Asterisk host: keep 127.0.0.1.
+# This host's Asterisk over its own manager interface (plain AMI, the recommended way): the
+# manager interface (manager.conf) and a manager user for the agent (README: "Plain AMI").  The
+# agent runs on the Asterisk host: keep 127.0.0.1.  The secret is never written to the logs.
+ASTERISK_AMI_URL = 'tcp://127.0.0.1:5038'
+ASTERISK_AMI_USER = 'zmq-ami'
+ASTERISK_AMI_SECRET = 'change-me'
+
+# Or, with ASTERISK_AMI_USER = None, through res_zmq_manager's sockets (addr_cmd and addr_evt of
+# /etc/asterisk/zmq_manager.conf), as the original agent did.  The module crashes Asterisk 15+
+# during normal relaying (README: "res_zmq_manager on Asterisk 15+").
 ASTERISK_CMD_URL = 'tcp://127.0.0.1:1967'
 ASTERISK_EVT_URL = 'tcp://127.0.0.1:1968'
 
@@ -60,17 +68,16 @@ ALLOWED_ACTIONS = ['Ping', 'CoreStatus', 'CoreSettings', 'CoreShowChannels', 'De
                    'SIPpeers', 'SIPshowpeer', 'PJSIPShowEndpoints', 'PJSIPShowEndpoint',
                    'QueueStatus', 'QueueSummary', 'Mailboxcount', 'MailboxStatus']
 
+# Bounds on what the peers can make this agent hold (and write into Asterisk's database): peers
+# tracked, and states kept per peer.  What exceeds them is dropped, counted and logged.
+MAX_PEERS = 1000
+MAX_DEVICES_PER_PEER = 10000
+
 # CURVE towards the hub (README: Security); off while None.  Set both or neither:
 # the hub's public key (its .key file) and this agent's own key pair (its .key_secret file).
+# The hub knows this agent by its key's file name: <SYSTEM_NAME>.key in its CURVE_CLIENTS_DIR.
 CURVE_SERVER_KEY_FILE = None
 CURVE_SECRET_KEY_FILE = None
-
-# Plain AMI instead of res_zmq_manager: this host's manager interface (manager.conf) and a
-# manager user for the agent.  When ASTERISK_AMI_USER is set these replace ASTERISK_CMD_URL and
-# ASTERISK_EVT_URL.  The secret is never written to the logs.
-ASTERISK_AMI_URL = 'tcp://127.0.0.1:5038'
-ASTERISK_AMI_USER = None
-ASTERISK_AMI_SECRET = None
 
 # Logging: always to standard error (the journal under systemd); also to this file when set
 # (reopened by itself when logrotate renames it), and to syslog when LOG_SYSLOG is True.

@@ -21,7 +21,8 @@ SUB_BIND_URL = 'tcp://127.0.0.1:55556'
 CURVE_SECRET_KEY_FILE = None
 
 # With CURVE on: the folder of the public .key files of every agent and client allowed to
-# connect.  Nobody else can send or receive.  Adding or removing a file takes effect at the
+# connect, each named after its owner (<SYSTEM_NAME>.key): a message whose origin is not the name
+# of the key that sent it is dropped.  Nobody else can send or receive.  Adding or removing a file takes effect at the
 # next connection, without a restart.
 CURVE_CLIENTS_DIR = None
 

@@ -280,7 +280,9 @@ def test_default_settings_files_are_valid_and_on_loopback():
     for name, schema in (("agent_config.py", AGENT_SETTINGS), ("server_config.py", HUB_SETTINGS)):
         settings, unknown = load_settings(str(ROOT / name), schema)
         assert unknown == []
-        assert all(value == schema[key].default for key, value in settings.items()), name
+        # The file shows plain AMI as the first choice; the defaults keep the original's way.
+        assert all(value == schema[key].default for key, value in settings.items()
+                   if key not in ("ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET")), name
         assert all("127.0.0.1" in value for value in settings.values()
                    if isinstance(value, str) and "://" in value)
 

@@ -150,7 +150,7 @@ def test_without_arguments_it_prints_usage():
 def test_example_config_starts_and_logs_its_connections(tmp_path):
     from harness import Script
     script = Script("broker.py", "example_config.ini", log_dir=tmp_path)
-    script.wait_for_output("Connected to Console 2 commands on tcp://127.0.0.1:40967")
+    script.wait_for_output("Connecting to Console 2 over AMI at 127.0.0.1:15038 as zmq-ami")
     assert script.stop(signal.SIGINT) == 0
 
 

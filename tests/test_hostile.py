@@ -161,6 +161,22 @@ def test_a_broker_relays_a_long_presence_to_ami_servers_only(standins, broker):
     assert_alive(a, b, c)
 
 
+# --- 3. every res_zmq_manager server is warned about, once, at start --------------------------------
+
+def test_each_res_zmq_manager_server_is_warned_about_once(standins, broker, agents):
+    a, b = standins(2, ami_port=0)
+    script = broker([a, b], ami=(1,))
+    warning = "is reached through res_zmq_manager, which crashes Asterisk 15+"
+    script.wait_for_output("server-1 " + warning)
+    a.control.set_device("SIP/1", "INUSE")
+    wait_until(lambda: custom_states(b).get("Custom:SIP/1") == "INUSE")
+    assert len(script.lines(warning)) == 1 and "res_zmq_manager on Asterisk 15+" in \
+        script.lines(warning)[0]
+    module_agent, ami_agent = agents([a, b], ami=(1,))
+    module_agent.wait_for_output("Asterisk " + warning)
+    assert not ami_agent.lines(warning)
+
+
 # --- 4. nothing read from the status socket can end a program -----------------------------------
 
 def hostile_status_requests(context, address: str) -> None:

@@ -36,7 +36,7 @@ class Broker:
         self.context = context
         self.loop = EventLoop()
         self.drops = DropLog(log)
-        self.states = StateTable(config.down_state)
+        self.states = StateTable(config.down_state, max_per_source=config.max_devices)
         self.events_relayed = 0
         self.handlers = LinkHandlers(on_event=self.on_event, drops=self.drops,
                                      on_up=self.resync, on_down=self.show_down)
@@ -91,6 +91,7 @@ class Broker:
         self.traced = {server.name for server in config.servers if server.ami_trace}
         self.config = config
         self.states.down_state = config.down_state
+        self.states.max_per_source = config.max_devices
         self._schedule(config)
         self._serve_status(config)
 
@@ -147,6 +148,7 @@ class Broker:
             log.info("Got message from %s:\n%s.", source.name, json.dumps(event, indent=4))
         try:
             update = relayed_update(event, self.config.device_state, self.config.presence)
+            self.states.check_room(source.name, update)
         except BadInput as exc:
             self.drops.drop(source.name, f"{event.get('Event')}: {exc}",
                             json.dumps(event).encode("utf-8"))

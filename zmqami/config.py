@@ -155,6 +155,7 @@ class BrokerConfig:
     server_timeout: float = 30.0
     down_state: Optional[str] = "UNAVAILABLE"
     resync_interval: float = 300.0
+    max_devices: int = 100_000
     log_file: Optional[str] = None
     log_syslog: bool = False
     status_socket: Optional[str] = None
@@ -254,6 +255,7 @@ def load_broker_config(path: str) -> BrokerConfig:
                                         config.ping_interval, 36000)
     config.resync_interval = ini.seconds("general", "resync_interval", 300.0, 0.1, 86400,
                                          zero=True)
+    config.max_devices = ini.integer("general", "max_devices", 100_000, 1, 10_000_000)
     down_state = parser.get("general", "down_state", fallback="UNAVAILABLE").strip().upper()
     if down_state and down_state not in DEVICE_STATES:
         ini.error("general", "down_state", f"{down_state!r} is not one of "

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import zmq
 
 from .config import PROJECT_DIR
-from .standin import HOST, Standin, start_standin
+from .standin import AMI_SECRET, AMI_USER, HOST, Standin, start_standin
 
 SERVERS = ("asterisk-1", "asterisk-2", "asterisk-3")
 STEP_DEADLINE = 3.0  # seconds to wait for a change to show on every other server
@@ -33,9 +33,9 @@ SCRIPT = [
 def _config_text(standins: List[Standin]) -> str:
     lines = ["[general]", "device_state = yes", "presence = yes", "log_level = warning",
              "[servers]", "sections = " + ", ".join(SERVERS)]
-    for name, standin in zip(SERVERS, standins):
-        lines += [f"[{name}]", f"name = {name}", f"addr = {HOST}",
-                  f"cmd_port = {standin.cmd_port}", f"evt_port = {standin.evt_port}"]
+    for name, standin in zip(SERVERS, standins):  # over plain AMI, the recommended way
+        lines += [f"[{name}]", f"name = {name}", f"addr = {HOST}", f"ami_user = {AMI_USER}",
+                  f"ami_secret = {AMI_SECRET}", f"ami_port = {standin.ami_port}"]
     return "\n".join(lines) + "\n"
 
 
@@ -84,9 +84,11 @@ def _presence_text(status: str, subtype: str, message: str) -> str:
     return f"{status} ({subtype}: {message})"
 
 
-def _wait_until_subscribed(standins: List[Standin], subscribers: int, broker: subprocess.Popen) -> None:
+def _wait_until_connected(standins: List[Standin], broker: subprocess.Popen) -> None:
+    """Until the broker has logged in to every stand-in and the observer subscribed to each."""
     deadline = time.monotonic() + 10
-    while any(s.control.state()["subscriptions"] < subscribers for s in standins):
+    while any(s.control.state()["subscriptions"] < 1 or s.control.state()["ami_sessions"] < 1
+              for s in standins):
         if broker.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the broker did not connect to the stand-in servers")
         time.sleep(0.02)
@@ -124,7 +126,7 @@ def _print_mirrors(standins: List[Standin]) -> None:
 
 def run_demo() -> int:
     context = zmq.Context()
-    standins = [start_standin(context) for _ in SERVERS]
+    standins = [start_standin(context, ami_port=0) for _ in SERVERS]
     workdir = tempfile.mkdtemp(prefix="zmq-ami-broker-demo-")
     config_path = os.path.join(workdir, "demo_config.ini")
     with open(config_path, "w", encoding="utf-8") as handle:
@@ -138,7 +140,7 @@ def run_demo() -> int:
     observer = Observer(context, standins)
     ok = False
     try:
-        _wait_until_subscribed(standins, 2, broker)  # the broker and the observer
+        _wait_until_connected(standins, broker)
         ok = _play(observer, standins)
         _print_mirrors(standins)
         print("\nEvery change reached every other server." if ok else
