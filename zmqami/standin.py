@@ -536,14 +536,21 @@ class AmiServer:
             reply = self._answer(session, headers)
         finally:
             held, self.held = self.held, None
-        if reply is not None and self.core.mode not in ("hung", "crashed"):
-            data = b"".join(format_message(message) for message in reply)
-            if self.core.mode == "slow":
-                self.core.loop.call_later(self.core.delay, lambda: self._send(session, data))
-            else:
-                self._send(session, data)
+        # Its own events follow the response, however late that comes (a busy server: in their own
+        # write, a few ms later); other sessions get theirs at once.
+        own = b"".join(event for other, event in held if other is session)
         for other, event in held:
-            self._send(other, event)
+            if other is not session:
+                self._send(other, event)
+        if reply is None or self.core.mode in ("hung", "crashed"):
+            self._send(session, own)
+            return
+        data = b"".join(format_message(message) for message in reply)
+        if self.core.mode == "slow":
+            self.core.loop.call_later(self.core.delay, lambda: self._send(session, data))
+            self.core.loop.call_later(self.core.delay + 0.005, lambda: self._send(session, own))
+        else:
+            self._send(session, data + own)
 
     def _answer(self, session: AmiSession, headers: Dict[str, str]) -> Optional[List[Dict]]:
         respond = self.core._response
