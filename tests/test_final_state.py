@@ -1,8 +1,10 @@
 """The right final state, always: each scenario in which every server could agree on a wrong state,
 repeated many times end to end."""
+import signal
+
 import pytest
 
-from harness import wait_until
+from harness import broker_config, custom_states, wait_until
 
 TRIALS = 20
 # A user changes a presence four times quickly on one server.
@@ -64,3 +66,30 @@ def test_quick_presence_changes_end_on_the_last_value_through_agents(standins, a
     servers = slow_servers(standins, 3)
     agents(servers, ami=ami, PRESENCE=True)
     assert_everywhere(servers, play_sequences(servers[0], servers))
+
+
+def test_a_server_removed_by_a_reload_leaves_no_frozen_phones(standins, broker, tmp_path):
+    a, b, s3 = standins(3)
+    script = broker([a, b, s3], resync_interval="0.3")
+    s3.control.set_device("SIP/300", "INUSE")
+    for server in (a, b):
+        wait_until(lambda: custom_states(server).get("Custom:SIP/300") == "INUSE")
+    config = tmp_path / "config0.ini"
+    config.write_text(broker_config([a, b], resync_interval="0.3"))
+    script.proc.send_signal(signal.SIGHUP)
+    script.wait_for_output("0 added, 1 removed")
+    s3.control.set_device("SIP/300", "NOT_INUSE")  # the call ends; nobody relays it any more
+    for server in (a, b):  # shown as down_state, not as the call that ended
+        wait_until(lambda: custom_states(server).get("Custom:SIP/300") == "UNAVAILABLE",
+                   message="the removed server's phone shown UNAVAILABLE")
+    a.control.set_device("Custom:SIP/300", "NOT_INUSE", publish=False)  # the admin resets it
+    for server in (a, b):  # three anti-entropy rounds: nothing writes it again
+        reads = device_list_reads(server)
+        wait_until(lambda: device_list_reads(server) >= reads + 3, message="anti-entropy")
+    assert custom_states(a)["Custom:SIP/300"] == "NOT_INUSE"
+    assert custom_states(b)["Custom:SIP/300"] == "UNAVAILABLE"
+    script.wait_for_output("Forgot the states of server-3; 1 of its devices now show UNAVAILABLE")
+
+
+def device_list_reads(standin) -> int:
+    return standin.control.state()["actions_run"].get("devicestatelist", 0)

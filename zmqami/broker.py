@@ -73,10 +73,10 @@ class Broker:
                         len(config.servers), config.path)
         kept = {link.name: link for link in self.links
                 if self.servers.get(link.name) in config.servers}
-        for link in self.links:
-            if link.name not in kept:
-                log.info("Server %s removed: disconnecting", link.name)
-                link.close()
+        removed = [link for link in self.links if link.name not in kept]
+        for link in removed:
+            log.info("Server %s removed: disconnecting", link.name)
+            link.close()
         self.links, self.servers = [], {}
         for server in config.servers:
             link = kept.get(server.name)
@@ -92,6 +92,8 @@ class Broker:
         self.config = config
         self.states.down_state = config.down_state
         self.states.max_per_source = config.max_devices
+        for link in removed:
+            self.forget(link)
         self._schedule(config)
         self._serve_status(config)
 
@@ -197,6 +199,15 @@ class Broker:
         if updates:
             log.warning("%d devices of %s now show %s on the other servers", len(updates),
                         link.name, self.config.down_state)
+
+    def forget(self, link: AsteriskLink) -> None:
+        """A server removed from the config: its devices show down_state on the others one last
+        time, and nothing it reported is known any more (no repair writes it again)."""
+        updates = self.states.remove_source(link.name)
+        for update in updates:
+            self.relay(link, update)
+        log.info("Forgot the states of %s%s", link.name, f"; {len(updates)} of its devices now "
+                 f"show {self.config.down_state} on the other servers" if updates else "")
 
     def resync(self, link: AsteriskLink) -> None:
         """A server is (back) up: write every known state on it, then read its own states."""

@@ -125,6 +125,17 @@ class StateTable:
         self.shown_down.update(newly_down)
         return [StateUpdate(variable, self.down_state) for variable in newly_down]
 
+    def remove_source(self, source: str) -> List[StateUpdate]:
+        """The source is gone for good (removed from the config): the updates that show its
+        devices as down_state one last time (none without a down_state); then every state it
+        reported is forgotten, so that no repair ever writes it again."""
+        updates = self.set_down(source)
+        for variable in [v for v, entry in self.entries.items() if entry.source == source]:
+            del self.entries[variable]
+            self.shown_down.discard(variable)
+        self.per_source.pop(source, None)
+        return updates
+
     def read_device_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
                          writing: IsWriting, on_bad: OnBadItem) -> ListReading:
         """Compare a server's DeviceStateList items with what is known.
