@@ -5,6 +5,7 @@ import signal
 import pytest
 
 from harness import broker_config, custom_states, wait_until
+from zmqami.rules import aggregate_device_states
 
 TRIALS = 20
 # A user changes a presence four times quickly on one server.
@@ -93,3 +94,28 @@ def test_a_server_removed_by_a_reload_leaves_no_frozen_phones(standins, broker, 
 
 def device_list_reads(standin) -> int:
     return standin.control.state()["actions_run"].get("devicestatelist", 0)
+
+
+def test_a_device_reported_by_two_servers_shows_their_combination(standins, broker, processes):
+    """SIP/100 is registered on A and in a call; B reports it UNAVAILABLE (not registered there).
+    Whatever the order the reports come in, C shows INUSE, as a hint over both would."""
+    a = processes("a")
+    b, c = standins(2)
+    broker([a, b, c], ping_interval="0.2", server_timeout="1")
+    states = [("INUSE", "UNAVAILABLE"), ("RINGING", "UNAVAILABLE"), ("RINGING", "INUSE"),
+              ("NOT_INUSE", "UNAVAILABLE"), ("INUSE", "UNAVAILABLE")]
+    for trial, (on_a, on_b) in enumerate(states * 4):  # 20 trials, the order of reports varies
+        first, second = ((a, on_a), (b, on_b)) if trial % 2 else ((b, on_b), (a, on_a))
+        first[0].control.set_device("SIP/100", first[1])
+        second[0].control.set_device("SIP/100", second[1])
+        combined = aggregate_device_states([on_a, on_b])
+        wait_until(lambda: custom_states(c).get("Custom:SIP/100") == combined and
+                   custom_states(a).get("Custom:SIP/100") == on_b and
+                   custom_states(b).get("Custom:SIP/100") == on_a,
+                   message=f"C to show {combined} for A {on_a} and B {on_b}")
+    # A dies: only its share shows down_state; B's own report still counts.
+    a.kill()
+    wait_until(lambda: custom_states(c).get("Custom:SIP/100") == "UNAVAILABLE")
+    b.control.set_device("SIP/100", "NOT_INUSE")  # the phone registers on B
+    wait_until(lambda: custom_states(c).get("Custom:SIP/100") == "NOT_INUSE",
+               message="B's report combined with A's down-state")

@@ -177,3 +177,32 @@ def test_event_for_gives_back_the_event_of_an_update(event):
         return
     if update is not None:
         assert relayed_update(event_for(update), presence=True) == update
+
+
+# Asterisk 20's main/devicestate.c, ast_devstate_aggregate_add(): each state's rank, and RINGING
+# with INUSE, ONHOLD or BUSY gives RINGINUSE.
+@pytest.mark.parametrize("states, combined", [
+    ([], "INVALID"),
+    (["UNAVAILABLE"], "UNAVAILABLE"),
+    (["INUSE", "UNAVAILABLE"], "INUSE"),
+    (["UNAVAILABLE", "INUSE"], "INUSE"),
+    (["NOT_INUSE", "UNAVAILABLE"], "NOT_INUSE"),
+    (["INVALID", "UNAVAILABLE"], "UNAVAILABLE"),
+    (["UNKNOWN", "INVALID"], "UNKNOWN"),
+    (["UNKNOWN", "UNAVAILABLE"], "UNAVAILABLE"),
+    (["NOT_INUSE", "ONHOLD"], "ONHOLD"),
+    (["ONHOLD", "RINGING"], "RINGINUSE"),
+    (["RINGING", "INUSE"], "RINGINUSE"),
+    (["INUSE", "RINGING"], "RINGINUSE"),
+    (["RINGING", "BUSY"], "RINGINUSE"),
+    (["RINGING", "NOT_INUSE"], "RINGING"),
+    (["RINGING", "UNAVAILABLE"], "RINGING"),
+    (["INUSE", "BUSY"], "BUSY"),
+    (["BUSY", "INUSE"], "BUSY"),
+    (["INUSE", "ONHOLD"], "INUSE"),
+    (["RINGINUSE", "NOT_INUSE"], "RINGINUSE"),
+    (["NOT_INUSE", "NOT_INUSE", "INUSE"], "INUSE"),
+])
+def test_device_states_combine_as_asterisk_combines_them(states, combined):
+    from zmqami.rules import aggregate_device_states
+    assert aggregate_device_states(states) == combined

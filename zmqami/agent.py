@@ -407,7 +407,13 @@ class Agent:
         if update is None or not self.states.record(message.origin, update):
             return
         log.debug("Other device: %s - %s (from %s).", update.variable, update.value, message.origin)
-        self.write(update, message.uuid)
+        self.write_mirror(update.variable, message.uuid)
+
+    def write_mirror(self, variable: str, action_id: str = "") -> None:
+        """Write on its Asterisk what the peers report for variable, combined."""
+        value = self.states.mirror_value(variable, self.name)
+        if value is not None:
+            self.write(StateUpdate(variable, value), action_id)
 
     def write(self, update: StateUpdate, action_id: str = "") -> None:
         """Write a state on its Asterisk (SetVar, ActionID the message's uuid, as the original)."""
@@ -467,11 +473,11 @@ class Agent:
 
     def peer_down(self, name: str, why: str) -> None:
         self.peers[name].up = False
-        updates = self.states.set_down(name)
-        for update in updates:
-            self.write(update)
+        variables = self.states.set_down(name)
+        for variable in variables:
+            self.write_mirror(variable)
         log.warning("Peer %s is down (%s): %d of its devices now show %s here.", name, why,
-                    len(updates), self.settings["DOWN_STATE"] if updates else "their last state")
+                    len(variables), self.settings["DOWN_STATE"] if variables else "their last state")
 
     def on_hub_connection(self) -> None:
         """A hub connection was made (again): the peers' states may have been missed meanwhile."""

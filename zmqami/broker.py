@@ -164,18 +164,30 @@ class Broker:
             return
         if self.states.record(source.name, update):
             self.events_relayed += 1
-            self.relay(source, update)
+            self.relay(update)
 
-    def relay(self, source: AsteriskLink, update: StateUpdate) -> None:
-        """Write the update on every server but its source."""
+    def relay(self, update: StateUpdate) -> None:
+        """Write update's variable on every server whose mirror of it should change: what the
+        other servers report, combined (StateTable.mirror_value)."""
+        owner = self.states.owner(update.variable)
+        if owner is None:  # reported by several servers: each mirror shows the others' share
+            for link in self.links:
+                value = self.states.mirror_value(update.variable, link.name)
+                if value is not None:
+                    self.write(link, StateUpdate(update.variable, value))
+            return
+        # One server reports it (the common case): one value, and one action for all the others.
+        value = self.states.mirror_value(update.variable, "")
+        if value != update.value:
+            update = StateUpdate(update.variable, value)
         action_id = uuid.uuid4().hex
         action = update.action(action_id)
         if self.config.verbose_messages:
             log.info("Distribute: %s", json.dumps(action, indent=1))
-        log.debug("Relaying %s=%s from %s", update.variable, update.value, source.name)
+        log.debug("Relaying %s=%s from %s", update.variable, update.value, owner)
         encoded = encode_action(action)  # the same bytes for every server
         for link in self.links:
-            if link is not source:
+            if link.name != owner:
                 self.write(link, update, action_id, encoded)
 
     def write(self, link: AsteriskLink, update: StateUpdate, action_id: str = "",
@@ -193,21 +205,22 @@ class Broker:
 
     def show_down(self, link: AsteriskLink) -> None:
         """A server is down: its devices show down_state on the others until it is back."""
-        updates = self.states.set_down(link.name)
-        for update in updates:
-            self.relay(link, update)
-        if updates:
-            log.warning("%d devices of %s now show %s on the other servers", len(updates),
+        variables = self.states.set_down(link.name)
+        for variable in variables:
+            self.relay(StateUpdate(variable, self.config.down_state))
+        if variables:
+            log.warning("%d devices of %s now show %s on the other servers", len(variables),
                         link.name, self.config.down_state)
 
     def forget(self, link: AsteriskLink) -> None:
         """A server removed from the config: its devices show down_state on the others one last
         time, and nothing it reported is known any more (no repair writes it again)."""
-        updates = self.states.remove_source(link.name)
-        for update in updates:
-            self.relay(link, update)
-        log.info("Forgot the states of %s%s", link.name, f"; {len(updates)} of its devices now "
-                 f"show {self.config.down_state} on the other servers" if updates else "")
+        variables = self.states.remove_source(link.name)
+        for variable in variables:
+            self.relay(StateUpdate(variable, self.config.down_state or ""))
+        self.states.forget(variables, link.name)
+        log.info("Forgot the states of %s%s", link.name, f"; {len(variables)} of its devices now "
+                 f"show {self.config.down_state} on the other servers" if variables else "")
 
     def resync(self, link: AsteriskLink) -> None:
         """A server is (back) up: write every known state on it, then read its own states."""
@@ -250,7 +263,7 @@ class Broker:
 
     def apply_reading(self, link: AsteriskLink, reading: ListReading, what: str) -> None:
         for update in reading.changed:
-            self.relay(link, update)
+            self.relay(update)
         for update in reading.repairs:
             self.write(link, update)
         if reading.changed or reading.repairs:

@@ -191,6 +191,26 @@ def device_state_update(event: Dict[str, Any]) -> Optional[StateUpdate]:
     return StateUpdate(f"DEVICE_STATE({CUSTOM_DEVICE}{device})", state)
 
 
+# How Asterisk combines the states of several devices into one (main/devicestate.c, Asterisk 12
+# and later: ast_devstate_aggregate_add): the state of highest rank wins, except that ringing
+# together with in use, on hold or busy gives RINGINUSE.  No state at all gives INVALID.
+AGGREGATE_RANK = {"INVALID": 0, "UNKNOWN": 1, "UNAVAILABLE": 2, "NOT_INUSE": 3, "ONHOLD": 4,
+                  "RINGING": 5, "INUSE": 6, "BUSY": 7, "RINGINUSE": 8}
+
+
+def aggregate_device_states(states) -> str:
+    """What Asterisk shows for several devices in these states (one hint over all of them)."""
+    combined, ringing, in_use = "INVALID", False, False
+    for state in states:
+        ringing = ringing or state == "RINGING"
+        in_use = in_use or state in ("INUSE", "ONHOLD", "BUSY")
+        if ringing and in_use:
+            combined = "RINGINUSE"
+        elif AGGREGATE_RANK[state] > AGGREGATE_RANK[combined]:
+            combined = state
+    return combined
+
+
 def presence_fields(event: Dict[str, Any]) -> Optional[Tuple[str, str, str, str]]:
     """(presentity, status, subtype, message) of a PresenceStateChange, checked; None if not ours.
 

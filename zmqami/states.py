@@ -13,10 +13,10 @@ and never written into Asterisk's database as Custom: devices).
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, check_name, device_state_update,
-                    presence_update)
+from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, aggregate_device_states, check_name,
+                    device_state_update, presence_update)
 
 DEVICE_PREFIX = "DEVICE_STATE("
 
@@ -33,29 +33,35 @@ class ListReading:
 
 
 class Entry:
-    """The last state a source reported for one variable, and when an event changed it."""
-    __slots__ = ("value", "source", "changed_at")
+    """The last state one source reported for one variable, and when an event changed it."""
+    __slots__ = ("value", "changed_at", "down")
 
-    def __init__(self, value: str, source: str, changed_at: float) -> None:
+    def __init__(self, value: str, changed_at: float) -> None:
         self.value = value
-        self.source = source
         self.changed_at = changed_at
+        self.down = False  # its source is down: its share shows down_state
 
 
 class StateTable:
+    """What each source reported, per variable.
+
+    A device may be reported by several sources (a phone registered on A that B reports
+    UNAVAILABLE): the mirror on a server shows what every *other* source reports, combined as
+    Asterisk combines device states (rules.aggregate_device_states).  A presence has no owner:
+    the newest report replaces the others.
+    """
+
     def __init__(self, down_state: Optional[str], max_per_source: int = 10_000,
                  max_sources: int = 1_000) -> None:
         self.down_state = down_state
         self.max_per_source = max_per_source
         self.max_sources = max_sources
-        self.entries: Dict[str, Entry] = {}  # variable -> what its source reported last
-        self.shown_down: Set[str] = set()    # device variables shown as down_state
-        self.per_source: Counter = Counter()  # source -> how many variables it owns
+        self.entries: Dict[str, Dict[str, Entry]] = {}  # variable -> source -> its last report
+        self.per_source: Counter = Counter()  # source -> how many variables it reports
 
     def refusal(self, source: str, variable: str) -> Optional[str]:
         """Why a new variable of source is not taken (a table bound), or None."""
-        entry = self.entries.get(variable)
-        if entry is not None and entry.source == source:
+        if source in self.entries.get(variable, ()):
             return None
         if self.per_source[source] >= self.max_per_source:
             return f"more than {self.max_per_source} states of one source: ignored"
@@ -63,8 +69,14 @@ class StateTable:
             return f"more than {self.max_sources} sources: ignored"
         return None
 
+    def check_room(self, source: str, update: Optional[StateUpdate]) -> None:
+        """BadInput if the table has no room for update of source (see refusal)."""
+        why = update and self.refusal(source, update.variable)
+        if why:
+            raise BadInput(why)
+
     def record(self, source: str, update: StateUpdate) -> bool:
-        """Remember what a source reported in an event; True if its mirrors must change."""
+        """Remember what a source reported in an event; True if a mirror may change."""
         return self._remember(source, update, time.monotonic())
 
     def record_listed(self, source: str, update: StateUpdate, asked_at: float) -> bool:
@@ -72,20 +84,24 @@ class StateTable:
 
         An event handled after the list was asked for may be newer than the list: it wins.
         """
-        entry = self.entries.get(update.variable)
+        entry = self.entries.get(update.variable, {}).get(source)
         if entry is not None and entry.changed_at > asked_at:
             return False
         return self._remember(source, update, asked_at)
 
     def _remember(self, source: str, update: StateUpdate, when: float) -> bool:
-        news = self.expected(update.variable) != update.value  # what the mirrors show now
-        old = self.entries.get(update.variable)
-        if old is None or old.source != source:
+        reports = self.entries.setdefault(update.variable, {})
+        if update.is_presence:  # no owner: the newest report is the presence
+            news = self.expected(update.variable) != update.value
+            for old_source in [s for s in reports if s != source]:
+                del reports[old_source]
+                self._disown(old_source)
+        else:
+            old = reports.get(source)
+            news = old is None or old.down or old.value != update.value
+        if source not in reports:
             self.per_source[source] += 1
-            if old is not None:
-                self._disown(old.source)
-        self.entries[update.variable] = Entry(update.value, source, when)
-        self.shown_down.discard(update.variable)
+        reports[source] = Entry(update.value, when)
         return news
 
     def _disown(self, source: str) -> None:
@@ -93,48 +109,84 @@ class StateTable:
         if self.per_source[source] <= 0:
             del self.per_source[source]
 
+    def shown(self, entry: Entry) -> str:
+        return self.down_state if entry.down and self.down_state else entry.value
+
     def owner(self, variable: str) -> Optional[str]:
-        entry = self.entries.get(variable)
-        return None if entry is None else entry.source
+        """The one source that reports variable, or None (nobody, or several)."""
+        reports = self.entries.get(variable)
+        return next(iter(reports)) if reports is not None and len(reports) == 1 else None
+
+    def mirror_value(self, variable: str, server: str) -> Optional[str]:
+        """What the mirror of variable should show on server: what the other sources report,
+        combined; None if no other source reports it."""
+        reports = self.entries.get(variable)
+        if not reports:
+            return None
+        if len(reports) == 1:  # the common case, on the path of every event
+            (source, entry), = reports.items()
+            return None if source == server else self.shown(entry)
+        values = [self.shown(entry) for source, entry in reports.items() if source != server]
+        if not values:
+            return None
+        return aggregate_device_states(values) if variable.startswith(DEVICE_PREFIX) \
+            else values[-1]
 
     def mirrors_for(self, server: str) -> Iterator[StateUpdate]:
         """Every state the other sources' mirrors should show on server."""
-        for variable, entry in self.entries.items():
-            if entry.source != server:
-                yield StateUpdate(variable, self.expected(variable))
+        for variable in self.entries:
+            value = self.mirror_value(variable, server)
+            if value is not None:
+                yield StateUpdate(variable, value)
 
     def expected(self, variable: str) -> Optional[str]:
-        """What the mirror of variable should show, or None if no source reported it."""
-        entry = self.entries.get(variable)
-        if entry is None:
+        """A presence's known value (its newest report), or None."""
+        reports = self.entries.get(variable)
+        if not reports:
             return None
-        if variable in self.shown_down:
-            return self.down_state
-        return entry.value
+        return self.shown(next(reversed(reports.values())))
 
-    def set_down(self, source: str) -> List[StateUpdate]:
-        """The source is down: the updates that show its devices as down_state (none to keep them).
+    def set_down(self, source: str) -> List[str]:
+        """The source is down: the variables whose mirrors change because its share of each
+        now shows down_state (none when down_state keeps the last state).
 
-        They show down_state until the source reports them again (an event or its list).
+        Its share shows down_state until the source reports it again (an event or its list).
         """
         if not self.down_state:
             return []
-        newly_down = [variable for variable, entry in self.entries.items()
-                      if entry.source == source and variable.startswith(DEVICE_PREFIX)
-                      and variable not in self.shown_down]
-        self.shown_down.update(newly_down)
-        return [StateUpdate(variable, self.down_state) for variable in newly_down]
+        newly_down = []
+        for variable, reports in self.entries.items():
+            entry = reports.get(source)
+            if entry is not None and not entry.down and variable.startswith(DEVICE_PREFIX):
+                entry.down = True
+                newly_down.append(variable)
+        return newly_down
 
-    def remove_source(self, source: str) -> List[StateUpdate]:
-        """The source is gone for good (removed from the config): the updates that show its
-        devices as down_state one last time (none without a down_state); then every state it
-        reported is forgotten, so that no repair ever writes it again."""
-        updates = self.set_down(source)
-        for variable in [v for v, entry in self.entries.items() if entry.source == source]:
-            del self.entries[variable]
-            self.shown_down.discard(variable)
+    def remove_source(self, source: str) -> List[str]:
+        """The source is gone for good (removed from the config): the variables whose mirrors
+        change.  Its devices show down_state one last time where nobody else reports them (left
+        alone without a down_state); then everything it reported is forgotten, so that no repair
+        ever writes it again."""
+        changed = []
+        for variable in [v for v, reports in self.entries.items() if source in reports]:
+            reports = self.entries[variable]
+            if len(reports) > 1:  # the others' share alone, from now on
+                del reports[source]
+                changed.append(variable)
+            elif self.down_state and variable.startswith(DEVICE_PREFIX):
+                reports[source].down = True  # shown once (mirror_value), forgotten by forget()
+                changed.append(variable)
+            else:
+                del self.entries[variable]
         self.per_source.pop(source, None)
-        return updates
+        return changed
+
+    def forget(self, variables: List[str], source: str) -> None:
+        """Drop what remove_source kept for one last write."""
+        for variable in variables:
+            reports = self.entries.get(variable, {})
+            if list(reports) == [source]:
+                del self.entries[variable]
 
     def read_device_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
                          writing: IsWriting, on_bad: OnBadItem) -> ListReading:
@@ -146,9 +198,8 @@ class StateTable:
         for item in items:
             mirror = mirror_variable(item)
             if mirror is not None:
-                expected = self.expected(mirror)
-                if expected and self.owner(mirror) != server and not writing(mirror) \
-                        and str(item.get("State")).upper() != expected:
+                expected = self.mirror_value(mirror, server)
+                if expected and not writing(mirror) and str(item.get("State")).upper() != expected:
                     reading.repairs.append(StateUpdate(mirror, expected))
                 continue
             try:
@@ -189,17 +240,12 @@ class StateTable:
                 reading.current.append(StateUpdate(update.variable, expected))
         return reading
 
-    def check_room(self, source: str, update: Optional[StateUpdate]) -> None:
-        """BadInput if the table has no room for update of source (see refusal)."""
-        why = update and self.refusal(source, update.variable)
-        if why:
-            raise BadInput(why)
-
     def _read_own(self, server: str, update: StateUpdate, asked_at: float,
                   reading: ListReading) -> None:
         if self.record_listed(server, update, asked_at):
             reading.changed.append(update)
-        reading.current.append(StateUpdate(update.variable, self.entries[update.variable].value))
+        reading.current.append(StateUpdate(update.variable,
+                                           self.entries[update.variable][server].value))
 
 
 def mirror_variable(item: dict) -> Optional[str]:
