@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from harness import broker_config, custom_states, wait_until
+from harness import broker_config, custom_states, restart, wait_until
 from zmqami.rules import aggregate_device_states
 
 TRIALS = 20
@@ -119,3 +119,77 @@ def test_a_device_reported_by_two_servers_shows_their_combination(standins, brok
     b.control.set_device("SIP/100", "NOT_INUSE")  # the phone registers on B
     wait_until(lambda: custom_states(c).get("Custom:SIP/100") == "NOT_INUSE",
                message="B's report combined with A's down-state")
+
+
+# --- a quick restart -------------------------------------------------------------------------------
+
+def quick_restart(processes, server, name, **options):
+    """kill -9 and start again at once, on the same ports, with Asterisk's database (Custom:
+    states only): its phones have not registered again yet.  Its boot events come once the
+    program under test has subscribed again."""
+    server = restart(processes, server, name, loadzmq_delay=None, **options)
+    wait_until(lambda: server.control.state()["subscriptions"] >= 1,
+               message="a subscription to the restarted server")
+    server.control.boot()
+    return server
+
+
+def test_a_quick_restart_shows_phones_not_registered_again_as_down(standins, broker, processes):
+    a = processes("a")
+    b, = standins(1)
+    # server_timeout is long: only its boot events tell that it restarted.
+    broker([a, b], ping_interval="0.2", server_timeout="600", resync_interval="0")
+    for trial in range(5):
+        a.control.set_device("SIP/100", "INUSE")
+        wait_until(lambda: custom_states(b).get("Custom:SIP/100") == "INUSE")
+        a = quick_restart(processes, a, "a")
+        wait_until(lambda: custom_states(b).get("Custom:SIP/100") == "UNAVAILABLE",
+                   message=f"trial {trial}: the phone not registered again shown UNAVAILABLE")
+        a.control.set_device("SIP/100", "NOT_INUSE")  # it registers again
+        wait_until(lambda: custom_states(b).get("Custom:SIP/100") == "NOT_INUSE")
+
+
+def test_an_agent_shows_its_asterisks_phones_not_registered_again_as_down(standins, agents,
+                                                                          processes):
+    x = processes("x")
+    y, = standins(1)
+    agents([x, y], RESYNC_INTERVAL=0)
+    for trial in range(3):
+        x.control.set_device("SIP/100", "INUSE")
+        wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "INUSE")
+        x = quick_restart(processes, x, "x")
+        wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "UNAVAILABLE",
+                   message=f"trial {trial}: the phone not registered again shown UNAVAILABLE")
+        x.control.set_device("SIP/100", "RINGING")
+        wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "RINGING")
+
+
+def test_a_restarting_asterisk_is_read_once_fully_booted_over_ami(standins, broker, processes):
+    """Asterisk accepts AMI logins before its modules are loaded: the broker waits for
+    FullyBooted before it reads the lists and writes, instead of failing until anti-entropy."""
+    a = processes("a", ami_port=0)
+    b, = standins(1)
+    script = broker([a, b], ami=(0,), ping_interval="0.2", server_timeout="600",
+                    resync_interval="0")
+    b.control.set_device("SIP/200", "BUSY")
+    wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "BUSY")
+    a.kill()
+    b.control.set_device("SIP/200", "NOT_INUSE")                  # missed while it restarts
+    a = restart(processes, a, "a", modules_delay=1.5)
+    a.control.set_device("SIP/100", "INUSE", publish=False)       # only its list shows it
+    wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "NOT_INUSE" and
+               custom_states(b).get("Custom:SIP/100") == "INUSE",
+               message="the restarted server read and written once fully booted")
+    assert not script.lines("Invalid/unknown command") and not script.lines("refused Setvar")
+
+
+def test_a_list_read_that_failed_is_tried_again(standins, broker):
+    a, b = standins(2)
+    a.control.set_device("SIP/1", "INUSE", publish=False)  # only a list read can find it
+    a.control.set_mode("slow", delay_ms=1500)              # its first answers come too late
+    script = broker([a, b], request_timeout="300", resync_interval="0")
+    script.wait_for_output("Could not read the DeviceStateList of server-1: no answer; trying "
+                           "again in 1 s")
+    a.control.set_mode("normal")
+    wait_until(lambda: custom_states(b).get("Custom:SIP/1") == "INUSE",
+               message="the list read again, without anti-entropy")

@@ -39,10 +39,10 @@ from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_acti
 from .envelope import (ALL, STATS, Envelope, hub_socket, is_heartbeat, is_node_name,
                        parse_message)
 from .loop import EventLoop, Timer, drain
-from .rules import (DEVICE_STATES, BadInput, StateUpdate, event_for,
+from .rules import (BadInput, StateUpdate, event_for,
                     relayed_update, safe_action)
-from .states import ListReading, StateTable
-from .stats import DropLog, Throttle, held_back, printable
+from .states import ListReading, StateTable, list_items
+from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
 
 log = logging.getLogger("asterisk_agent")
@@ -211,6 +211,7 @@ class Agent:
         if asterisk_changed:
             log.info("The Asterisk connection changed: reconnecting")
             self.asterisk.close()
+            self.state_requesters.clear()  # the old link's reads will not answer
             self.asterisk = make_link(self.loop, self.context, settings, self.asterisk.handlers)
             self.asterisk.start()
             self.asterisk.ping()
@@ -277,36 +278,33 @@ class Agent:
         self.state_requesters.add(requester)
         if not first:
             return  # a read is under way: its answer goes to this requester too
-        asked_at = time.monotonic()
         readings: List[ListReading] = []
         wanted = int(self.settings["DEVICE_STATE"]) + int(self.settings["PRESENCE"])
 
-        def on_list(reading: Optional[ListReading]) -> None:
+        def on_list(reading: ListReading) -> None:
             readings.append(reading)
             if len(readings) == wanted:
-                self.answer_state_requests([r for r in readings if r is not None])
+                self.answer_state_requests(readings)
 
+        # (A failed read is tried again by the link until it succeeds.)
         if self.settings["DEVICE_STATE"]:
-            self.asterisk.send_action({"Action": "DeviceStateList"}, lambda reply: on_list(
+            self.asterisk.read_list("DeviceStateList", lambda reply, asked_at: on_list(
                 self.on_own_list(reply, "DeviceStateChange", asked_at, repair)))
         if self.settings["PRESENCE"]:
-            self.asterisk.send_action({"Action": "PresenceStateList"}, lambda reply: on_list(
+            self.asterisk.read_list("PresenceStateList", lambda reply, asked_at: on_list(
                 self.on_own_list(reply, "PresenceStateChange", asked_at, repair)))
         if not wanted:
             self.state_requesters.clear()
 
-    def on_own_list(self, reply: Optional[List[Dict[str, Any]]], event: str, asked_at: float,
-                    repair: bool) -> Optional[ListReading]:
-        if not reply or reply[0].get("Response") != "Success":
-            log.warning("Could not read the states of Asterisk: %s",
-                        "no answer" if reply is None else printable(reply[0].get("Message")))
-            return None
-        items = [item for item in reply[1:] if item.get("Event") == event]
+    def on_own_list(self, reply: List[Dict[str, Any]], event: str, asked_at: float,
+                    repair: bool) -> ListReading:
+        items = list_items(reply, event)
         on_bad = lambda item, exc: self.drops.drop("Asterisk", f"list item: {exc}",  # noqa: E731
                                                    repr(item).encode())
         writing = self.asterisk.outbox.is_unsettled
         if event == "DeviceStateChange":
-            reading = self.states.read_device_list(self.name, items, asked_at, writing, on_bad)
+            reading = self.states.read_device_list(self.name, items, asked_at, writing, on_bad,
+                                                   after_restart=not repair)
         else:
             reading = self.states.read_presence_list(self.name, items, asked_at,
                                                      not repair, writing, on_bad)
@@ -314,6 +312,13 @@ class Agent:
             self.write(update)
         if reading.repairs:
             log.info("Repaired %d mirrors on Asterisk", len(reading.repairs))
+        for variable in reading.gone:  # its phones not registered again since its restart
+            self.send(ALL, "AsteriskEvent", data=event_for(StateUpdate(variable,
+                                                                       self.states.down_state)))
+        if reading.gone:
+            log.warning("%d devices of Asterisk that its list no longer shows after its restart "
+                        "now show %s on the peers, until they report again", len(reading.gone),
+                        self.states.down_state)
         return reading
 
     def answer_state_requests(self, readings: List[ListReading]) -> None:

@@ -28,6 +28,7 @@ TERMINATOR = b"\r\n\r\n"
 MAX_MESSAGE_BYTES = 1024 * 1024  # no AMI message is near this; more without a terminator is junk
 RECV_BYTES = 65536
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds between reconnections, doubling
+BOOT_WAIT = 10.0  # seconds after a login to wait for FullyBooted before going on without it
 EVENTS = "call,system"  # DeviceStateChange, PresenceStateChange, FullyBooted, Reload, Shutdown
 
 
@@ -114,13 +115,14 @@ class AmiLink(AsteriskLink):
         self.user, self.secret = user, secret
         self.address = f"{host}:{port}"
         self.sock: Optional[socket.socket] = None
-        self.state = "closed"         # closed, connecting, login, ready
+        self.state = "closed"         # closed, connecting, login, booting, ready
         self.parser = AmiParser()
         self.outgoing = b""           # what the kernel would not take yet
         self.lists: Dict[str, List[Dict[str, Any]]] = {}  # list actions being gathered
         self.backoff = BACKOFF_FIRST
         self.failing: Optional[str] = None  # why the last connection failed, logged once
         self._reconnect_timer: Optional[Timer] = None
+        self._boot_timer: Optional[Timer] = None
         self._login_id = ""
 
     # --- connection ------------------------------------------------------------------------------
@@ -133,6 +135,11 @@ class AmiLink(AsteriskLink):
         if self._reconnect_timer:
             self._reconnect_timer.cancel()
         self._drop_socket()
+
+    def _cancel_boot_wait(self) -> None:
+        if self._boot_timer is not None:
+            self._boot_timer.cancel()
+            self._boot_timer = None
 
     def _connect(self) -> None:
         self._reconnect_timer = None
@@ -173,13 +180,25 @@ class AmiLink(AsteriskLink):
             # Asterisk closes the connection after a failed login; so do we, and retry later.
             self._failed(f"authentication failed for {self.user} at {self.address}")
             return
-        self.state = "ready"
         self.backoff = BACKOFF_FIRST
         if self.failing is not None:
             log.info("Connected to %s over AMI again (it was: %s)", self.name, self.failing)
         else:
             log.info("Logged in to %s at %s as %s", self.name, self.address, self.user)
         self.failing = None
+        # Asterisk accepts logins before it has loaded its modules: nothing is sent before its
+        # FullyBooted (which comes at once, after the login's response, when it is booted).
+        self.state = "booting"
+        self._boot_timer = self.loop.call_later(BOOT_WAIT, self._no_fully_booted)
+
+    def _no_fully_booted(self) -> None:
+        log.warning("No FullyBooted from %s within %g s of the login (does its manager.conf "
+                    "user lack read = system?): going on without it", self.name, BOOT_WAIT)
+        self._fully_booted()
+
+    def _fully_booted(self) -> None:
+        self._cancel_boot_wait()
+        self.state = "ready"
         # A new session may follow a restart that was quicker than server_timeout: whatever
         # happened, resynchronise (on_up), as for a server that was down.
         was_up = self.up is True
@@ -202,6 +221,7 @@ class AmiLink(AsteriskLink):
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def _drop_socket(self) -> None:
+        self._cancel_boot_wait()
         if self.sock is not None:
             self.loop.remove_reader(self.sock)
             self.loop.remove_writer(self.sock)
@@ -298,6 +318,8 @@ class AmiLink(AsteriskLink):
                 self.outbox.reply(action_id, gathered)
             return
         self.stats.events += 1
+        if event.get("Event") == "FullyBooted" and self.state == "booting":
+            self._fully_booted()
         if event.get("Event") == "Shutdown":
             self._failed("Asterisk is shutting down")
             return

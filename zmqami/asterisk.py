@@ -38,10 +38,12 @@ EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
 EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connection reset)
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
 BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
-BOOT_WINDOW = 10.0  # seconds after LoadZmq in which FullyBooted belongs to the same boot
+BOOT_WINDOW = 10.0  # seconds after LoadZmq within which FullyBooted is awaited
 HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout (see check_health)
+LIST_RETRY_FIRST, LIST_RETRY_MAX = 1.0, 30.0  # seconds before a failed list read is tried again
 
 ReplyCallback = Callable[[Optional[List[Dict[str, Any]]]], None]
+ListCallback = Callable[[List[Dict[str, Any]], float], None]
 
 
 class Request:
@@ -307,13 +309,18 @@ class AsteriskLink:
         self.down_since = 0.0
         self.since = time.time()  # wall-clock time of the last change of up, for the status
         self._timeout_timer: Optional[Timer] = None
+        self._list_retries: Dict[str, Timer] = {}  # list action -> its next try
+        self.closed = False
 
     def start(self) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
+        self.closed = True
         if self._timeout_timer:
             self._timeout_timer.cancel()
+        for timer in self._list_retries.values():
+            timer.cancel()
 
     def _transmit(self, request: Request) -> bool:
         """Send request; False if it cannot be sent now; BadInput if it can never be."""
@@ -376,6 +383,32 @@ class AsteriskLink:
         self.outbox.send_action(action, on_reply)
         self._send_pending()
 
+    def read_list(self, action: str, on_list: ListCallback,
+                  retry_in: float = LIST_RETRY_FIRST) -> None:
+        """Send a list action (DeviceStateList, ...) and hand its items (ack, items, Complete)
+        and the time it was asked for to on_list.  A read that fails (no answer, or an error such
+        as a booting Asterisk's "Invalid/unknown command") is tried again after retry_in
+        seconds, doubling up to LIST_RETRY_MAX, until it succeeds or the link is closed; a new
+        read of the same list replaces a retry that is waiting."""
+        pending = self._list_retries.pop(action, None)
+        if pending is not None:
+            pending.cancel()
+        asked_at = time.monotonic()
+
+        def on_reply(reply: Optional[List[Dict[str, Any]]]) -> None:
+            if reply and reply[0].get("Response") == "Success":
+                on_list(reply, asked_at)
+                return
+            if self.closed:
+                return
+            why = "no answer" if reply is None else printable(reply[0].get("Message", reply))
+            log.log(logging.WARNING if retry_in == LIST_RETRY_FIRST else logging.DEBUG,
+                    "Could not read the %s of %s: %s; trying again in %g s (doubling up to "
+                    "%g s)", action, self.name, why, retry_in, LIST_RETRY_MAX)
+            self._list_retries[action] = self.loop.call_later(retry_in, lambda: self.read_list(
+                action, on_list, min(2 * retry_in, LIST_RETRY_MAX)))
+        self.send_action({"Action": action}, on_reply)
+
     def _send_pending(self) -> None:
         while True:
             request = self.outbox.next_request()
@@ -432,7 +465,7 @@ class ZmqManagerLink(AsteriskLink):
         self.context = context
         self.cmd_url = cmd_url
         self.evt_url = evt_url
-        self.loadzmq_at = -BOOT_WINDOW
+        self._boot_timer: Optional[Timer] = None  # LoadZmq seen, FullyBooted awaited
         self.evt_socket: Optional[zmq.Socket] = None
         self.cmd_socket: Optional[zmq.Socket] = None
 
@@ -455,6 +488,8 @@ class ZmqManagerLink(AsteriskLink):
 
     def close(self) -> None:
         super().close()
+        if self._boot_timer is not None:
+            self._boot_timer.cancel()
         for sock in (self.evt_socket, self.cmd_socket):
             if sock is not None:
                 self.loop.remove_reader(sock)
@@ -474,14 +509,24 @@ class ZmqManagerLink(AsteriskLink):
         self._open_cmd_socket()
 
     def _booted(self, event: str) -> None:
-        # A booting Asterisk publishes LoadZmq, then FullyBooted a moment later: one on_up is
-        # enough.  FullyBooted alone (LoadZmq came before we subscribed) counts too.
-        now = time.monotonic()
-        if event == "FullyBooted" and now - self.loadzmq_at < BOOT_WINDOW:
-            return
+        """A (re)starting Asterisk publishes LoadZmq when the module loads, and FullyBooted
+        when it has loaded everything: it is resynchronised then (at the latest BOOT_WINDOW
+        after LoadZmq), once.  FullyBooted alone (LoadZmq came before we subscribed) counts too."""
         if event == "LoadZmq":
-            self.loadzmq_at = now
-        log.info("%s published %s: it (re)started", self.name, event)
+            log.info("%s published LoadZmq: it (re)started; resynchronising once it is fully "
+                     "booted", self.name)
+            if self._boot_timer is not None:
+                self._boot_timer.cancel()
+            self._boot_timer = self.loop.call_later(BOOT_WINDOW, self._boot_complete)
+            return
+        if self._boot_timer is None or self._boot_timer.cancelled:
+            log.info("%s published FullyBooted: it (re)started", self.name)
+        self._boot_complete()
+
+    def _boot_complete(self) -> None:
+        if self._boot_timer is not None:
+            self._boot_timer.cancel()
+        self._boot_timer = None
         if self.up is True:
             self.handlers.on_up(self)
         else:

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 import uuid
 from typing import Any, Dict, List, Optional, Set
 
@@ -21,7 +20,7 @@ from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
                      load_broker_config, setup_logging)
 from .loop import EventLoop, Timer
 from .rules import BadInput, StateUpdate, relayed_update
-from .states import ListReading, StateTable
+from .states import ListReading, StateTable, list_items
 from .stats import DropLog, printable
 from .status import StatusServer, link_status, print_status, serve_status
 
@@ -239,25 +238,25 @@ class Broker:
                 self.read_states(link, repair=True)
 
     def read_states(self, link: AsteriskLink, repair: bool) -> None:
-        asked_at = time.monotonic()
+        """Read a server's lists: after its (re)start (repair False) or for anti-entropy."""
         if self.config.device_state:
-            link.send_action({"Action": "DeviceStateList"},
-                             lambda reply: self.on_device_list(link, reply, asked_at))
+            link.read_list("DeviceStateList", lambda reply, asked_at: self.on_device_list(
+                link, reply, asked_at, repair))
         if self.config.presence:
-            link.send_action({"Action": "PresenceStateList"},
-                             lambda reply: self.on_presence_list(link, reply, asked_at, repair))
+            link.read_list("PresenceStateList", lambda reply, asked_at: self.on_presence_list(
+                link, reply, asked_at, repair))
 
-    def on_device_list(self, link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
-                       asked_at: float) -> None:
+    def on_device_list(self, link: AsteriskLink, reply: List[Dict[str, Any]], asked_at: float,
+                       repair: bool) -> None:
         reading = self.states.read_device_list(
-            link.name, _list_items(link, reply, "DeviceStateChange"), asked_at,
-            link.outbox.is_unsettled, self._bad_item(link))
+            link.name, list_items(reply, "DeviceStateChange"), asked_at,
+            link.outbox.is_unsettled, self._bad_item(link), after_restart=not repair)
         self.apply_reading(link, reading, "devices")
 
-    def on_presence_list(self, link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
-                         asked_at: float, repair: bool) -> None:
+    def on_presence_list(self, link: AsteriskLink, reply: List[Dict[str, Any]], asked_at: float,
+                         repair: bool) -> None:
         reading = self.states.read_presence_list(
-            link.name, _list_items(link, reply, "PresenceStateChange"), asked_at,
+            link.name, list_items(reply, "PresenceStateChange"), asked_at,
             after_restart=not repair, writing=link.outbox.is_unsettled, on_bad=self._bad_item(link))
         self.apply_reading(link, reading, "presences")
 
@@ -266,9 +265,15 @@ class Broker:
             self.relay(update)
         for update in reading.repairs:
             self.write(link, update)
+        for variable in reading.gone:
+            self.relay(StateUpdate(variable, self.config.down_state))
         if reading.changed or reading.repairs:
             log.info("Read the %s of %s: %d states relayed, %d mirrors repaired", what,
                      link.name, len(reading.changed), len(reading.repairs))
+        if reading.gone:
+            log.warning("%d devices of %s that its list no longer shows after its restart now "
+                        "show %s on the other servers, until they report again",
+                        len(reading.gone), link.name, self.config.down_state)
 
     def _bad_item(self, link: AsteriskLink):
         return lambda item, exc: self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
@@ -291,16 +296,6 @@ def make_link(loop: EventLoop, context: zmq.Context, server: ServerConfig, timeo
                        server.ami_secret, timeout_ms, handlers)
     return ZmqManagerLink(loop, context, server.name, server.cmd_url, server.evt_url, timeout_ms,
                           handlers)
-
-
-def _list_items(link: AsteriskLink, reply: Optional[List[Dict[str, Any]]],
-                event: str) -> List[Dict[str, Any]]:
-    """The items of a list action's reply (ack, items, Complete), or none if it failed."""
-    if not reply or reply[0].get("Response") != "Success":
-        log.warning("Could not read the states of %s: %s", link.name,
-                    "no answer" if reply is None else printable(reply[0].get("Message", reply)))
-        return []
-    return [item for item in reply[1:] if item.get("Event") == event]
 
 
 def _yes_no(flag: bool) -> str:

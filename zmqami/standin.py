@@ -54,6 +54,10 @@ AMI_AUTH_TIMEOUT = 30.0  # s an unauthenticated session may stay (manager.conf a
 AMI_LOGIN_FAILURE_DELAY = 1.0  # Asterisk sleeps 1 s before answering a failed login
 AMI_MAX_QUEUED = 64 * 1024 * 1024  # bytes queued for a client that does not read
 LOADZMQ_DELAY = 2.0  # s: res_zmq_manager publishes LoadZmq 2 s after it loads
+FULLY_BOOTED = {"Event": "FullyBooted", "Privilege": "system,all", "Uptime": "1",
+                "LastReload": "1", "Status": "Fully Booted"}
+# What modules provide: unknown (list actions) or refused (function writes) before they load.
+MODULE_ACTIONS = ("devicestatelist", "presencestatelist", "extensionstatelist", "setvar")
 # res_zmq_manager's unbounded copies into stack buffers (PROTOCOL.md): past these, Asterisk dies.
 MODULE_ACTION_BUFFER = 10240
 MODULE_EVENT_LINE = 4096
@@ -86,11 +90,16 @@ class StandinAsterisk:
     def __init__(self, cmd_port: int = 0, evt_port: int = 0, control_port: int = 0,
                  loadzmq_delay: Optional[float] = LOADZMQ_DELAY, state_file: Optional[str] = None,
                  ami_port: Optional[int] = None, ami_user: str = AMI_USER,
-                 ami_secret: str = AMI_SECRET, ami_chunk: int = 0, host: str = HOST) -> None:
+                 ami_secret: str = AMI_SECRET, ami_chunk: int = 0, host: str = HOST,
+                 modules_delay: float = 0.0) -> None:
         self.context = zmq.Context()
         self.host = host
         self.loop = EventLoop()
         self.loadzmq_delay = loadzmq_delay
+        # Asterisk accepts AMI logins before it has loaded its modules: until modules_delay has
+        # passed, list actions are unknown and functions cannot be written; then FullyBooted.
+        self.modules_delay = modules_delay
+        self.fully_booted = modules_delay <= 0
         self.state_file = state_file
         self.devices: Dict[str, str] = {}
         self.presences: Dict[str, Tuple[str, str, str]] = {}
@@ -136,11 +145,18 @@ class StandinAsterisk:
     def serve(self) -> None:
         if self.loadzmq_delay is not None:  # None: only when the control socket says boot
             self.loop.call_later(self.loadzmq_delay, self._booted)
+        if not self.fully_booted:
+            self.loop.call_later(self.modules_delay, self._modules_loaded)
         try:
             self.loop.run()
         finally:
             self.loop.close()
             self.context.destroy(linger=0)
+
+    def _modules_loaded(self) -> None:
+        self.fully_booted = True
+        if self.ami is not None:
+            self.ami.publish(FULLY_BOOTED)
 
     def _booted(self) -> None:
         # The module publishes LoadZmq with its own spacing; every other event is compact.
@@ -567,7 +583,12 @@ class AmiServer:
             return [respond(headers, "Error", Message="Permission denied")]
         if action == "getvar":  # safe through AMI, unlike through res_zmq_manager
             return [respond(headers, "Success", Variable=headers.get("variable", ""), Value="")]
-        reply = self.core.dispatch(headers)
+        if self.core.fully_booted or action not in MODULE_ACTIONS:
+            reply = self.core.dispatch(headers)
+        elif action == "setvar":
+            return [respond(headers, "Error", Message="Variable not set")]
+        else:
+            reply = None
         if reply is None:
             name = headers["action"]
             return [respond(headers, "Error", Message=f"Invalid/unknown command: {name}. "
@@ -592,9 +613,8 @@ class AmiServer:
         session.classes = (set() if wanted == "off" else None if wanted == "on"
                            else {c.strip() for c in wanted.split(",")})
         reply = [respond(headers, "Success", Message="Authentication accepted")]
-        if session.classes is None or "system" in session.classes:
-            reply.append({"Event": "FullyBooted", "Privilege": "system,all", "Uptime": "1",
-                          "LastReload": "1", "Status": "Fully Booted"})
+        if self.core.fully_booted and (session.classes is None or "system" in session.classes):
+            reply.append(dict(FULLY_BOOTED))
         return reply
 
     def publish(self, event: Dict[str, Any]) -> None:
@@ -783,11 +803,13 @@ def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int
                           control_port: int = 0, state_file: Optional[str] = None,
                           mode: str = "normal", delay_ms: int = 0,
                           ami_port: Optional[int] = None, ami_chunk: int = 0,
-                          loadzmq_delay: Optional[float] = LOADZMQ_DELAY) -> Standin:
+                          loadzmq_delay: Optional[float] = LOADZMQ_DELAY,
+                          modules_delay: float = 0.0) -> Standin:
     """Start a stand-in Asterisk in its own process (python -m zmqami.standin)."""
     command = [sys.executable, "-m", "zmqami.standin", "--cmd-port", str(cmd_port),
                "--evt-port", str(evt_port), "--control-port", str(control_port),
-               "--mode", mode, "--delay-ms", str(delay_ms), "--ami-chunk", str(ami_chunk)]
+               "--mode", mode, "--delay-ms", str(delay_ms), "--ami-chunk", str(ami_chunk),
+               "--modules-delay", str(modules_delay)]
     if loadzmq_delay is not None:
         command += ["--loadzmq-delay", str(loadzmq_delay)]
     else:
@@ -825,6 +847,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="send AMI output in pieces of this many bytes")
     parser.add_argument("--loadzmq-delay", type=float, default=LOADZMQ_DELAY,
                         help="seconds from start to LoadZmq and FullyBooted (the module's 2 s)")
+    parser.add_argument("--modules-delay", type=float, default=0.0,
+                        help="seconds from start until list actions and function writes work "
+                             "over AMI, then FullyBooted (logins are accepted before)")
     parser.add_argument("--boot-on-command", action="store_true",
                         help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
@@ -833,7 +858,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              state_file=args.state_file, ami_port=args.ami_port,
                              ami_user=args.ami_user, ami_secret=args.ami_secret,
                              ami_chunk=args.ami_chunk,
-                             loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay)
+                             loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay,
+                             modules_delay=args.modules_delay)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
     print(json.dumps(server.ports), flush=True)

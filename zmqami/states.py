@@ -30,6 +30,7 @@ class ListReading:
     changed: List[StateUpdate] = field(default_factory=list)   # its own states that are news
     current: List[StateUpdate] = field(default_factory=list)   # all its own states, as now known
     repairs: List[StateUpdate] = field(default_factory=list)   # its mirrors that show a wrong state
+    gone: List[str] = field(default_factory=list)  # its devices it no longer lists: shown down
 
 
 class Entry:
@@ -189,12 +190,16 @@ class StateTable:
                 del self.entries[variable]
 
     def read_device_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
-                         writing: IsWriting, on_bad: OnBadItem) -> ListReading:
+                         writing: IsWriting, on_bad: OnBadItem,
+                         after_restart: bool = False) -> ListReading:
         """Compare a server's DeviceStateList items with what is known.
 
-        A mirror that is being written is not judged: the list may predate the write.
+        A mirror that is being written is not judged: the list may predate the write.  After a
+        restart, a device of the server's that its list no longer shows (a phone that has not
+        registered again) has its share shown as down_state until it reports again.
         """
         reading = ListReading()
+        listed = set()
         for item in items:
             mirror = mirror_variable(item)
             if mirror is not None:
@@ -209,7 +214,15 @@ class StateTable:
                 on_bad(item, exc)
                 continue
             if update is not None:
+                listed.add(update.variable)
                 self._read_own(server, update, asked_at, reading)
+        if after_restart and self.down_state:
+            for variable, reports in self.entries.items():
+                entry = reports.get(server)
+                if entry is not None and not entry.down and variable not in listed and \
+                        variable.startswith(DEVICE_PREFIX) and entry.changed_at <= asked_at:
+                    entry.down = True
+                    reading.gone.append(variable)
         return reading
 
     def read_presence_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
@@ -246,6 +259,11 @@ class StateTable:
             reading.changed.append(update)
         reading.current.append(StateUpdate(update.variable,
                                            self.entries[update.variable][server].value))
+
+
+def list_items(reply: List[Dict[str, Any]], event: str) -> List[Dict[str, Any]]:
+    """The items of a list action's reply (ack, items, Complete)."""
+    return [item for item in reply[1:] if item.get("Event") == event]
 
 
 def mirror_variable(item: dict) -> Optional[str]:
