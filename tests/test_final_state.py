@@ -193,3 +193,74 @@ def test_a_list_read_that_failed_is_tried_again(standins, broker):
     a.control.set_mode("normal")
     wait_until(lambda: custom_states(b).get("Custom:SIP/1") == "INUSE",
                message="the list read again, without anti-entropy")
+
+
+# --- a start must not undo a change made while the broker was down ----------------------------------
+
+LUNCH, BACK = ["away", "", "lunch"], ["available", "", "back"]
+
+
+def set_everywhere(servers, value) -> None:
+    for server in servers:
+        server.control.set_presence("CustomPresence:5", *value, publish=False)
+
+
+def shows(servers, value) -> bool:
+    return all(server.control.presences().get("CustomPresence:5") == value for server in servers)
+
+
+def test_a_change_made_while_the_broker_was_stopped_wins_at_start(standins, broker, tmp_path):
+    a, b, c = standins(3)
+    state_file = tmp_path / "broker.state"
+    for trial in range(5):
+        set_everywhere([a, b, c], LUNCH)           # (the state file says otherwise, or nothing)
+        script = broker([a, b, c], presence="yes", state_file=str(state_file))
+        script.wait_for_output("Read the presences of")  # lunch known: a change since the file
+        assert script.stop() == 0                  # saved at exit
+        assert '"away,,lunch"' in state_file.read_text()
+        c.control.set_presence("CustomPresence:5", *BACK, publish=False)  # while it is stopped
+        (a if trial % 2 else c).control.set_mode("slow", delay_ms=50)  # who answers first varies
+        script = broker([a, b, c], presence="yes", state_file=str(state_file))
+        wait_until(lambda: shows([a, b, c], BACK), message=f"trial {trial}: C's change everywhere")
+        for server in (a, c):
+            server.control.set_mode("normal")
+        assert script.stop() == 0
+
+
+def test_without_a_state_file_the_one_server_that_differs_wins(standins, broker):
+    for trial in range(5):
+        a, b, c = standins(3)
+        set_everywhere([a, b], LUNCH)
+        set_everywhere([c], BACK)
+        (a, b, c)[trial % 3].control.set_mode("slow", delay_ms=50)
+        script = broker([a, b, c], presence="yes")
+        wait_until(lambda: shows([a, b, c], BACK), message=f"trial {trial}: C's value everywhere")
+        script.kill()
+
+
+def test_without_a_state_file_a_tie_is_logged_and_left_alone(standins, broker):
+    a, b, c = standins(3)
+    for server, value in ((a, LUNCH), (b, BACK), (c, ["dnd", "", "meeting"])):
+        set_everywhere([server], value)
+    script = broker([a, b, c], presence="yes", resync_interval="0.3")
+    script.wait_for_output("1 presences differ between the servers")
+    for server in (a, b, c):  # anti-entropy does not pick one either
+        reads = server.control.state()["actions_run"].get("presencestatelist", 0)
+        wait_until(lambda: server.control.state()["actions_run"].get("presencestatelist", 0)
+                   >= reads + 2)
+    assert [s.control.presences()["CustomPresence:5"] for s in (a, b, c)] == \
+        [LUNCH, BACK, ["dnd", "", "meeting"]]
+    a.control.set_presence("CustomPresence:5", "away", "", "out")  # a genuine change: relayed
+    wait_until(lambda: shows([a, b, c], ["away", "", "out"]))
+
+
+def test_a_broken_state_file_does_not_stop_the_start(standins, broker, tmp_path):
+    a, b = standins(2)
+    state_file = tmp_path / "broker.state"
+    state_file.write_text('{"version": 1, "presences": {"PRESENCE_STATE(CustomPres')  # cut
+    script = broker([a, b], presence="yes", state_file=str(state_file))
+    script.wait_for_output("cannot use the saved states")
+    a.control.set_presence("CustomPresence:1", "dnd")
+    wait_until(lambda: b.control.presences().get("CustomPresence:1") == ["dnd", "", ""])
+    assert script.stop() == 0
+    assert "dnd" in state_file.read_text()  # written whole at exit

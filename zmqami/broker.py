@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 import uuid
 from typing import Any, Dict, List, Optional, Set
 
@@ -19,14 +20,16 @@ from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqMan
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
                      load_broker_config, setup_logging)
 from .loop import EventLoop, Timer
-from .rules import BadInput, StateUpdate, relayed_update
-from .states import ListReading, StateTable, list_items
+from .rules import BadInput, StateUpdate, presence_update, relayed_update
+from .states import ListReading, StateTable, decide_first_presences, list_items
+from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, printable
 from .status import StatusServer, link_status, print_status, serve_status
 
 log = logging.getLogger("broker")
 
 STATISTICS_INTERVAL = 60.0  # seconds between statistics lines with count_messages = yes
+FIRST_READ_WAIT = 10.0  # s after start to decide the presences with the servers that answered
 
 
 class Broker:
@@ -44,6 +47,15 @@ class Broker:
         self.traced: Set[str] = set()                 # servers with ami_trace = yes
         self.timers: List[Timer] = []
         self.status: Optional[StatusServer] = None
+        self.contacted: Set[str] = set()   # servers resynchronised at least once
+        self.state_file: Optional[StateFile] = None
+        if config.state_file:
+            self.state_file = StateFile(config.state_file)
+            self.states.restore(self.state_file.load())
+        # Without a state file, the presences of every server's first read are decided together.
+        self.first_presences: Optional[Dict[str, Dict[str, str]]] = \
+            {} if config.presence and self.state_file is None else None
+        self.unresolved: Set[str] = set()  # presences the servers disagreed on at start
 
     def run(self) -> None:
         """Relay until SIGTERM or Ctrl-C; SIGHUP reloads the config file."""
@@ -53,10 +65,13 @@ class Broker:
                  len(self.config.servers), _yes_no(self.config.device_state),
                  _yes_no(self.config.presence))
         self.apply(self.config)
+        if self.first_presences is not None:
+            self.loop.call_later(FIRST_READ_WAIT, self.decide_first_presences)
         try:
             self.loop.run()
         finally:
             log.info("Received %s, exiting.", self.loop.stop_signal or "stop")
+            self.save_states()
             if self.config.count_messages:
                 self.log_statistics()
             for link in self.links:
@@ -106,6 +121,12 @@ class Broker:
             self.timers.append(self.loop.call_every(config.resync_interval, self.repair_all))
         if config.count_messages:
             self.timers.append(self.loop.call_every(STATISTICS_INTERVAL, self.log_statistics))
+        if config.state_file:
+            if self.state_file is None or self.state_file.path != config.state_file:
+                self.state_file = StateFile(config.state_file)
+            self.timers.append(self.loop.call_every(SAVE_INTERVAL, self.save_states))
+        else:
+            self.state_file = None
 
     def _serve_status(self, config: BrokerConfig) -> None:
         if self.status is not None and self.status.address != config.status_socket:
@@ -162,6 +183,7 @@ class Broker:
                       update.value, source.name)
             return
         if self.states.record(source.name, update):
+            self.unresolved.discard(update.variable)
             self.events_relayed += 1
             self.relay(update)
 
@@ -222,14 +244,21 @@ class Broker:
                  f"show {self.config.down_state} on the other servers" if variables else "")
 
     def resync(self, link: AsteriskLink) -> None:
-        """A server is (back) up: write every known state on it, then read its own states."""
+        """A server is (back) up: write every known state on it, then read its own states.
+
+        At the first contact of this run its presences are read before any is written: one may
+        have changed while the broker was stopped (StateFile, decide_first_presences).
+        """
+        first = link.name not in self.contacted
+        self.contacted.add(link.name)
         written = 0
         for update in self.states.mirrors_for(link.name):
-            self.write(link, update)
-            written += 1
+            if not (first and update.is_presence):
+                self.write(link, update)
+                written += 1
         log.info("Resynchronising %s: %d known states written, reading its states", link.name,
                  written)
-        self.read_states(link, repair=False)
+        self.read_states(link, repair=False, first=first)
 
     def repair_all(self) -> None:
         """Anti-entropy: read every server's states again; relay what was missed, repair mirrors."""
@@ -237,14 +266,52 @@ class Broker:
             if link.up:
                 self.read_states(link, repair=True)
 
-    def read_states(self, link: AsteriskLink, repair: bool) -> None:
+    def read_states(self, link: AsteriskLink, repair: bool, first: bool = False) -> None:
         """Read a server's lists: after its (re)start (repair False) or for anti-entropy."""
         if self.config.device_state:
             link.read_list("DeviceStateList", lambda reply, asked_at: self.on_device_list(
                 link, reply, asked_at, repair))
-        if self.config.presence:
+        if not self.config.presence:
+            return
+        if first and self.first_presences is not None:
+            link.read_list("PresenceStateList", lambda reply, asked_at: self.gather_presences(
+                link, reply))
+        else:  # at the first contact, a difference from the saved presence is news
             link.read_list("PresenceStateList", lambda reply, asked_at: self.on_presence_list(
-                link, reply, asked_at, repair))
+                link, reply, asked_at, repair or first))
+
+    def gather_presences(self, link: AsteriskLink, reply: List[Dict[str, Any]]) -> None:
+        """A server's first presence list, without a state file: kept until every server's is in."""
+        if self.first_presences is None:  # decided already: this one is read as usual
+            self.on_presence_list(link, reply, time.monotonic(), repair=True)
+            return
+        values = {}
+        for item in list_items(reply, "PresenceStateChange"):
+            try:
+                update = presence_update(item)
+            except BadInput as exc:
+                self._bad_item(link)(item, exc)
+                continue
+            if update is not None:
+                values[update.variable] = update.value
+        self.first_presences[link.name] = values
+        if set(self.first_presences) >= {link.name for link in self.links}:
+            self.decide_first_presences()
+
+    def decide_first_presences(self) -> None:
+        if self.first_presences is None:
+            return
+        first, self.first_presences = self.first_presences, None
+        decided, unresolved = decide_first_presences(first)
+        for variable, (server, value) in decided.items():
+            update = StateUpdate(variable, value)
+            if self.states.expected(variable) is None and self.states.record(server, update):
+                self.relay(update)
+        self.unresolved.update(unresolved)
+        if unresolved:
+            log.warning("%d presences differ between the servers and, without a state_file, it "
+                        "cannot be told which changed last: each server keeps its own until the "
+                        "next change (%s)", len(unresolved), ", ".join(unresolved[:3]))
 
     def on_device_list(self, link: AsteriskLink, reply: List[Dict[str, Any]], asked_at: float,
                        repair: bool) -> None:
@@ -262,7 +329,8 @@ class Broker:
 
     def apply_reading(self, link: AsteriskLink, reading: ListReading, what: str) -> None:
         for update in reading.changed:
-            self.relay(update)
+            if update.variable not in self.unresolved:
+                self.relay(update)
         for update in reading.repairs:
             self.write(link, update)
         for variable in reading.gone:
@@ -277,6 +345,10 @@ class Broker:
 
     def _bad_item(self, link: AsteriskLink):
         return lambda item, exc: self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
+
+    def save_states(self) -> None:
+        if self.state_file is not None:
+            self.state_file.save(self.states.presence_snapshot())
 
     def log_statistics(self) -> None:
         per_server = "; ".join(

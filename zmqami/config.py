@@ -156,6 +156,7 @@ class BrokerConfig:
     down_state: Optional[str] = "UNAVAILABLE"
     resync_interval: float = 300.0
     max_devices: int = 100_000
+    state_file: Optional[str] = None
     log_file: Optional[str] = None
     log_syslog: bool = False
     status_socket: Optional[str] = None
@@ -262,6 +263,7 @@ def load_broker_config(path: str) -> BrokerConfig:
                   f"{', '.join(sorted(DEVICE_STATES))}, or empty to keep the last state")
     config.down_state = down_state or None
     config.log_file = parser.get("general", "log_file", fallback="").strip() or None
+    config.state_file = parser.get("general", "state_file", fallback="").strip() or None
     config.log_syslog = ini.boolean("general", "log_syslog", False)
     config.status_socket = parser.get("general", "status_socket", fallback="").strip() or None
     if config.status_socket and url_problem(config.status_socket, bind=True):

@@ -13,7 +13,7 @@ and never written into Asterisk's database as Custom: devices).
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, aggregate_device_states, check_name,
                     device_state_update, presence_update)
@@ -34,12 +34,14 @@ class ListReading:
 
 
 class Entry:
-    """The last state one source reported for one variable, and when an event changed it."""
-    __slots__ = ("value", "changed_at", "down")
+    """The last state one source reported for one variable, and when an event changed it
+    (changed_at: this process's monotonic clock; wall: wall-clock time, kept in a state file)."""
+    __slots__ = ("value", "changed_at", "wall", "down")
 
-    def __init__(self, value: str, changed_at: float) -> None:
+    def __init__(self, value: str, changed_at: float, wall: float) -> None:
         self.value = value
         self.changed_at = changed_at
+        self.wall = wall
         self.down = False  # its source is down: its share shows down_state
 
 
@@ -102,8 +104,24 @@ class StateTable:
             news = old is None or old.down or old.value != update.value
         if source not in reports:
             self.per_source[source] += 1
-        reports[source] = Entry(update.value, when)
+        reports[source] = Entry(update.value, when, time.time())
         return news
+
+    def presence_snapshot(self) -> Dict[str, Tuple[str, str, float]]:
+        """The presences, for a state file: variable -> (value, source, wall-clock time)."""
+        snapshot = {}
+        for variable, reports in self.entries.items():
+            if not variable.startswith(DEVICE_PREFIX):
+                for source, entry in reports.items():
+                    snapshot[variable] = (entry.value, source, entry.wall)
+        return snapshot
+
+    def restore(self, saved: Dict[str, Tuple[str, str, float]]) -> None:
+        """Take the presences a state file kept (as known before any event of this run)."""
+        for variable, (value, source, wall) in saved.items():
+            if self.refusal(source, variable) is None:
+                self.entries[variable] = {source: Entry(value, 0.0, wall)}
+                self.per_source[source] += 1
 
     def _disown(self, source: str) -> None:
         self.per_source[source] -= 1
@@ -259,6 +277,32 @@ class StateTable:
             reading.changed.append(update)
         reading.current.append(StateUpdate(update.variable,
                                            self.entries[update.variable][server].value))
+
+
+def decide_first_presences(first: Dict[str, Dict[str, str]]) -> Tuple[
+        Dict[str, Tuple[str, str]], List[str]]:
+    """Without a state file: each presence's value at the first read of every server, decided.
+
+    The same everywhere (or on the only servers that have it): that value.  One server differs
+    and every other one (two at least) agrees: that server changed it while nobody relayed, and
+    its value wins.  Anything else cannot be told apart: unresolved.
+    Returns ({variable: (server, value)}, [unresolved variables]).
+    """
+    decided: Dict[str, Tuple[str, str]] = {}
+    unresolved = []
+    for variable in sorted({v for values in first.values() for v in values}):
+        held = {server: values[variable] for server, values in first.items() if variable in values}
+        counts = Counter(held.values())
+        if len(counts) == 1:
+            decided[variable] = next(iter(held.items()))
+            continue
+        odd = [value for value, count in counts.items() if count == 1]
+        if len(counts) == 2 and len(odd) == 1 and len(held) >= 3:
+            server = next(s for s, value in held.items() if value == odd[0])
+            decided[variable] = (server, odd[0])
+        else:
+            unresolved.append(variable)
+    return decided, unresolved
 
 
 def list_items(reply: List[Dict[str, Any]], event: str) -> List[Dict[str, Any]]:
