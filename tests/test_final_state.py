@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from harness import broker_config, custom_states, restart, wait_until
+from harness import HubClient, broker_config, custom_states, restart, start_agent, wait_until
 from zmqami.rules import aggregate_device_states
 
 TRIALS = 20
@@ -264,3 +264,46 @@ def test_a_broken_state_file_does_not_stop_the_start(standins, broker, tmp_path)
     wait_until(lambda: b.control.presences().get("CustomPresence:1") == ["dnd", "", ""])
     assert script.stop() == 0
     assert "dnd" in state_file.read_text()  # written whole at exit
+
+
+# --- the same for an agent ---------------------------------------------------------------------------
+
+def restart_agent(tmp_path, hub, context, script, name, standin, **settings):
+    assert script.stop() == 0  # SIGTERM: the state file is written at exit
+    script = start_agent(tmp_path, name, standin, ZMQ_PUB_URL=hub.pull_url,
+                         ZMQ_SUB_URL=hub.pub_url, **settings)
+    client = HubClient(context, hub, name="Restarter")
+    client.ping_until_pong(name)
+    client.close()
+    return script
+
+
+@pytest.mark.parametrize("changed_on, state_file", [
+    ("its own Asterisk", True), ("another", True),
+    ("another", False)])  # (a change on its own Asterisk needs the file to be told apart)
+def test_a_change_made_while_an_agent_was_stopped_wins(standins, agents, hub, context, tmp_path,
+                                                       changed_on, state_file):
+    x, y, z = standins(3)
+    settings = dict(PRESENCE=True)
+    files = {name: dict(STATE_FILE=str(tmp_path / f"{name}.state")) if state_file else {}
+             for name in "XYZ"}
+    scripts = [agents([server], names=name, **files[name], **settings)[0]
+               for name, server in zip("XYZ", (x, y, z))]
+    for trial in range(3):
+        x.control.set_presence("CustomPresence:5", *LUNCH)
+        wait_until(lambda: shows([x, y, z], LUNCH), message="lunch everywhere")
+        script = scripts[2]
+        assert script.stop() == 0  # agent Z is stopped
+        source = z if changed_on == "its own Asterisk" else x
+        source.control.set_presence("CustomPresence:5", *BACK, publish=source is x)
+        if source is x:
+            wait_until(lambda: shows([x, y], BACK))
+        heard = [len(peer.lines("states from Z")) for peer in scripts[:2]]
+        scripts[2] = restart_agent(tmp_path, hub, context, script, "Z", z, **files["Z"],
+                                   **settings)
+        wait_until(lambda: shows([x, y, z], BACK),
+                   message=f"trial {trial}: the change made on {changed_on} everywhere")
+        for peer, before in zip(scripts[:2], heard):  # Z's states, read at its start, are in
+            wait_until(lambda: len(peer.lines("states from Z")) > before)
+        for other in (x, y):  # and did not bring lunch back anywhere
+            assert other.control.presences()["CustomPresence:5"] == BACK

@@ -42,6 +42,7 @@ from .loop import EventLoop, Timer, drain
 from .rules import (BadInput, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable, list_items
+from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
 
@@ -74,6 +75,7 @@ AGENT_SETTINGS = {
     "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),
     "ALLOWED_ACTIONS": Setting(list(READ_ONLY_ACTIONS), is_action_names),
     "MAX_PEERS": Setting(1000, number_between(1, 100_000, "peers")),
+    "STATE_FILE": Setting(None, is_optional_text),
     "MAX_DEVICES_PER_PEER": Setting(10_000, number_between(1, 10_000_000, "devices")),
     "ASTERISK_AMI_URL": Setting("tcp://127.0.0.1:5038", is_url),
     "ASTERISK_AMI_USER": Setting(None, is_optional_text),
@@ -83,7 +85,7 @@ AGENT_SETTINGS = {
     **COMMON_SETTINGS,
 }
 # What a SIGHUP cannot change: who the agent is and how it reaches the hubs.
-RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE",
+RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE", "STATE_FILE",
                     "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET")
 ASTERISK_SETTINGS = ("ASTERISK_CMD_URL", "ASTERISK_EVT_URL", "ASTERISK_AMI_URL",
                      "ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET", "ASTERISK_TIMEOUT")
@@ -114,7 +116,13 @@ class Agent:
         self.drops = DropLog(log)
         self.unsent = DropLog(log, what="a message to")
         self.states = StateTable(settings["DOWN_STATE"], settings["MAX_DEVICES_PER_PEER"],
-                                 settings["MAX_PEERS"] + 1)  # the peers and itself
+                                 settings["MAX_PEERS"] + 1,  # the peers and itself
+                                 unverified_wall=0.0)
+        self.contacted = False  # its Asterisk resynchronised at least once
+        self.state_file: Optional[StateFile] = None
+        if settings["STATE_FILE"]:
+            self.state_file = StateFile(settings["STATE_FILE"])
+            self.states.restore(self.state_file.load())
         self.peers: Dict[str, Peer] = {}
         self.seen: "OrderedDict[str, None]" = OrderedDict()
         self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
@@ -181,6 +189,7 @@ class Agent:
             log.info("Received %s: %d hub messages, %d dropped. Exiting.",
                      self.loop.stop_signal or "stop", self.received,
                      sum(self.drops.counts.values()))
+            self.save_states()
             self.asterisk.close()
             self.sub.disable_monitor()
             if self.status is not None:
@@ -194,6 +203,12 @@ class Agent:
                        self.loop.call_every(HEALTH_CHECK_INTERVAL, self.check_health)]
         if self.settings["RESYNC_INTERVAL"]:
             self.timers.append(self.loop.call_every(self.settings["RESYNC_INTERVAL"], self.repair))
+        if self.state_file is not None:
+            self.timers.append(self.loop.call_every(SAVE_INTERVAL, self.save_states))
+
+    def save_states(self) -> None:
+        if self.state_file is not None:
+            self.state_file.save(self.states.presence_snapshot())
 
     def reload(self) -> None:
         """SIGHUP: read the settings again; known states and connections that did not change stay."""
@@ -256,23 +271,28 @@ class Agent:
             return
         if self.states.record(self.name, update):
             log.debug("My device %s state %s.", update.variable, update.value)
-            self.send(ALL, "AsteriskEvent", data=event_for(update))
+            self.send(ALL, "AsteriskEvent", data=self.event_of(update))
 
     def on_asterisk_up(self, link: AsteriskLink) -> None:
-        """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own."""
+        """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own.
+
+        At the first contact of this run its presences are read before any is written: one may
+        have changed while the agent was stopped (STATE_FILE)."""
+        first, self.contacted = not self.contacted, True
         written = 0
         for update in self.states.mirrors_for(self.name):
-            self.write(update)
-            written += 1
+            if not (first and update.is_presence):
+                self.write(update)
+                written += 1
         log.info("Resynchronising Asterisk: %d known states of the peers written, reading its "
                  "states for the peers", written)
         self.heartbeat()
-        self.read_own_states(repair=False, requester=ALL)
+        self.read_own_states(repair=False, requester=ALL, first=first)
 
     def on_asterisk_down(self, link: AsteriskLink) -> None:
         self.heartbeat()  # the peers show its devices as DOWN_STATE until it is back
 
-    def read_own_states(self, repair: bool, requester: str) -> None:
+    def read_own_states(self, repair: bool, requester: str, first: bool = False) -> None:
         """Read its Asterisk's lists and send its own states to requester (a peer or everyone)."""
         first = not self.state_requesters
         self.state_requesters.add(requester)
@@ -292,7 +312,7 @@ class Agent:
                 self.on_own_list(reply, "DeviceStateChange", asked_at, repair)))
         if self.settings["PRESENCE"]:
             self.asterisk.read_list("PresenceStateList", lambda reply, asked_at: on_list(
-                self.on_own_list(reply, "PresenceStateChange", asked_at, repair)))
+                self.on_own_list(reply, "PresenceStateChange", asked_at, repair or first)))
         if not wanted:
             self.state_requesters.clear()
 
@@ -322,7 +342,7 @@ class Agent:
         return reading
 
     def answer_state_requests(self, readings: List[ListReading]) -> None:
-        events = [event_for(update) for reading in readings for update in reading.current]
+        events = [self.event_of(update) for reading in readings for update in reading.current]
         requesters, self.state_requesters = self.state_requesters, set()
         for requester in ([ALL] if ALL in requesters else sorted(requesters)):
             self.send(requester, "AgentStates", events=events)
@@ -387,6 +407,14 @@ class Agent:
         self.send(message.origin, "AgentPong")
         log.debug("AgentPing received from %s, sending AgentPong.", message.origin)
 
+    def event_of(self, update: StateUpdate) -> Dict[str, str]:
+        """Its own state as the x_data of an AsteriskEvent.  A presence says when it changed
+        (ChangedAt, wall clock): a presence has no owner, and the newest change wins."""
+        event = event_for(update)
+        if update.is_presence:
+            event["ChangedAt"] = f"{self.states.wall(update.variable, self.name):.3f}"
+        return event
+
     def apply_event(self, message: Envelope) -> None:
         self.apply_peer_event(message, message.field("data"))
 
@@ -396,11 +424,14 @@ class Agent:
             self.drop_from_peer(message, "x_events is not a list")
             return
         for event in events:
-            self.apply_peer_event(message, event)
+            self.apply_peer_event(message, event, snapshot=True)
         log.info("Received %d states from %s", len(events), message.origin)
 
-    def apply_peer_event(self, message: Envelope, data: Any) -> None:
-        """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here."""
+    def apply_peer_event(self, message: Envelope, data: Any, snapshot: bool = False) -> None:
+        """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here.
+
+        A presence is taken only if it changed no earlier than the one known (its ChangedAt;
+        without one, an event is a change seen now, a snapshot's value the oldest of all)."""
         try:
             if not isinstance(data, dict):
                 raise BadInput("not an object")
@@ -409,7 +440,8 @@ class Agent:
         except BadInput as exc:
             self.drop_from_peer(message, str(exc), repr(data).encode())
             return
-        if update is None or not self.states.record(message.origin, update):
+        if update is None or not self.states.record(message.origin, update,
+                                                    changed_at(data, snapshot)):
             return
         log.debug("Other device: %s - %s (from %s).", update.variable, update.value, message.origin)
         self.write_mirror(update.variable, message.uuid)
@@ -516,6 +548,16 @@ class Agent:
         if self.asterisk_ok is not False:
             log.error("asterisk_ping unknown reply: %s (logged again when it answers)", reply)
         self.asterisk_ok = False
+
+
+def changed_at(data: Dict[str, Any], snapshot: bool) -> Optional[float]:
+    """A peer's ChangedAt (wall clock), if it is a sane one; else None (now) for an event and 0
+    for a snapshot (AgentStates)."""
+    try:
+        wall = float(data.get("ChangedAt"))
+    except (TypeError, ValueError):
+        return 0.0 if snapshot else None
+    return wall if 0 <= wall <= time.time() + 3600 else (0.0 if snapshot else None)
 
 
 def make_link(loop: EventLoop, context: zmq.Context, settings: Dict[str, Any],

@@ -55,8 +55,11 @@ class StateTable:
     """
 
     def __init__(self, down_state: Optional[str], max_per_source: int = 10_000,
-                 max_sources: int = 1_000) -> None:
+                 max_sources: int = 1_000, unverified_wall: Optional[float] = None) -> None:
         self.down_state = down_state
+        # The wall-clock time given to a presence first read from a list (not seen changing):
+        # None, now; the agent gives 0, older than any change a peer saw.
+        self.unverified_wall = unverified_wall
         self.max_per_source = max_per_source
         self.max_sources = max_sources
         self.entries: Dict[str, Dict[str, Entry]] = {}  # variable -> source -> its last report
@@ -78,9 +81,13 @@ class StateTable:
         if why:
             raise BadInput(why)
 
-    def record(self, source: str, update: StateUpdate) -> bool:
-        """Remember what a source reported in an event; True if a mirror may change."""
-        return self._remember(source, update, time.monotonic())
+    def record(self, source: str, update: StateUpdate, wall: Optional[float] = None) -> bool:
+        """Remember what a source reported in an event; True if a mirror may change.
+
+        wall: when the change happened (wall clock, as a peer says); a presence older than the
+        one known is not taken.  None: now.
+        """
+        return self._remember(source, update, time.monotonic(), wall)
 
     def record_listed(self, source: str, update: StateUpdate, asked_at: float) -> bool:
         """Like record, for a state read from a list asked for at asked_at.
@@ -90,11 +97,21 @@ class StateTable:
         entry = self.entries.get(update.variable, {}).get(source)
         if entry is not None and entry.changed_at > asked_at:
             return False
-        return self._remember(source, update, asked_at)
+        wall = self.unverified_wall if update.variable not in self.entries else None
+        return self._remember(source, update, asked_at, wall)
 
-    def _remember(self, source: str, update: StateUpdate, when: float) -> bool:
+    def wall(self, variable: str, source: str) -> float:
+        """When the source's report of variable changed (wall clock)."""
+        return self.entries[variable][source].wall
+
+    def _remember(self, source: str, update: StateUpdate, when: float,
+                  wall: Optional[float] = None) -> bool:
         reports = self.entries.setdefault(update.variable, {})
+        if wall is None:
+            wall = time.time()
         if update.is_presence:  # no owner: the newest report is the presence
+            if any(entry.wall > wall for entry in reports.values()):
+                return False  # an older change than the one known, told late
             news = self.expected(update.variable) != update.value
             for old_source in [s for s in reports if s != source]:
                 del reports[old_source]
@@ -104,7 +121,7 @@ class StateTable:
             news = old is None or old.down or old.value != update.value
         if source not in reports:
             self.per_source[source] += 1
-        reports[source] = Entry(update.value, when, time.time())
+        reports[source] = Entry(update.value, when, wall)
         return news
 
     def presence_snapshot(self) -> Dict[str, Tuple[str, str, float]]:
