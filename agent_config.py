@@ -68,6 +68,11 @@ ALLOWED_ACTIONS = ['Ping', 'CoreStatus', 'CoreSettings', 'CoreShowChannels', 'De
                    'SIPpeers', 'SIPshowpeer', 'PJSIPShowEndpoints', 'PJSIPShowEndpoint',
                    'QueueStatus', 'QueueSummary', 'Mailboxcount', 'MailboxStatus']
 
+# Keep the presences known here, so that a change made on this Asterisk while the agent was
+# stopped wins at its next start (README: "The right final state"); None: no file.
+# E.g. '/var/lib/zmq-ami/agent.state'.
+STATE_FILE = None
+
 # Bounds on what the peers can make this agent hold (and write into Asterisk's database): peers
 # tracked, and states kept per peer.  What exceeds them is dropped, counted and logged.
 MAX_PEERS = 1000
