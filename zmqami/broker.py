@@ -253,7 +253,7 @@ class Broker:
         self.contacted.add(link.name)
         written = 0
         for update in self.states.mirrors_for(link.name):
-            if not (first and update.is_presence):
+            if not (first and update.is_presence) and update.variable not in self.unresolved:
                 self.write(link, update)
                 written += 1
         log.info("Resynchronising %s: %d known states written, reading its states", link.name,
