@@ -45,6 +45,7 @@ from .states import ListReading, StateTable, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
+from .systemd import Notifier
 
 log = logging.getLogger("asterisk_agent")
 
@@ -127,6 +128,8 @@ class Agent:
         self.seen: "OrderedDict[str, None]" = OrderedDict()
         self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
         self.name_clashes = 0
+        self.systemd = Notifier()
+        self.health = ""  # the last STATUS= line sent to systemd
         self.clash_warnings = Throttle()
         self.state_requesters: Set[str] = set()
         self.received = 0
@@ -183,9 +186,13 @@ class Agent:
         self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"],
                                    "agent " + self.name, self.status_report,
                                    f"{config_path}: STATUS_SOCKET")
+        self.systemd.ready(f"agent {self.name} started")
+        self.systemd.keep_watchdog_fed(self.loop)
         try:
             self.loop.run()
         finally:
+            self.systemd.stopping()
+            self.systemd.close()
             log.info("Received %s: %d hub messages, %d dropped. Exiting.",
                      self.loop.stop_signal or "stop", self.received,
                      sum(self.drops.counts.values()))
@@ -507,6 +514,11 @@ class Agent:
         for name, peer in self.peers.items():
             if peer.up and now - peer.last_seen > self.peer_timeout:
                 self.peer_down(name, f"silent for {self.peer_timeout:g} s")
+        health = (f"Asterisk {({True: 'up', False: 'DOWN', None: 'unknown'})[self.asterisk.up]}, "
+                  f"{sum(peer.up for peer in self.peers.values())} of {len(self.peers)} peers up")
+        if health != self.health:
+            self.health = health
+            self.systemd.status(health)
 
     def peer_down(self, name: str, why: str) -> None:
         self.peers[name].up = False

@@ -24,6 +24,7 @@ from .rules import BadInput, StateUpdate, presence_update, relayed_update
 from .states import ListReading, StateTable, decide_first_presences, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, printable
+from .systemd import Notifier
 from .status import StatusServer, link_status, print_status, serve_status
 
 log = logging.getLogger("broker")
@@ -48,6 +49,8 @@ class Broker:
         self.timers: List[Timer] = []
         self.status: Optional[StatusServer] = None
         self.contacted: Set[str] = set()   # servers resynchronised at least once
+        self.systemd = Notifier()
+        self.health = ""                    # the last STATUS= line sent to systemd
         self.state_file: Optional[StateFile] = None
         if config.state_file:
             self.state_file = StateFile(config.state_file)
@@ -67,10 +70,14 @@ class Broker:
         self.apply(self.config)
         if self.first_presences is not None:
             self.loop.call_later(FIRST_READ_WAIT, self.decide_first_presences)
+        self.systemd.ready(f"relaying between {len(self.links)} servers")
+        self.systemd.keep_watchdog_fed(self.loop)
         try:
             self.loop.run()
         finally:
             log.info("Received %s, exiting.", self.loop.stop_signal or "stop")
+            self.systemd.stopping()
+            self.systemd.close()
             self.save_states()
             if self.config.count_messages:
                 self.log_statistics()
@@ -223,6 +230,12 @@ class Broker:
     def check_health(self) -> None:
         for link in self.links:
             link.check_health(self.config.server_timeout)
+        down = [link.name for link in self.links if link.up is False]
+        health = f"{len(self.links) - len(down)} of {len(self.links)} servers up" + (
+            f"; down: {', '.join(down)}" if down else "")
+        if health != self.health:
+            self.health = health
+            self.systemd.status(health)
 
     def show_down(self, link: AsteriskLink) -> None:
         """A server is down: its devices show down_state on the others until it is back."""

@@ -21,6 +21,7 @@ from .loop import EventLoop, drain
 from .rules import BadInput
 from .stats import DropLog, printable
 from .status import StatusServer, serve_status
+from .systemd import Notifier
 
 log = logging.getLogger("esb_server")
 
@@ -52,6 +53,7 @@ class Hub:
         self.pull = hub_socket(context, zmq.PULL)
         self.pub = hub_socket(context, zmq.PUB)
         self.source = f"agents on {settings['SUB_BIND_URL']}"
+        self.systemd = Notifier()
 
     def secure(self, config_path: str) -> None:
         """CURVE on both sockets when CURVE_SECRET_KEY_FILE is set; a warning when it should be."""
@@ -103,9 +105,13 @@ class Hub:
                                    self.status_report, f"{config_path}: STATUS_SOCKET")
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
                  self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
+        self.systemd.ready(f"relaying: agents push to {self.settings['SUB_BIND_URL']}")
+        self.systemd.keep_watchdog_fed(self.loop)
         try:
             self.loop.run()
         finally:
+            self.systemd.stopping()
+            self.systemd.close()
             log.info("Received %s: %d messages relayed, %d dropped. ESB - exit.",
                      self.loop.stop_signal or "stop", self.relayed, sum(self.drops.counts.values()))
             if self.authenticator is not None:
