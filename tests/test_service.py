@@ -1,9 +1,10 @@
 """Running under systemd (Type=notify) and being watched: the notify protocol, the package."""
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,41 @@ def test_ready_watchdog_status_and_stopping_reach_systemd(program, standins, hub
                for line in message.splitlines())
     assert script.stop() == 0
     assert systemd.has("STOPPING=1")
+
+
+def test_the_wheel_installs_and_its_commands_run(tmp_path):
+    """pip wheel, then a fresh virtualenv with it: zmq-ami-broker --demo and --check-config."""
+    source = tmp_path / "source"  # a copy: building writes into the tree it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    shutil.copytree(ROOT / "zmqami", source / "zmqami",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    dist, venv = tmp_path / "dist", tmp_path / "venv"
+    run = lambda *command: subprocess.run(command, capture_output=True, text=True,  # noqa: E731
+                                          timeout=120, cwd=str(tmp_path))
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                "--disable-pip-version-check", "-q", "-w", str(dist), str(source))
+    assert built.returncode == 0, built.stderr
+    wheel, = dist.glob("zmq_ami_broker-*.whl")
+    assert run(sys.executable, "-m", "venv", str(venv)).returncode == 0
+    python = venv / "bin" / "python"
+    installed = run(str(python), "-m", "pip", "install", "--no-deps", "-q",
+                    "--disable-pip-version-check", str(wheel))
+    assert installed.returncode == 0, installed.stderr
+    # pyzmq, the one dependency, from this environment (the test fetches nothing).
+    import zmq
+    site = run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    (Path(site.stdout.strip()) / "pyzmq-from-tests.pth").write_text(
+        os.path.dirname(os.path.dirname(zmq.__file__)) + "\n")
+    metadata = run(str(python), "-m", "pip", "show", "zmq-ami-broker")
+    assert "Requires: pyzmq" in metadata.stdout
+    bin_dir = venv / "bin"
+    demo = run(str(bin_dir / "zmq-ami-broker"), "--demo")
+    assert demo.returncode == 0 and "Every change reached every other server" in demo.stdout, \
+        demo.stdout + demo.stderr
+    check = run(str(bin_dir / "zmq-ami-broker"), "--check-config", str(ROOT / "example_config.ini"))
+    assert check.returncode == 0 and "OK (2 servers)" in check.stdout, check.stderr
+    for command in ("zmq-ami-hub", "zmq-ami-agent"):
+        help_text = run(str(bin_dir / command), "--help").stdout
+        assert f"usage: {command}" in help_text and "/etc/zmq-ami/" in help_text

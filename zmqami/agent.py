@@ -33,7 +33,8 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__, envelope, security
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (COMMON_SETTINGS, PROJECT_DIR, ConfigError, Setting, is_action_names,
+from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting, in_checkout,
+                     is_action_names,
                      is_bool, is_down_state, is_log_level, is_optional_text, is_url,
                      is_url_or_urls, number_between, reload_settings, run_settings_script)
 from .envelope import (ALL, STATS, Envelope, hub_socket, is_heartbeat, is_node_name,
@@ -631,13 +632,14 @@ def _process_exists(pid: int) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_settings_script("python agent.py",
+    return run_settings_script("agent.py",
                                "The zmq-ami-broker agent for one Asterisk host.",
                                "agent_config.py", AGENT_SETTINGS, log, argv, run_agent)
 
 
 def run_agent(config_path: str, settings: Dict[str, Any]) -> int:
-    pid_file = settings["PID_FILE"] or os.path.join(PROJECT_DIR, "zmq_agent.pid")
+    pid_file = settings["PID_FILE"] or (os.path.join(PROJECT_DIR, "zmq_agent.pid") if in_checkout()
+                                        else os.path.join(RUN_DIR, "agent.pid"))
     try:
         claim_pid_file(pid_file)
     except PidFileBusy as exc:

@@ -17,7 +17,7 @@ from . import __version__
 from .ami import AmiLink
 from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink,
                        encode_action)
-from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig,
+from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, program_name,
                      load_broker_config, setup_logging)
 from .loop import EventLoop, Timer
 from .rules import BadInput, StateUpdate, presence_update, relayed_update
@@ -389,7 +389,8 @@ def _yes_no(flag: bool) -> str:
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python broker.py", usage="python broker.py config.ini\n       python broker.py --demo",
+        prog=program_name("broker.py"),
+        usage=f"{program_name('broker.py')} config.ini\n       {program_name('broker.py')} --demo",
         description="Mirror device states and presences between Asterisk servers.")
     parser.add_argument("config", nargs="?", help="the broker's ini file (see example_config.ini)")
     parser.add_argument("--demo", action="store_true",
@@ -432,3 +433,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         context.destroy(linger=0)
     return 0
 
+
+if __name__ == "__main__":  # python -m zmqami.broker, as the demo runs it
+    sys.exit(main())

@@ -19,6 +19,24 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .rules import DEVICE_STATES
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts' folder
+SETTINGS_DIR = "/etc/zmq-ami"  # where installed commands look for their settings files
+RUN_DIR = "/run/zmq-ami"       # where an installed agent keeps its pid file
+
+
+def in_checkout() -> bool:
+    """True when running from a source checkout (broker.py beside the package), not installed."""
+    return os.path.isfile(os.path.join(PROJECT_DIR, "broker.py"))
+
+
+def default_settings_path(name: str) -> str:
+    """A settings file's default: beside the scripts in a checkout, else in /etc/zmq-ami."""
+    return os.path.join(PROJECT_DIR if in_checkout() else SETTINGS_DIR, name)
+
+
+def program_name(script: str) -> str:
+    """How the user ran it: ``python agent.py`` from a checkout, ``zmq-ami-agent`` installed."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return f"python {script}" if not called or called.endswith(".py") else called
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
               "warning": logging.WARNING, "error": logging.ERROR}
@@ -455,13 +473,15 @@ def load_script_settings(path: str, schema: Dict[str, Setting], log: logging.Log
     return settings
 
 
-def script_arguments(prog: str, description: str, default_name: str,
+def script_arguments(script: str, description: str, default_name: str,
                      argv: Optional[List[str]]) -> argparse.Namespace:
     """The command line of server.py and agent.py: [CONFIG] --check-config --status --version."""
     from . import __version__
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("config", nargs="?", default=os.path.join(PROJECT_DIR, default_name),
-                        help=f"settings file (default: {default_name} beside the script)")
+    parser = argparse.ArgumentParser(prog=program_name(script), description=description)
+    parser.add_argument("config", nargs="?", default=default_settings_path(default_name),
+                        help=f"settings file (default: {default_name} beside the script in a "
+                             f"checkout, {SETTINGS_DIR}/{default_name} when installed: "
+                             f"{default_settings_path(default_name)})")
     parser.add_argument("--check-config", action="store_true",
                         help="check the settings file, print every error, exit 0 or 2")
     parser.add_argument("--status", action="store_true",
@@ -470,13 +490,13 @@ def script_arguments(prog: str, description: str, default_name: str,
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
-def run_settings_script(prog: str, description: str, default_name: str,
+def run_settings_script(script: str, description: str, default_name: str,
                         schema: Dict[str, Setting], log: logging.Logger,
                         argv: Optional[List[str]],
                         run: Callable[[str, Dict[str, Any]], int]) -> int:
     """main() of server.py and agent.py: the options every script has, then run(path, settings)."""
     from .status import print_status
-    args = script_arguments(prog, description, default_name, argv)
+    args = script_arguments(script, description, default_name, argv)
     if args.check_config:
         return check_settings(args.config, schema)
     try:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import zmq
 
-from .config import PROJECT_DIR
+from .config import PROJECT_DIR, program_name
 from .standin import AMI_SECRET, AMI_USER, HOST, Standin, start_standin
 
 SERVERS = ("asterisk-1", "asterisk-2", "asterisk-3")
@@ -131,11 +131,12 @@ def run_demo() -> int:
     config_path = os.path.join(workdir, "demo_config.ini")
     with open(config_path, "w", encoding="utf-8") as handle:
         handle.write(_config_text(standins))
-    broker_script = os.path.join(PROJECT_DIR, "broker.py")
+
     print("zmq-ami-broker demo: three stand-in Asterisk servers on 127.0.0.1, "
           "and the broker between them")
-    print(f"    python broker.py {config_path}")
-    broker = subprocess.Popen([sys.executable, broker_script, config_path])
+    print(f"    {program_name('broker.py')} {config_path}")
+    broker = subprocess.Popen([sys.executable, "-m", "zmqami.broker", config_path],
+                              cwd=PROJECT_DIR)  # (from a checkout; installed, from anywhere)
     # Ctrl-C reaches the broker too (same process group) and stops it; here it is KeyboardInterrupt.
     observer = Observer(context, standins)
     ok = False

@@ -157,7 +157,7 @@ class Hub:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_settings_script("python server.py", "The hub between zmq-ami-broker agents.",
+    return run_settings_script("server.py", "The hub between zmq-ami-broker agents.",
                                "server_config.py", HUB_SETTINGS, log, argv, run_hub)
 
 
