@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Script, broker_config, free_port, python_settings, start_agent, wait_until
+from harness import (ROOT, Script, broker_config, custom_states, free_port, python_settings,
+                     start_agent, wait_until)
+from zmqami import __version__
 
 
 class FakeSystemd:
@@ -98,3 +100,84 @@ def test_the_wheel_installs_and_its_commands_run(tmp_path):
     for command in ("zmq-ami-hub", "zmq-ami-agent"):
         help_text = run(str(bin_dir / command), "--help").stdout
         assert f"usage: {command}" in help_text and "/etc/zmq-ami/" in help_text
+
+
+def scrape(port: int) -> dict:
+    """GET /metrics, parsed with the client library's own parser: {(name, labels): value}."""
+    from urllib.request import urlopen
+    from prometheus_client.parser import text_string_to_metric_families
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_are_served_and_add_up(standins, broker):
+    a, b = standins(2)
+    port = free_port()
+    broker([a, b], metrics_port=str(port))
+    for i in range(10):
+        a.control.set_device(f"SIP/{i}", "INUSE")
+    wait_until(lambda: len(custom_states(b)) == 10)
+
+    server = lambda name: (("server", name),)  # noqa: E731
+
+    def settled():  # every write sent acknowledged (a resync may have written some again)
+        metrics = scrape(port)
+        sent = metrics.get(("zmqami_writes_sent_total", server("server-2")), 0)
+        acknowledged = metrics.get(("zmqami_writes_acknowledged_total", server("server-2")))
+        return metrics if sent >= 10 and acknowledged == sent else None
+    metrics = wait_until(settled, message="the writes acknowledged in the metrics")
+    assert metrics[("zmqami_server_up", server("server-1"))] == 1
+    assert metrics[("zmqami_server_up", server("server-2"))] == 1
+    assert metrics[("zmqami_events_received_total", server("server-1"))] >= 10
+    assert metrics[("zmqami_writes_refused_total", server("server-2"))] == 0
+    # Pings and list reads are counted on their own, sent and answered alike.
+    for kind in ("list", "ping"):
+        labels = (("kind", kind), ("server", "server-2"))
+        assert metrics[("zmqami_actions_sent_total", labels)] >= \
+            metrics[("zmqami_actions_answered_total", labels)] >= 1
+    acknowledged = metrics[("zmqami_writes_acknowledged_total", server("server-2"))]
+    assert metrics[("zmqami_relay_latency_seconds_count", server("server-2"))] == acknowledged
+    assert metrics[("zmqami_relay_latency_seconds_bucket",
+                    (("le", "+Inf"), ("server", "server-2")))] == acknowledged
+    assert metrics[("zmqami_events_relayed_total", ())] == 10
+    assert metrics[("zmqami_known_states", ())] == 10
+    assert metrics[("zmqami_queue_length", server("server-2"))] == 0
+    assert ("zmqami_build_info", (("program", "broker"), ("version", __version__))) in metrics
+
+
+def test_metrics_without_the_library_is_one_clear_line(standins, tmp_path):
+    a, b = standins(2)
+    blocker = tmp_path / "blocker"  # a prometheus_client that cannot be imported
+    (blocker / "prometheus_client").mkdir(parents=True)
+    (blocker / "prometheus_client" / "__init__.py").write_text("raise ImportError('absent')\n")
+    config = tmp_path / "metrics.ini"
+    config.write_text(broker_config([a, b], metrics_port="9999"))
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    for args in (["--check-config", str(config)], [str(config)]):
+        result = subprocess.run([sys.executable, str(ROOT / "broker.py"), *args], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "[general] metrics_port: metrics need the prometheus-client library: pip " \
+               "install 'zmq-ami-broker[metrics]'" in result.stderr
+
+
+def test_hub_and_agent_serve_metrics_too(standins, tmp_path):
+    x, = standins(1)
+    hub_port, agent_port = free_port(), free_port()
+    pull, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    Script("server.py", str(python_settings(tmp_path / "metrics_hub.py", PUB_BIND_URL=pub,
+                                            SUB_BIND_URL=pull, METRICS_PORT=hub_port)),
+           log_dir=tmp_path, name="metrics_hub")
+    start_agent(tmp_path, "M", x, ZMQ_PUB_URL=pull, ZMQ_SUB_URL=pub, METRICS_PORT=agent_port,
+                KEEP_ALIVE_INTERVAL=0.2)
+
+    def scraped(port, name, labels=()):
+        try:
+            return scrape(port).get((name, labels))
+        except OSError:  # not listening yet
+            return None
+    wait_until(lambda: scraped(agent_port, "zmqami_server_up", (("server", "Asterisk"),)) == 1)
+    wait_until(lambda: (scraped(hub_port, "zmqami_messages_relayed_total") or 0) > 0)
+    wait_until(lambda: (scraped(agent_port, "zmqami_hub_messages_received_total") or 0) > 0)

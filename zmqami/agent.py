@@ -46,6 +46,7 @@ from .states import ListReading, StateTable, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
+from .metrics import MetricsServer, link_snapshot, serve_metrics
 from .systemd import Notifier
 
 log = logging.getLogger("asterisk_agent")
@@ -120,7 +121,7 @@ class Agent:
         self.states = StateTable(settings["DOWN_STATE"], settings["MAX_DEVICES_PER_PEER"],
                                  settings["MAX_PEERS"] + 1,  # the peers and itself
                                  unverified_wall=0.0)
-        self.contacted = False  # its Asterisk resynchronised at least once
+        self.presences_read = False  # its Asterisk's presences read once in this run
         self.state_file: Optional[StateFile] = None
         if settings["STATE_FILE"]:
             self.state_file = StateFile(settings["STATE_FILE"])
@@ -130,6 +131,9 @@ class Agent:
         self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
         self.name_clashes = 0
         self.systemd = Notifier()
+        self.metrics: Optional[MetricsServer] = None
+        self.resyncs = 0
+        self.reloads = 0
         self.health = ""  # the last STATUS= line sent to systemd
         self.clash_warnings = Throttle()
         self.state_requesters: Set[str] = set()
@@ -187,6 +191,9 @@ class Agent:
         self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"],
                                    "agent " + self.name, self.status_report,
                                    f"{config_path}: STATUS_SOCKET")
+        self.metrics = serve_metrics(self.loop, "agent", self.metrics_snapshot,
+                                     self.settings["METRICS_ADDRESS"],
+                                     self.settings["METRICS_PORT"], f"{config_path}: METRICS_PORT")
         self.systemd.ready(f"agent {self.name} started")
         self.systemd.keep_watchdog_fed(self.loop)
         try:
@@ -194,6 +201,8 @@ class Agent:
         finally:
             self.systemd.stopping()
             self.systemd.close()
+            if self.metrics is not None:
+                self.metrics.close()
             log.info("Received %s: %d hub messages, %d dropped. Exiting.",
                      self.loop.stop_signal or "stop", self.received,
                      sum(self.drops.counts.values()))
@@ -226,6 +235,7 @@ class Agent:
         if settings is None:
             return
         asterisk_changed = any(settings[k] != self.settings[k] for k in ASTERISK_SETTINGS)
+        self.reloads += 1
         self.settings = settings
         self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
         self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
@@ -238,6 +248,20 @@ class Agent:
             self.asterisk = make_link(self.loop, self.context, settings, self.asterisk.handlers)
             self.asterisk.start()
             self.asterisk.ping()
+
+    def metrics_snapshot(self) -> Dict[str, Any]:
+        return {"links": [link_snapshot(self.asterisk, self.drops.counts["Asterisk"])],
+                "peers": [{"name": name, "up": peer.up} for name, peer in self.peers.items()],
+                "totals": {
+                    "hub_messages_received": ("counter", "Messages received from the hubs",
+                                              self.received),
+                    "known_states": ("gauge", "States known", len(self.states.entries)),
+                    "resyncs": ("counter", "Times its Asterisk was resynchronised", self.resyncs),
+                    "reloads": ("counter", "Settings reloads (SIGHUP) applied", self.reloads),
+                    "name_clashes": ("counter", "Messages from another agent with its name",
+                                     self.name_clashes),
+                    "hub_input_dropped": ("counter", "Invalid input from the hubs dropped",
+                                          self.drops.counts[self.hub_source])}}
 
     def status_report(self) -> Dict[str, Any]:
         return {"servers": [link_status(self.asterisk, self.drops.counts["Asterisk"])],
@@ -284,9 +308,10 @@ class Agent:
     def on_asterisk_up(self, link: AsteriskLink) -> None:
         """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own.
 
-        At the first contact of this run its presences are read before any is written: one may
+        Until its presences have been read once in this run, none is written to it: one may
         have changed while the agent was stopped (STATE_FILE)."""
-        first, self.contacted = not self.contacted, True
+        first = not self.presences_read
+        self.resyncs += 1
         written = 0
         for update in self.states.mirrors_for(self.name):
             if not (first and update.is_presence):
@@ -336,6 +361,7 @@ class Agent:
         else:
             reading = self.states.read_presence_list(self.name, items, asked_at,
                                                      not repair, writing, on_bad)
+            self.presences_read = True
         for update in reading.repairs:
             self.write(update)
         if reading.repairs:

@@ -20,8 +20,8 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 import zmq
@@ -29,7 +29,7 @@ import zmq
 from .loop import EventLoop, Timer, drain
 from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
                     StateUpdate, check_module_action, decode_event)
-from .stats import DropLog, Throttle, held_back, printable
+from .stats import DropLog, Histogram, Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,15 @@ class Request:
     for every device, and each should cost little memory.
     """
     __slots__ = ("action_id", "update", "verb", "action", "on_reply", "caller_action_id",
-                 "sent_at", "encoded")
+                 "sent_at", "encoded", "queued_at", "kind")
 
     def __init__(self, action_id: str, update: Optional[StateUpdate] = None, verb: str = "",
                  action: Optional[Dict[str, Any]] = None, on_reply: Optional[ReplyCallback] = None,
-                 caller_action_id: Any = None, encoded: Optional[bytes] = None) -> None:
+                 caller_action_id: Any = None, encoded: Optional[bytes] = None,
+                 kind: str = "write") -> None:
         self.action_id = action_id
+        self.queued_at = time.monotonic()  # for a relayed state: when its event came in
+        self.kind = kind  # write (a state), or ping, list, client (one-shot actions)
         self.update = update
         self.verb = verb
         self.action = action
@@ -80,12 +83,17 @@ class Request:
 
 @dataclass
 class LinkStats:
+    """What went to and came from one server.  For a server that answers,
+    writes_sent = acknowledged + refused + writes in flight (a retry is sent, and counted, again)."""
     events: int = 0
-    sent: int = 0
+    writes_sent: int = 0      # Setvar of a state
     acknowledged: int = 0
     refused: int = 0
     too_large: int = 0        # writes never sent: this server could not safely take them
+    actions_sent: Counter = field(default_factory=Counter)      # others, by kind: ping, list,
+    actions_answered: Counter = field(default_factory=Counter)  # client (an AsteriskAction)
     timeouts: int = 0
+    latency: Histogram = field(default_factory=Histogram)  # event in to write acknowledged
     last_event: float = 0.0   # wall-clock times, for the status
     last_ack: float = 0.0
 
@@ -141,8 +149,10 @@ class Outbox:
         action_id = "zab-" + uuid.uuid4().hex
         callers = [key for key in action if key.lower() == "actionid"]
         own = {key: value for key, value in action.items() if key not in callers}
+        name = str(action.get("Action", "")).lower()
+        kind = "ping" if name == "ping" else "list" if name.endswith("list") else "client"
         request = Request(action_id, action=dict(own, ActionID=action_id), on_reply=on_reply,
-                          caller_action_id=action[callers[0]] if callers else None)
+                          caller_action_id=action[callers[0]] if callers else None, kind=kind)
         self.one_shots.append(request)
 
     def next_request(self) -> Optional[Request]:
@@ -161,7 +171,9 @@ class Outbox:
             self.busy.add(request.update.variable)
             if request.update.is_presence:
                 self.echoes.sent(request.update)
-        self.stats.sent += 1
+            self.stats.writes_sent += 1
+        else:
+            self.stats.actions_sent[request.kind] += 1
 
     def unsent(self, request: Request) -> None:
         """Put back a request the socket would not take."""
@@ -188,6 +200,8 @@ class Outbox:
             if oldest_id == action_id:
                 break
             self._lost(request)
+        if request.update is None and reply is not None:
+            self.stats.actions_answered[request.kind] += 1
         self._complete(request, reply)
 
     def requeue_in_flight(self) -> None:
@@ -204,6 +218,7 @@ class Outbox:
         if response == "Success":
             self.stats.acknowledged += 1
             self.stats.last_ack = time.time()
+            self.stats.latency.observe(time.monotonic() - request.queued_at)
             return
         # Asterisk refused the value: sending it again would be refused again.
         self.stats.refused += 1

@@ -24,6 +24,7 @@ from .rules import BadInput, StateUpdate, presence_update, relayed_update
 from .states import ListReading, StateTable, decide_first_presences, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, printable
+from .metrics import MetricsServer, link_snapshot, serve_metrics
 from .systemd import Notifier
 from .status import StatusServer, link_status, print_status, serve_status
 
@@ -48,8 +49,11 @@ class Broker:
         self.traced: Set[str] = set()                 # servers with ami_trace = yes
         self.timers: List[Timer] = []
         self.status: Optional[StatusServer] = None
-        self.contacted: Set[str] = set()   # servers resynchronised at least once
+        self.presences_read: Set[str] = set()  # servers whose presences were read this run
         self.systemd = Notifier()
+        self.metrics: Optional[MetricsServer] = None
+        self.resyncs = 0
+        self.reloads = 0
         self.health = ""                    # the last STATUS= line sent to systemd
         self.state_file: Optional[StateFile] = None
         if config.state_file:
@@ -70,6 +74,9 @@ class Broker:
         self.apply(self.config)
         if self.first_presences is not None:
             self.loop.call_later(FIRST_READ_WAIT, self.decide_first_presences)
+        self.metrics = serve_metrics(self.loop, "broker", self.metrics_snapshot,
+                                     self.config.metrics_address, self.config.metrics_port,
+                                     f"{self.config.path}: [general] metrics_port")
         self.systemd.ready(f"relaying between {len(self.links)} servers")
         self.systemd.keep_watchdog_fed(self.loop)
         try:
@@ -78,6 +85,8 @@ class Broker:
             log.info("Received %s, exiting.", self.loop.stop_signal or "stop")
             self.systemd.stopping()
             self.systemd.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.save_states()
             if self.config.count_messages:
                 self.log_statistics()
@@ -160,9 +169,20 @@ class Broker:
             return
         before = set(self.servers)
         self.apply(config)
+        self.reloads += 1
         after = set(self.servers)
         log.info("Reloaded %s: %d servers (%d added, %d removed)", config.path, len(after),
                  len(after - before), len(before - after))
+
+    def metrics_snapshot(self) -> Dict[str, Any]:
+        return {"links": [link_snapshot(link, self.drops.counts[link.name])
+                          for link in self.links],
+                "totals": {
+                    "events_relayed": ("counter", "Events relayed to the other servers",
+                                       self.events_relayed),
+                    "known_states": ("gauge", "States known", len(self.states.entries)),
+                    "resyncs": ("counter", "Servers resynchronised", self.resyncs),
+                    "reloads": ("counter", "Config reloads (SIGHUP) applied", self.reloads)}}
 
     def status_report(self) -> Dict[str, Any]:
         return {"servers": [link_status(link, self.drops.counts[link.name])
@@ -259,11 +279,11 @@ class Broker:
     def resync(self, link: AsteriskLink) -> None:
         """A server is (back) up: write every known state on it, then read its own states.
 
-        At the first contact of this run its presences are read before any is written: one may
+        Until its presences have been read once in this run, none is written to it: one may
         have changed while the broker was stopped (StateFile, decide_first_presences).
         """
-        first = link.name not in self.contacted
-        self.contacted.add(link.name)
+        first = link.name not in self.presences_read
+        self.resyncs += 1
         written = 0
         for update in self.states.mirrors_for(link.name):
             if not (first and update.is_presence) and update.variable not in self.unresolved:
@@ -308,6 +328,7 @@ class Broker:
             if update is not None:
                 values[update.variable] = update.value
         self.first_presences[link.name] = values
+        self.presences_read.add(link.name)
         if set(self.first_presences) >= {link.name for link in self.links}:
             self.decide_first_presences()
 
@@ -335,6 +356,7 @@ class Broker:
 
     def on_presence_list(self, link: AsteriskLink, reply: List[Dict[str, Any]], asked_at: float,
                          repair: bool) -> None:
+        self.presences_read.add(link.name)
         reading = self.states.read_presence_list(
             link.name, list_items(reply, "PresenceStateChange"), asked_at,
             after_restart=not repair, writing=link.outbox.is_unsettled, on_bad=self._bad_item(link))
@@ -365,8 +387,11 @@ class Broker:
 
     def log_statistics(self) -> None:
         per_server = "; ".join(
-            f"{link.name}: {link.stats.events} events in, {link.stats.sent} actions sent, "
+            f"{link.name}: {link.stats.events} events in, {link.stats.writes_sent} writes sent, "
             f"{link.stats.acknowledged} acknowledged, {link.stats.refused} refused, "
+            f"{link.stats.too_large} too large, "
+            f"{sum(link.stats.actions_sent.values())} other actions sent, "
+            f"{sum(link.stats.actions_answered.values())} answered, "
             f"{link.stats.timeouts} timeouts, {self.drops.counts[link.name]} dropped, "
             f"{len(link.outbox)} queued"
             for link in self.links)

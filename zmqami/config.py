@@ -125,6 +125,28 @@ def url_problem(url: Any, bind: bool = False) -> Optional[str]:
     return f"{url!r}: {problem}" if problem else None
 
 
+def metrics_library_missing() -> Optional[str]:
+    """Why metrics cannot be served (the optional library is not installed), or None."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return ("metrics need the prometheus-client library: pip install "
+                "'zmq-ami-broker[metrics]' (or prometheus-client)")
+    return None
+
+
+def is_metrics_port(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        return "must be None (no metrics) or a port from 1 to 65535"
+    return metrics_library_missing()
+
+
+def is_host(value: Any) -> Optional[str]:
+    return host_problem(value) if isinstance(value, str) else "must be a host name or address"
+
+
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost: the addresses the demo and tests may use."""
     if host == "localhost":
@@ -175,6 +197,8 @@ class BrokerConfig:
     resync_interval: float = 300.0
     max_devices: int = 100_000
     state_file: Optional[str] = None
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     log_file: Optional[str] = None
     log_syslog: bool = False
     status_socket: Optional[str] = None
@@ -282,6 +306,13 @@ def load_broker_config(path: str) -> BrokerConfig:
     config.down_state = down_state or None
     config.log_file = parser.get("general", "log_file", fallback="").strip() or None
     config.state_file = parser.get("general", "state_file", fallback="").strip() or None
+    config.metrics_port = ini.integer("general", "metrics_port", 0, 0, 65535)
+    config.metrics_address = ini.raw("general", "metrics_address", "127.0.0.1")
+    problem = host_problem(config.metrics_address)
+    if problem:
+        ini.error("general", "metrics_address", problem)
+    if config.metrics_port and metrics_library_missing():
+        ini.error("general", "metrics_port", metrics_library_missing())
     config.log_syslog = ini.boolean("general", "log_syslog", False)
     config.status_socket = parser.get("general", "status_socket", fallback="").strip() or None
     if config.status_socket and url_problem(config.status_socket, bind=True):
@@ -453,6 +484,8 @@ COMMON_SETTINGS = {
     "LOG_FILE": Setting(None, is_optional_text),
     "LOG_SYSLOG": Setting(False, is_bool),
     "STATUS_SOCKET": Setting(None, is_optional_bind_url),
+    "METRICS_PORT": Setting(None, is_metrics_port),
+    "METRICS_ADDRESS": Setting("127.0.0.1", is_host),
 }
 
 

@@ -21,6 +21,7 @@ from .loop import EventLoop, drain
 from .rules import BadInput
 from .stats import DropLog, printable
 from .status import StatusServer, serve_status
+from .metrics import MetricsServer, serve_metrics
 from .systemd import Notifier
 
 log = logging.getLogger("esb_server")
@@ -54,6 +55,8 @@ class Hub:
         self.pub = hub_socket(context, zmq.PUB)
         self.source = f"agents on {settings['SUB_BIND_URL']}"
         self.systemd = Notifier()
+        self.metrics: Optional[MetricsServer] = None
+        self.reloads = 0
 
     def secure(self, config_path: str) -> None:
         """CURVE on both sockets when CURVE_SECRET_KEY_FILE is set; a warning when it should be."""
@@ -105,6 +108,9 @@ class Hub:
                                    self.status_report, f"{config_path}: STATUS_SOCKET")
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
                  self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
+        self.metrics = serve_metrics(self.loop, "hub", self.metrics_snapshot,
+                                     self.settings["METRICS_ADDRESS"],
+                                     self.settings["METRICS_PORT"], f"{config_path}: METRICS_PORT")
         self.systemd.ready(f"relaying: agents push to {self.settings['SUB_BIND_URL']}")
         self.systemd.keep_watchdog_fed(self.loop)
         try:
@@ -112,6 +118,8 @@ class Hub:
         finally:
             self.systemd.stopping()
             self.systemd.close()
+            if self.metrics is not None:
+                self.metrics.close()
             log.info("Received %s: %d messages relayed, %d dropped. ESB - exit.",
                      self.loop.stop_signal or "stop", self.relayed, sum(self.drops.counts.values()))
             if self.authenticator is not None:
@@ -119,6 +127,15 @@ class Hub:
             if self.status is not None:
                 self.status.close()
             self.loop.close()
+
+    def metrics_snapshot(self) -> dict:
+        return {"totals": {
+            "messages_relayed": ("counter", "Messages relayed to the agents", self.relayed),
+            "input_dropped": ("counter", "Invalid messages dropped",
+                              sum(self.drops.counts.values())),
+            "connections_refused": ("counter", "Connections refused (CURVE)",
+                                    sum(self.refusals.counts.values())),
+            "reloads": ("counter", "Settings reloads (SIGHUP) applied", self.reloads)}}
 
     def status_report(self) -> dict:
         return {"totals": {"messages_relayed": self.relayed,
@@ -131,6 +148,7 @@ class Hub:
                                    RESTART_SETTINGS, log)
         if settings is not None:
             self.settings = settings
+            self.reloads += 1
 
     def relay_own(self, frames: List[zmq.Frame]) -> None:
         """With CURVE: relay a message only if its origin is the name of the key that sent it."""

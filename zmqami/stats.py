@@ -1,6 +1,7 @@
 """Counters and rate-limited warnings (dropped input, refused writes), shared by the scripts."""
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from typing import Dict, Optional
 
@@ -21,6 +22,25 @@ def preview(raw: bytes) -> str:
     """The start of a raw message, printable in one log line."""
     text = repr(raw[:PREVIEW_BYTES])
     return text + ("..." if len(raw) > PREVIEW_BYTES else "")
+
+
+# Upper bounds of the relay latency histogram's buckets, in seconds (then +Inf).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+
+
+class Histogram:
+    """Counts per latency bucket (not cumulative) and their sum: cheap on the hot path; the
+    metrics endpoint turns them into a Prometheus histogram."""
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
 
 
 class Throttle:

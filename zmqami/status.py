@@ -31,8 +31,11 @@ def link_status(link: Any, dropped: int) -> Dict[str, Any]:
     """The status of one Asterisk connection (an AsteriskLink)."""
     return {"name": link.name, "up": link.up, "since": when(link.since),
             "last_event": when(link.stats.last_event), "last_ack": when(link.stats.last_ack),
-            "queued": len(link.outbox), "events": link.stats.events, "sent": link.stats.sent,
-            "acknowledged": link.stats.acknowledged, "refused": link.stats.refused,
+            "queued": len(link.outbox), "events": link.stats.events,
+            "sent": link.stats.writes_sent, "acknowledged": link.stats.acknowledged,
+            "refused": link.stats.refused, "too_large": link.stats.too_large,
+            "actions_sent": dict(link.stats.actions_sent),
+            "actions_answered": dict(link.stats.actions_answered),
             "timeouts": link.stats.timeouts, "dropped": dropped}
 
 
