@@ -92,3 +92,8 @@ LOG_SYSLOG = False
 # A local socket on which the agent answers with its status (python agent.py --status):
 # an ipc:// path or a tcp://127.0.0.1 port, e.g. 'ipc:///run/zmq-ami/agent.status'.  Off: None.
 STATUS_SOCKET = None
+
+# Prometheus metrics on http://<METRICS_ADDRESS>:<METRICS_PORT>/metrics (README: "Metrics");
+# needs pip install 'zmq-ami-broker[metrics]'.  Off: None.
+METRICS_PORT = None
+METRICS_ADDRESS = '127.0.0.1'
