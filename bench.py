@@ -92,13 +92,17 @@ class Cluster:
         self.relays: List[subprocess.Popen] = []
 
     def standin(self, mode: str = "normal") -> Standin:
-        standin = start_standin_process(self.context, mode=mode, ami_port=0)
+        # Already booted: no LoadZmq in the middle of a run (a restart, with its resync).
+        standin = start_standin_process(self.context, mode=mode, ami_port=0, loadzmq_delay=None)
         self.standins.append(standin)
         return standin
 
     def run(self, script: str, *args: str) -> subprocess.Popen:
         log = open(os.path.join(self.workdir, f"{script}-{len(self.relays)}.log"), "wb")
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args],
+        profile = os.environ.get("BENCH_PROFILE")  # a folder: profile each relay with cProfile
+        prefix = ["-m", "cProfile", "-o", os.path.join(profile, f"{script}-{len(self.relays)}"
+                                                       ".prof")] if profile else []
+        process = subprocess.Popen([sys.executable, *prefix, os.path.join(ROOT, script), *args],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.relays.append(process)
         return process

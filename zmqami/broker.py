@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from typing import Any, Dict, List, Optional, Set
 
 import zmq
@@ -16,7 +15,7 @@ import zmq
 from . import __version__
 from .ami import AmiLink
 from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink,
-                       encode_action)
+                       encode_action, new_action_id)
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, program_name,
                      load_broker_config, setup_logging)
 from .loop import EventLoop, Timer
@@ -203,7 +202,8 @@ class Broker:
                             json.dumps(event).encode("utf-8"))
             return
         if update is None:
-            log.debug("Ignoring event %s from %s", printable(event["Event"]), source.name)
+            if log.isEnabledFor(logging.DEBUG):  # (printable costs, even for a line not written)
+                log.debug("Ignoring event %s from %s", printable(event["Event"]), source.name)
             return
         if update.is_presence and source.is_echo(update):
             log.debug("Ignoring %s=%s from %s: the echo of our own write", update.variable,
@@ -228,7 +228,7 @@ class Broker:
         value = self.states.mirror_value(update.variable, "")
         if value != update.value:
             update = StateUpdate(update.variable, value)
-        action_id = uuid.uuid4().hex
+        action_id = new_action_id()
         action = update.action(action_id)
         if self.config.verbose_messages:
             log.info("Distribute: %s", json.dumps(action, indent=1))
@@ -240,7 +240,7 @@ class Broker:
 
     def write(self, link: AsteriskLink, update: StateUpdate, action_id: str = "",
               encoded: Optional[bytes] = None) -> None:
-        link.write_state(update, action_id or uuid.uuid4().hex, encoded=encoded)
+        link.write_state(update, action_id or new_action_id(), encoded=encoded)
 
     # --- health, resynchronisation, repair ---------------------------------------------------------
     def ping_all(self) -> None:

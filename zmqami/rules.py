@@ -99,7 +99,7 @@ def check_name(what: str, value: Any) -> str:
     """A device or presentity name that is safe inside ``FUNCTION(<name>)``."""
     if not isinstance(value, str) or not value:
         raise BadInput(f"{what} missing or not a string")
-    if len(value.encode("utf-8")) > MAX_NAME_BYTES:
+    if 4 * len(value) > MAX_NAME_BYTES and len(value.encode("utf-8")) > MAX_NAME_BYTES:
         raise BadInput(f"{what} longer than {MAX_NAME_BYTES} bytes")
     if _NAME_FORBIDDEN.search(value):
         raise BadInput(f"{what} {value!r} contains a control character, a comma or a parenthesis")
