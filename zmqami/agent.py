@@ -18,7 +18,6 @@ original agent ignores them, as it ignores every msg_type and field it does not 
 - ``AgentStates`` to ``[<requester>]`` (or ``[*]``), ``x_events``: the sender's own states, as the
   x_data of AsteriskEvent messages, read from its Asterisk's lists.
 """
-import errno
 import logging
 import os
 import sys
@@ -28,18 +27,16 @@ from urllib.parse import urlsplit
 from typing import Any, Dict, List, Optional, Set
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, envelope, security
+from . import __version__, envelope
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting, in_checkout,
                      is_action_names,
                      is_bool, is_down_state, is_log_level, is_optional_text, is_url,
                      is_url_or_urls, number_between, reload_settings, run_settings_script)
-from .envelope import (ALL, STATS, Envelope, hub_socket, is_heartbeat, is_node_name,
-                       parse_message)
-from .loop import EventLoop, Timer, drain
+from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
+from .loop import EventLoop, Timer
 from .rules import (BadInput, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable, list_items
@@ -47,6 +44,8 @@ from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
 from .metrics import MetricsServer, link_snapshot, serve_metrics
+from .network import HubNetwork
+from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .systemd import Notifier
 
 log = logging.getLogger("asterisk_agent")
@@ -98,10 +97,6 @@ SEEN_UUIDS = 10_000        # messages remembered to apply each once when they co
 STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription must reach the hub
 
 
-def _as_list(value: Any) -> List[str]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 class Peer:
     """Another agent that sends heartbeats (an original agent never does and is never timed out)."""
 
@@ -117,7 +112,6 @@ class Agent:
         self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
         self.loop = EventLoop()
         self.drops = DropLog(log)
-        self.unsent = DropLog(log, what="a message to")
         self.states = StateTable(settings["DOWN_STATE"], settings["MAX_DEVICES_PER_PEER"],
                                  settings["MAX_PEERS"] + 1,  # the peers and itself
                                  unverified_wall=0.0)
@@ -147,30 +141,10 @@ class Agent:
         self.asterisk = make_link(self.loop, context, settings, LinkHandlers(
             on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
             on_down=self.on_asterisk_down))
-        self.hub_urls = _as_list(settings["ZMQ_PUB_URL"])
-        self.hub_source = "the hub at " + ", ".join(_as_list(settings["ZMQ_SUB_URL"]))
-        self.pushes = [hub_socket(context, zmq.PUSH) for _ in self.hub_urls]
-        self.sub = hub_socket(context, zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(ALL))
-        self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(self.name))
-        self.sub_monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
-                                                       zmq.EVENT_DISCONNECTED)
-
-    def secure(self, config_path: str) -> None:
-        """CURVE on the hub connections when CURVE_SERVER_KEY_FILE is set."""
-        server_key_file = self.settings["CURVE_SERVER_KEY_FILE"]
-        key_file = self.settings["CURVE_SECRET_KEY_FILE"]
-        if server_key_file is None and key_file is None:
-            return
-        if server_key_file is None or key_file is None:
-            missing = "CURVE_SECRET_KEY_FILE" if key_file is None else "CURVE_SERVER_KEY_FILE"
-            raise ConfigError([f"{config_path}: {missing}: needed too when CURVE is on (both "
-                               f"CURVE_SERVER_KEY_FILE and CURVE_SECRET_KEY_FILE)"])
-        server_key = security.load_public_key(config_path, "CURVE_SERVER_KEY_FILE",
-                                              server_key_file)
-        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
-        for sock in self.pushes + [self.sub]:
-            security.make_client(sock, server_key, keys)
+        self.network = HubNetwork(self.loop, context, settings, self.name,
+                                  on_message=self.on_hub_message,
+                                  on_connected=self.on_hub_connection)
+        self.hub_source = self.network.source
 
     def run(self, config_path: str) -> None:
         self.config_path = config_path
@@ -178,14 +152,7 @@ class Agent:
         self.loop.reload_on_sighup(self.reload)
         log.info("Agent %s (version %s) starting.", self.name, __version__)
         self.asterisk.start()
-        for push, url in zip(self.pushes, self.hub_urls):
-            push.connect(url)
-        for url in _as_list(self.settings["ZMQ_SUB_URL"]):
-            self.sub.connect(url)
-        log.info("Connected to the hub: pushing to %s, subscribed to %s.",
-                 ", ".join(self.hub_urls), ", ".join(_as_list(self.settings["ZMQ_SUB_URL"])))
-        self.loop.add_reader(self.sub, lambda: drain(self.sub, self.on_hub_message))
-        self.loop.add_reader(self.sub_monitor, self.on_hub_connection)
+        self.network.start()
         self.keep_alive()
         self.schedule()
         self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"],
@@ -208,7 +175,7 @@ class Agent:
                      sum(self.drops.counts.values()))
             self.save_states()
             self.asterisk.close()
-            self.sub.disable_monitor()
+            self.network.close()
             if self.status is not None:
                 self.status.close()
             self.loop.close()
@@ -280,11 +247,7 @@ class Agent:
         frames = envelope.build(target, msg_type, self.name, uuid,
                                 heartbeat=envelope.heartbeat(self.settings["KEEP_ALIVE_INTERVAL"]),
                                 **fields)
-        for push, url in zip(self.pushes, self.hub_urls):
-            try:
-                push.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:  # that hub has been unreachable long enough to fill the queue
-                self.unsent.drop(f"the hub at {url}", "not reachable, queue full", frames[1])
+        self.network.send(frames)
 
     # --- its Asterisk -> the hub ------------------------------------------------------------------
     def on_asterisk_event(self, link: AsteriskLink, event: Dict[str, Any]) -> None:
@@ -557,12 +520,6 @@ class Agent:
 
     def on_hub_connection(self) -> None:
         """A hub connection was made (again): the peers' states may have been missed meanwhile."""
-        event = recv_monitor_message(self.sub_monitor)
-        address = event.get("endpoint", b"").decode("utf-8", "replace")
-        if event["event"] == zmq.EVENT_DISCONNECTED:
-            log.warning("Lost the hub at %s; reconnecting.", address)
-            return
-        log.info("Connected to the hub at %s: asking the peers for their states.", address)
         self.loop.call_later(STATE_REQUEST_DELAY, lambda: self.send(ALL, "AgentStateRequest"))
 
     # --- keep-alive ------------------------------------------------------------------------------
@@ -615,48 +572,6 @@ def _text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-# --- the pid file ---------------------------------------------------------------------------------
-
-class PidFileBusy(Exception):
-    pass
-
-
-def claim_pid_file(path: str) -> None:
-    """Write our pid to path; PidFileBusy if it names a running process, replace it if stale."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            old_pid = int(handle.read().strip() or 0)
-    except FileNotFoundError:
-        old_pid = None
-    except (OSError, ValueError):
-        old_pid = 0
-    if old_pid is not None:
-        if old_pid > 0 and _process_exists(old_pid):
-            raise PidFileBusy(f"{path} already exists (agent running as pid {old_pid}), exiting.")
-        log.warning("%s names pid %s, which is not running: replacing it.", path, old_pid or "?")
-        os.unlink(path)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(f"{os.getpid()}\n")
-
-
-def release_pid_file(path: str) -> None:
-    try:
-        with open(path, encoding="ascii") as handle:
-            if handle.read().strip() == str(os.getpid()):
-                os.unlink(path)
-    except (OSError, ValueError):
-        pass
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     return run_settings_script("agent.py",
                                "The zmq-ami-broker agent for one Asterisk host.",
@@ -678,7 +593,7 @@ def run_agent(config_path: str, settings: Dict[str, Any]) -> int:
     context = zmq.Context()
     try:
         agent = Agent(settings, context)
-        agent.secure(config_path)
+        agent.network.secure(config_path)
         agent.run(config_path)
     except ConfigError as exc:
         return exc.report()

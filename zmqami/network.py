@@ -1,0 +1,92 @@
+"""The agent's side of the agent network: how its messages reach the other agents.
+
+``HubNetwork`` is the ZeroMQ hub (or redundant hubs): PUSH to each hub's PULL, SUB to each hub's
+PUB with the topics ``[*]`` and ``[<SYSTEM_NAME>]``, CURVE when configured.  The agent sees only
+this small interface (start, send, close, and two callbacks: each message, and each (re)connection
+after which the peers' states may have been missed), as it sees AsteriskLink for its Asterisk:
+another transport can stand behind the same seam.
+"""
+import logging
+from typing import Any, Callable, Dict, List
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import envelope, security
+from .config import ConfigError
+from .envelope import ALL, hub_socket
+from .loop import EventLoop, drain
+from .stats import DropLog
+
+log = logging.getLogger("asterisk_agent")
+
+OnMessage = Callable[[List[bytes]], None]
+
+
+def as_list(value: Any) -> List[str]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class HubNetwork:
+    def __init__(self, loop: EventLoop, context: zmq.Context, settings: Dict[str, Any],
+                 name: str, on_message: OnMessage, on_connected: Callable[[], None]) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.on_message = on_message
+        self.on_connected = on_connected
+        self.push_urls = as_list(settings["ZMQ_PUB_URL"])
+        self.sub_urls = as_list(settings["ZMQ_SUB_URL"])
+        self.source = "the hub at " + ", ".join(self.sub_urls)  # for drop counts and logs
+        self.unsent = DropLog(log, what="a message to")
+        self.pushes = [hub_socket(context, zmq.PUSH) for _ in self.push_urls]
+        self.sub = hub_socket(context, zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(ALL))
+        self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(name))
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
+                                                   zmq.EVENT_DISCONNECTED)
+
+    def secure(self, config_path: str) -> None:
+        """CURVE on the hub connections when CURVE_SERVER_KEY_FILE is set."""
+        server_key_file = self.settings["CURVE_SERVER_KEY_FILE"]
+        key_file = self.settings["CURVE_SECRET_KEY_FILE"]
+        if server_key_file is None and key_file is None:
+            return
+        if server_key_file is None or key_file is None:
+            missing = "CURVE_SECRET_KEY_FILE" if key_file is None else "CURVE_SERVER_KEY_FILE"
+            raise ConfigError([f"{config_path}: {missing}: needed too when CURVE is on (both "
+                               f"CURVE_SERVER_KEY_FILE and CURVE_SECRET_KEY_FILE)"])
+        server_key = security.load_public_key(config_path, "CURVE_SERVER_KEY_FILE",
+                                              server_key_file)
+        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
+        for sock in self.pushes + [self.sub]:
+            security.make_client(sock, server_key, keys)
+
+    def start(self) -> None:
+        for push, url in zip(self.pushes, self.push_urls):
+            push.connect(url)
+        for url in self.sub_urls:
+            self.sub.connect(url)
+        log.info("Connected to the hub: pushing to %s, subscribed to %s.",
+                 ", ".join(self.push_urls), ", ".join(self.sub_urls))
+        self.loop.add_reader(self.sub, lambda: drain(self.sub, self.on_message))
+        self.loop.add_reader(self.monitor, self._on_monitor_event)
+
+    def send(self, frames: List[bytes]) -> None:
+        """To every hub; a hub unreachable long enough to fill its queue is counted, logged."""
+        for push, url in zip(self.pushes, self.push_urls):
+            try:
+                push.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self.unsent.drop(f"the hub at {url}", "not reachable, queue full", frames[1])
+
+    def _on_monitor_event(self) -> None:
+        event = recv_monitor_message(self.monitor)
+        address = event.get("endpoint", b"").decode("utf-8", "replace")
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            log.warning("Lost the hub at %s; reconnecting.", address)
+            return
+        log.info("Connected to the hub at %s: asking the peers for their states.", address)
+        self.on_connected()
+
+    def close(self) -> None:
+        self.sub.disable_monitor()
