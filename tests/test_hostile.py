@@ -3,6 +3,7 @@ import json
 import re
 import signal
 import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -371,3 +372,21 @@ def test_two_agents_with_one_system_name_are_told_about_it(standins, hub, tmp_pa
     wait_until(lambda: re.search(r"messages from another agent with my name: [1-9]", status()),
                message="the status to show the clash")
     assert len(first.lines("Another agent also calls itself")) == 1  # once a minute
+
+
+def test_a_presence_stamped_in_the_future_neither_wins_for_ever_nor_stops_an_agent(
+        standins, agents, hub, context):
+    x, = standins(1)
+    script, = agents([x], PRESENCE=True, RESYNC_INTERVAL=0.3)
+    client = HubClient(context, hub, name="Skewed", topics=["[Skewed]", "[*]"])
+    for stamp in ("nan", "-5", str(time.time() + 600)):  # the last: a clock 10 min ahead
+        client.send("*", "AsteriskEvent", data={
+            "Event": "PresenceStateChange", "Presentity": "CustomPresence:1", "Status": "away",
+            "Subtype": "", "Message": "lunch", "ChangedAt": stamp})
+    wait_until(lambda: x.control.presences().get("CustomPresence:1") == ["away", "", "lunch"])
+    # The user changes it on X, and only anti-entropy can see it: it wins, the agent goes on.
+    x.control.set_presence("CustomPresence:1", "available", publish=False)
+    wait_until(lambda: [body for body in client.find("AgentStates", "X")
+                        if "available" in json.dumps(body["x_events"])],
+               message="X's own change sent to the peers")
+    assert script.proc.poll() is None and "Traceback" not in script.output()

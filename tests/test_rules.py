@@ -206,3 +206,19 @@ def test_event_for_gives_back_the_event_of_an_update(event):
 def test_device_states_combine_as_asterisk_combines_them(states, combined):
     from zmqami.rules import aggregate_device_states
     assert aggregate_device_states(states) == combined
+
+
+def test_a_list_read_after_a_newer_presence_of_a_peer_does_not_fail():
+    """A peer's presence stamped later than now (its clock ahead): a differing value read from
+    the server's own list is not taken, and the reading goes on."""
+    import time
+    from zmqami.states import StateTable
+    table = StateTable("UNAVAILABLE", unverified_wall=0.0)
+    variable = "PRESENCE_STATE(CustomPresence:1)"
+    table.record("Peer", StateUpdate(variable, "away,,lunch"), wall=time.time() + 600)
+    items = [{"Event": "PresenceStateChange", "Presentity": "CustomPresence:1",
+              "Status": "available", "Subtype": "", "Message": ""}]
+    reading = table.read_presence_list("Me", items, time.monotonic(), after_restart=False,
+                                       writing=lambda v: False, on_bad=lambda i, e: None)
+    assert reading.changed == [] and reading.current == []
+    assert table.expected(variable) == "away,,lunch"

@@ -548,12 +548,15 @@ class Agent:
 
 def changed_at(data: Dict[str, Any], snapshot: bool) -> Optional[float]:
     """A peer's ChangedAt (wall clock), if it is a sane one; else None (now) for an event and 0
-    for a snapshot (AgentStates)."""
+    for a snapshot (AgentStates).  A time ahead of ours counts as now: a peer whose clock is
+    ahead must not make its value unbeatable."""
     try:
         wall = float(data.get("ChangedAt"))
     except (TypeError, ValueError):
+        wall = -1.0
+    if not wall >= 0:  # (also NaN)
         return 0.0 if snapshot else None
-    return wall if 0 <= wall <= time.time() + 3600 else (0.0 if snapshot else None)
+    return min(wall, time.time())
 
 
 def make_link(loop: EventLoop, context: zmq.Context, settings: Dict[str, Any],

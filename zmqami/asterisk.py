@@ -589,7 +589,8 @@ class ZmqManagerLink(AsteriskLink):
     def _on_reply(self, frames: List[bytes]) -> None:
         self._answered()
         raw = frames[-1]
-        if raw.startswith(ACK_PREFIX) and raw.endswith(ACK_SUFFIX) and len(frames) == 2:
+        if len(frames) == 2 and not frames[0] and raw.startswith(ACK_PREFIX) and \
+                raw.endswith(ACK_SUFFIX):
             action_id = raw[len(ACK_PREFIX):-len(ACK_SUFFIX)]
             request = self.outbox.in_flight.get(action_id.decode("ascii", "replace"))
             if request is not None and request.update is not None:  # a state write's ack

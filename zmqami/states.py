@@ -292,8 +292,9 @@ class StateTable:
                   reading: ListReading) -> None:
         if self.record_listed(server, update, asked_at):
             reading.changed.append(update)
-        reading.current.append(StateUpdate(update.variable,
-                                           self.entries[update.variable][server].value))
+        entry = self.entries.get(update.variable, {}).get(server)
+        if entry is not None:  # (none: a newer presence of another source was kept)
+            reading.current.append(StateUpdate(update.variable, entry.value))
 
 
 def decide_first_presences(first: Dict[str, Dict[str, str]]) -> Tuple[

@@ -123,7 +123,7 @@ def render(status: Dict[str, Any]) -> str:
                      str(server["refused"]), str(server["timeouts"]), str(server["dropped"])])
     if rows:
         header = ["server", "state", "since", "last event", "last ack", "queued", "events",
-                  "sent", "refused", "timeouts", "dropped"]
+                  "writes", "refused", "timeouts", "dropped"]
         lines += _table(header, rows)
     peers = status.get("peers", [])
     if peers:
