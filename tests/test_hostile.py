@@ -379,7 +379,7 @@ def test_a_presence_stamped_in_the_future_neither_wins_for_ever_nor_stops_an_age
     x, = standins(1)
     script, = agents([x], PRESENCE=True, RESYNC_INTERVAL=0.3)
     client = HubClient(context, hub, name="Skewed", topics=["[Skewed]", "[*]"])
-    for stamp in ("nan", "-5", str(time.time() + 600)):  # the last: a clock 10 min ahead
+    for stamp in ("nan", "-5", 10 ** 400, str(time.time() + 600)):  # last: a clock 10 min ahead
         client.send("*", "AsteriskEvent", data={
             "Event": "PresenceStateChange", "Presentity": "CustomPresence:1", "Status": "away",
             "Subtype": "", "Message": "lunch", "ChangedAt": stamp})

@@ -552,7 +552,7 @@ def changed_at(data: Dict[str, Any], snapshot: bool) -> Optional[float]:
     ahead must not make its value unbeatable."""
     try:
         wall = float(data.get("ChangedAt"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         wall = -1.0
     if not wall >= 0:  # (also NaN)
         return 0.0 if snapshot else None
