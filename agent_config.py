@@ -84,6 +84,29 @@ MAX_DEVICES_PER_PEER = 10000
 CURVE_SERVER_KEY_FILE = None
 CURVE_SECRET_KEY_FILE = None
 
+# Over NATS instead of the hub (README: "Agents over NATS"): the NATS servers of the cluster, or
+# of this office's leaf node, e.g. ['nats://<nats 1>:4222', 'nats://<nats 2>:4222'] (tls:// for
+# TLS).  With NATS_URLS set, ZMQ_PUB_URL, ZMQ_SUB_URL and CURVE_* are not used.  None: the hub.
+# Needs pip install 'zmq-ami-broker[nats]'.  Every agent of a network uses the same transport.
+NATS_URLS = None
+# Credentials: a user and password, or a credentials file (.creds, from nsc).
+NATS_USER = None
+NATS_PASSWORD = None
+NATS_CREDS_FILE = None
+# TLS: the CA that signed the servers' certificates; a client certificate and its key if the
+# servers ask for one (verify: true).
+NATS_TLS_CA = None
+NATS_TLS_CERT = None
+NATS_TLS_KEY = None
+# The key-value bucket that holds the states (created by the first agent, with NATS_REPLICAS
+# copies: 3 in a cluster of 3), and the first token of every subject.
+NATS_BUCKET = 'zmqami'
+NATS_REPLICAS = 1
+NATS_SUBJECT_PREFIX = 'zmqami'
+# Through a leaf node whose own JetStream (if any) is not the cluster's: the cluster's JetStream
+# domain (its jetstream { domain: ... }).  None: the JetStream of the servers it connects to.
+NATS_JS_DOMAIN = None
+
 # Logging: always to standard error (the journal under systemd); also to this file when set
 # (reopened by itself when logrotate renames it), and to syslog when LOG_SYSLOG is True.
 LOG_FILE = None

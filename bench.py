@@ -20,13 +20,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import zmq
 
+from zmqami.natscluster import NatsCluster
 from zmqami.standin import AMI_SECRET, AMI_USER, Standin, start_standin_process
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "warning")  # of the agents
 DRAIN_SECONDS = 10.0  # after a stream: how long to wait for what is still to be delivered
 
 
@@ -90,6 +92,8 @@ class Cluster:
         self.workdir = workdir
         self.standins: List[Standin] = []
         self.relays: List[subprocess.Popen] = []
+        self.nats: Optional[NatsCluster] = None
+        self.labels: Dict[int, str] = {}  # pid -> what the process is, for per-process CPU
 
     def standin(self, mode: str = "normal") -> Standin:
         # Already booted: no LoadZmq in the middle of a run (a restart, with its resync).
@@ -105,6 +109,7 @@ class Cluster:
         process = subprocess.Popen([sys.executable, *prefix, os.path.join(ROOT, script), *args],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.relays.append(process)
+        self.labels[process.pid] = "agent" if script == "agent.py" else script[:-3]
         return process
 
     def broker(self, servers: List[Standin], baseline: bool = False, ami: bool = False,
@@ -127,20 +132,27 @@ class Cluster:
         else:
             self.run("broker.py", path)
 
-    def agents(self, servers: List[Standin]) -> None:
-        pub, pull = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-        hub_config = os.path.join(self.workdir, "server_config.py")
-        with open(hub_config, "w") as handle:
-            handle.write(f"LOG_LEVEL = 'warning'\nPUB_BIND_URL = {pub!r}\nSUB_BIND_URL = {pull!r}\n")
-        self.run("server.py", hub_config)
+    def agents(self, servers: List[Standin], nats_nodes: int = 0) -> None:
+        """An agent per server, through a hub, or through a NATS cluster of nats_nodes."""
+        if nats_nodes:
+            self.nats = NatsCluster(os.path.join(self.workdir, f"nats{len(self.relays)}"),
+                                    nats_nodes)
+            network = f"NATS_URLS = {self.nats.urls!r}\nNATS_REPLICAS = {nats_nodes}\n"
+        else:
+            pub, pull = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            hub_config = os.path.join(self.workdir, "server_config.py")
+            with open(hub_config, "w") as handle:
+                handle.write(f"LOG_LEVEL = 'warning'\nPUB_BIND_URL = {pub!r}\n"
+                             f"SUB_BIND_URL = {pull!r}\n")
+            self.run("server.py", hub_config)
+            network = f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\n"
         for i, server in enumerate(servers):
-            config = os.path.join(self.workdir, f"agent{i}.py")
+            config = os.path.join(self.workdir, f"agent{len(self.relays)}.py")
             with open(config, "w") as handle:
                 handle.write(
-                    f"LOG_LEVEL = 'warning'\nSYSTEM_NAME = 'node{i}'\n"
+                    f"LOG_LEVEL = {LOG_LEVEL!r}\nSYSTEM_NAME = 'node{i}'\n"
                     f"ASTERISK_CMD_URL = 'tcp://127.0.0.1:{server.cmd_port}'\n"
-                    f"ASTERISK_EVT_URL = 'tcp://127.0.0.1:{server.evt_port}'\n"
-                    f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\n"
+                    f"ASTERISK_EVT_URL = 'tcp://127.0.0.1:{server.evt_port}'\n" + network +
                     f"PID_FILE = {os.path.join(self.workdir, f'agent{i}.pid')!r}\n")
             self.run("agent.py", config)
 
@@ -158,11 +170,26 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the relay did not become ready")
 
+    def processes(self) -> List[subprocess.Popen]:
+        """The relay's processes: scripts, and the NATS servers when there are."""
+        servers = [server.process for server in self.nats.servers] if self.nats else []
+        return [p for p in self.relays + servers if p.poll() is None]
+
     def cpu_seconds(self) -> float:
-        return sum(process_cpu_seconds(p.pid) for p in self.relays if p.poll() is None)
+        return sum(process_cpu_seconds(p.pid) for p in self.processes())
+
+    def cpu_by_process(self) -> Dict[str, float]:
+        """CPU seconds of each process so far, by a label: agent-1, hub, nats-2..."""
+        cpu: Dict[str, float] = {}
+        for process in self.processes():
+            label = self.labels.get(process.pid, "nats")
+            label = label if label in ("broker", "server") else \
+                f"{label}-{sum(k.startswith(label) for k in cpu) + 1}"
+            cpu[label.replace("server", "hub")] = process_cpu_seconds(process.pid)
+        return cpu
 
     def peak_rss_mb(self) -> float:
-        return max(process_peak_rss_mb(p.pid) for p in self.relays if p.poll() is None)
+        return max(process_peak_rss_mb(p.pid) for p in self.processes())
 
     def close(self) -> None:
         for process in self.relays:
@@ -172,6 +199,8 @@ class Cluster:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if self.nats is not None:
+            self.nats.close()
         for standin in self.standins:
             if standin.process.poll() is None:
                 standin.process.kill()
@@ -183,9 +212,15 @@ def stream(cluster: Cluster, source: Standin, live: List[Standin], name: str, ra
            count: int, devices: Optional[int] = None, drain: float = DRAIN_SECONDS) -> Row:
     """A paced stream from source; latency of each event's Setvar on every live destination."""
     prefix = f"b{int(time.time() * 1000) % 10**8}-"
-    devices = devices or count
-    cpu_before = cluster.cpu_seconds()
-    source.control.call("stream", prefix=prefix, count=count, devices=devices, rate=rate)
+    cpu_before = cluster.cpu_by_process()
+    source.control.call("stream", prefix=prefix, count=count, devices=devices or count, rate=rate)
+    return collect(cluster, source, live, name, prefix, count, devices or count, drain,
+                   cpu_before)
+
+
+def collect(cluster: Cluster, source: Standin, live: List[Standin], name: str, prefix: str,
+            count: int, devices: int, drain: float, cpu_before: Dict[str, float]) -> Row:
+    """Once source's stream is sent: wait up to drain s for its writes, and measure them."""
     while not source.control.call("stream_status")["done"]:
         time.sleep(0.05)
     sent = source.control.call("stream_status", times=True)["sent"]
@@ -196,7 +231,8 @@ def stream(cluster: Cluster, source: Standin, live: List[Standin], name: str, ra
         if all(len(w) >= devices for w in writes):
             break
         time.sleep(0.1)
-    cpu = cluster.cpu_seconds() - cpu_before
+    cpu_each = {label: used - cpu_before.get(label, 0.0)
+                for label, used in cluster.cpu_by_process().items()}
     latencies = []
     delivered = 0
     for w in writes:
@@ -205,8 +241,10 @@ def stream(cluster: Cluster, source: Standin, live: List[Standin], name: str, ra
             if written is not None:
                 latencies.append((written[1] - sent[i]) * 1000)
         delivered += len(w)
-    row = Row(name, count, 100.0 * delivered / (devices * len(live)), cpu=cpu,
+    row = Row(name, count, 100.0 * delivered / (devices * len(live)), cpu=sum(cpu_each.values()),
               rss=cluster.peak_rss_mb())
+    if len(cpu_each) > 1:
+        row.note = "CPU s: " + ", ".join(f"{label} {used:.2f}" for label, used in cpu_each.items())
     if latencies:
         latencies.sort()
         row.p50 = statistics.median(latencies)
@@ -239,18 +277,56 @@ def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: Lis
     cluster = Cluster(context, workdir)
     try:
         source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
-        if topology == "agents":
-            cluster.agents([source, first, second])
+        if topology in ("agents", "nats"):
+            cluster.agents([source, first, second], nats_nodes=3 if topology == "nats" else 0)
         else:
             cluster.broker([source, first, second], baseline=topology == "baseline",
                            ami=topology == "ami")
         cluster.wait_ready(source, [first, second], timeout=60)
         label = {"broker": "broker", "agents": "agent -> hub -> 2 agents",
+                 "nats": "agent -> 3-node NATS (R3 bucket) -> 2 agents",
                  "baseline": "baseline broker", "ami": "broker over AMI"}[topology]
         return [stream(cluster, source, [first, second], f"{label}: {rate}/s into 2", rate,
                        int(rate * seconds)) for rate in rates]
     finally:
         cluster.close()
+
+
+def scenario_nats_failover(context: zmq.Context, workdir: str, seconds: float) -> Row:
+    """1000 events/s through a 3-node NATS cluster; half way, kill -9 the node that the source's
+    agent is connected to.  Convergence: from the kill to the last write on the destinations."""
+    cluster = Cluster(context, workdir)
+    try:
+        source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
+        cluster.agents([source, first, second], nats_nodes=3)
+        cluster.wait_ready(source, [first, second], timeout=60)
+        node = cluster.nats.server_of("zmq-ami agent node0")
+        rate, count = 1000, int(1000 * seconds)
+        prefix = f"f{int(time.time() * 1000) % 10**8}-"
+        cpu_before = cluster.cpu_by_process()
+        source.control.call("stream", prefix=prefix, count=count, devices=count, rate=rate)
+        while source.control.call("stream_status")["count"] < count // 2:
+            time.sleep(0.01)
+        leaders = node.leaders("KV_zmqami")
+        roles = [role for role in ("meta", "stream") if leaders.get(role) == node.name]
+        killed_at = time.monotonic()
+        node.kill()
+        row = collect(cluster, source, [first, second], "NATS: kill -9 of the source agent's node "
+                      f"half way ({rate}/s)", prefix, count, count, DRAIN_SECONDS, cpu_before)
+        last_sent = source.control.call("stream_status", times=True)["sent"][-1]
+        last = max(written[1] for d in (first, second)
+                   for written in d.control.call("writes", prefix=prefix)["writes"].values())
+        row.note = (f"killed {node.name} ({' and '.join(roles) or 'no'} leader) "
+                    f"{killed_at - first_sent(source):.2f} s in; all delivered "
+                    f"{max(0.0, last - last_sent) * 1000:.0f} ms after the last was sent; " +
+                    row.note)
+        return row
+    finally:
+        cluster.close()
+
+
+def first_sent(source: Standin) -> float:
+    return source.control.call("stream_status", times=True)["sent"][0]
 
 
 def scenario_burst(context: zmq.Context, workdir: str, baseline: bool, count: int) -> Row:
@@ -330,6 +406,9 @@ SCENARIOS = {
                                                  2 if quick else 4),
     "agents": lambda ctx, wd, quick: scenario_rates(ctx, wd, "agents", [1000, 3000, 6000],
                                                     2 if quick else 4),
+    "nats": lambda ctx, wd, quick: scenario_rates(ctx, wd, "nats", [1000, 3000],
+                                                  2 if quick else 4),
+    "nats-failover": lambda ctx, wd, quick: [scenario_nats_failover(ctx, wd, 2 if quick else 4)],
     "baseline": lambda ctx, wd, quick: scenario_rates(ctx, wd, "baseline", [1000, 3000, 6000],
                                                       2 if quick else 4),
     "burst": lambda ctx, wd, quick: [scenario_burst(ctx, wd, False, 20_000 if quick else 100_000),

@@ -105,6 +105,17 @@ def run_script(script: str, *args: str, timeout: float = DEADLINE) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_without(package: str, tmp_path: Path, script: str, *args: str
+                ) -> subprocess.CompletedProcess:
+    """run_script as on a machine where package (an optional library) is not installed."""
+    blocker = tmp_path / f"without_{package}"
+    (blocker / package).mkdir(parents=True, exist_ok=True)
+    (blocker / package / "__init__.py").write_text("raise ImportError('absent')\n")
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=str(ROOT),
+                          env=dict(os.environ, PYTHONPATH=str(blocker)),
+                          capture_output=True, text=True, timeout=DEADLINE)
+
+
 AMI_USER, AMI_SECRET = "zmq-ami", "stand-in-secret"  # the stand-in's manager user
 
 

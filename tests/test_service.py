@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import (ROOT, Script, broker_config, custom_states, free_port, python_settings,
-                     start_agent, wait_until)
+                     run_without, start_agent, wait_until)
 from zmqami import __version__
 
 
@@ -149,15 +149,10 @@ def test_metrics_are_served_and_add_up(standins, broker):
 
 def test_metrics_without_the_library_is_one_clear_line(standins, tmp_path):
     a, b = standins(2)
-    blocker = tmp_path / "blocker"  # a prometheus_client that cannot be imported
-    (blocker / "prometheus_client").mkdir(parents=True)
-    (blocker / "prometheus_client" / "__init__.py").write_text("raise ImportError('absent')\n")
     config = tmp_path / "metrics.ini"
     config.write_text(broker_config([a, b], metrics_port="9999"))
-    env = dict(os.environ, PYTHONPATH=str(blocker))
     for args in (["--check-config", str(config)], [str(config)]):
-        result = subprocess.run([sys.executable, str(ROOT / "broker.py"), *args], env=env,
-                                capture_output=True, text=True, timeout=60)
+        result = run_without("prometheus_client", tmp_path, "broker.py", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "[general] metrics_port: metrics need the prometheus-client library: pip " \
                "install 'zmq-ami-broker[metrics]'" in result.stderr

@@ -32,9 +32,9 @@ from . import __version__, envelope
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting, in_checkout,
-                     is_action_names,
-                     is_bool, is_down_state, is_log_level, is_optional_text, is_url,
-                     is_url_or_urls, number_between, reload_settings, run_settings_script)
+                     is_action_names, is_bool, is_down_state, is_log_level, is_name_token,
+                     is_nats_urls, is_optional_text, is_url, is_url_or_urls, number_between,
+                     reload_settings, run_settings_script)
 from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
 from .loop import EventLoop, Timer
 from .rules import (BadInput, StateUpdate, event_for,
@@ -44,6 +44,7 @@ from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
 from .metrics import MetricsServer, link_snapshot, serve_metrics
+from .natsnet import NatsNetwork
 from .network import HubNetwork
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .systemd import Notifier
@@ -84,11 +85,24 @@ AGENT_SETTINGS = {
     "ASTERISK_AMI_SECRET": Setting(None, is_optional_text),
     "CURVE_SERVER_KEY_FILE": Setting(None, is_optional_text),
     "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
+    "NATS_URLS": Setting(None, is_nats_urls),
+    "NATS_USER": Setting(None, is_optional_text),
+    "NATS_PASSWORD": Setting(None, is_optional_text),
+    "NATS_CREDS_FILE": Setting(None, is_optional_text),
+    "NATS_TLS_CA": Setting(None, is_optional_text),
+    "NATS_TLS_CERT": Setting(None, is_optional_text),
+    "NATS_TLS_KEY": Setting(None, is_optional_text),
+    "NATS_BUCKET": Setting("zmqami", is_name_token("bucket name")),
+    "NATS_REPLICAS": Setting(1, lambda v: None if v in (1, 2, 3, 4, 5) and not isinstance(v, bool)
+                             else "must be a number of replicas from 1 to 5"),
+    "NATS_SUBJECT_PREFIX": Setting("zmqami", is_name_token("subject prefix", dots=True)),
+    "NATS_JS_DOMAIN": Setting(None, is_name_token("JetStream domain", none=True)),
     **COMMON_SETTINGS,
 }
 # What a SIGHUP cannot change: who the agent is and how it reaches the hubs.
 RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE", "STATE_FILE",
-                    "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET")
+                    "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET",
+                    *(name for name in AGENT_SETTINGS if name.startswith("NATS_")))
 ASTERISK_SETTINGS = ("ASTERISK_CMD_URL", "ASTERISK_EVT_URL", "ASTERISK_AMI_URL",
                      "ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET", "ASTERISK_TIMEOUT")
 COUNTER_EVERY = 100        # the original's "Message counter" line
@@ -100,8 +114,8 @@ STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription m
 class Peer:
     """Another agent that sends heartbeats (an original agent never does and is never timed out)."""
 
-    def __init__(self) -> None:
-        self.last_seen = time.monotonic()
+    def __init__(self, last_seen: float) -> None:
+        self.last_seen = last_seen
         self.up = True
 
 
@@ -141,9 +155,9 @@ class Agent:
         self.asterisk = make_link(self.loop, context, settings, LinkHandlers(
             on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
             on_down=self.on_asterisk_down))
-        self.network = HubNetwork(self.loop, context, settings, self.name,
-                                  on_message=self.on_hub_message,
-                                  on_connected=self.on_hub_connection)
+        network = NatsNetwork if settings["NATS_URLS"] else HubNetwork
+        self.network = network(self.loop, context, settings, self.name,
+                               on_message=self.on_hub_message, on_connected=self.on_hub_connection)
         self.hub_source = self.network.source
 
     def run(self, config_path: str) -> None:
@@ -237,7 +251,8 @@ class Agent:
                           for name, peer in sorted(self.peers.items())],
                 "totals": {"hub_messages": self.received, "known_states": len(self.states.entries),
                            "messages_from_another_agent_with_my_name": self.name_clashes,
-                           "input_dropped": sum(self.drops.counts.values())}}
+                           "input_dropped": sum(self.drops.counts.values()),
+                           **self.network.status()}}
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         uuid = envelope.new_uuid()
@@ -352,7 +367,8 @@ class Agent:
             self.read_own_states(repair=True, requester=ALL)
 
     # --- the hubs -> its Asterisk -----------------------------------------------------------------
-    def on_hub_message(self, frames: List[bytes]) -> None:
+    def on_hub_message(self, frames: List[bytes], age: float = 0.0) -> None:
+        """A message from the network; age > 0: one its sender stored that long ago (NATS)."""
         self.received += 1
         if self.received % COUNTER_EVERY == 0:
             log.info("Message counter: %s", self.received)
@@ -361,6 +377,7 @@ class Agent:
         except BadInput as exc:
             self.drops.drop(self.hub_source, str(exc), b" | ".join(frames))
             return
+        message.age = age
         if self.already_seen(message.uuid):
             return  # the same message by another hub
         if message.origin == self.name:
@@ -437,8 +454,10 @@ class Agent:
         except BadInput as exc:
             self.drop_from_peer(message, str(exc), repr(data).encode())
             return
+        peer = self.peers.get(message.origin)
+        stale = message.age > 0 and peer is not None and not peer.up  # a stopped peer's (NATS)
         if update is None or not self.states.record(message.origin, update,
-                                                    changed_at(data, snapshot)):
+                                                    changed_at(data, snapshot), down=stale):
             return
         log.debug("Other device: %s - %s (from %s).", update.variable, update.value, message.origin)
         self.write_mirror(update.variable, message.uuid)
@@ -474,22 +493,27 @@ class Agent:
 
     # --- peers and hubs ----------------------------------------------------------------------------
     def saw_peer(self, message: Envelope) -> None:
-        """Any message from an agent that sends heartbeats shows it alive."""
+        """Any message from an agent that sends heartbeats shows it alive, when it was sent: a
+        stored one (NATS bucket) older than PEER_TIMEOUT shows a peer that is down."""
+        sent = time.monotonic() - message.age
         peer = self.peers.get(message.origin)
         if peer is not None:
-            peer.last_seen = time.monotonic()
+            peer.last_seen = max(peer.last_seen, sent)
         elif is_heartbeat(message.field("heartbeat")):
             if len(self.peers) >= self.settings["MAX_PEERS"]:
                 self.drop_from_peer(message, f"more than {self.settings['MAX_PEERS']} peers "
                                     "(MAX_PEERS): not tracked")
                 return
-            log.info("Peer %s is up.", message.origin)
-            self.peers[message.origin] = Peer()
+            self.peers[message.origin] = Peer(sent)
+            if message.age > self.peer_timeout:
+                self.peer_down(message.origin, f"its last message is {message.age:.0f} s old")
+            else:
+                log.info("Peer %s is up.", message.origin)
 
     def on_heartbeat(self, message: Envelope) -> None:
         peer = self.peers.get(message.origin)
-        if peer is None:  # no x_heartbeat: not an agent that can be timed out
-            return
+        if peer is None or message.age > self.peer_timeout:
+            return  # no x_heartbeat (not an agent that can be timed out), or an old one
         asterisk_down = message.field("asterisk") == "down"
         if asterisk_down and peer.up:
             self.peer_down(message.origin, "its Asterisk is down")

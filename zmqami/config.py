@@ -135,6 +135,57 @@ def metrics_library_missing() -> Optional[str]:
     return None
 
 
+def nats_library_missing() -> Optional[str]:
+    """Why NATS cannot be used (the optional library is not installed), or None."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return ("NATS needs the nats-py library: pip install 'zmq-ami-broker[nats]' "
+                "(or nats-py)")
+    return None
+
+
+def nats_url_problem(url: Any) -> Optional[str]:
+    """Why url is not a NATS server address (nats://host:port or tls://host:port), or None."""
+    example = "'nats://127.0.0.1:4222'"
+    if not isinstance(url, str):
+        return f"must be a NATS address such as {example}"
+    scheme, separator, rest = url.partition("://")
+    if scheme not in ("nats", "tls") or not separator:
+        return f"{url!r} must be a NATS address such as {example} (or tls://...)"
+    if "@" in rest:
+        return f"{url!r}: give credentials in NATS_USER/NATS_PASSWORD or NATS_CREDS_FILE"
+    problem = url_problem("tcp://" + rest)
+    return problem.replace(URL_EXAMPLE, example).replace("tcp://", scheme + "://") \
+        if problem else None
+
+
+def is_nats_urls(value: Any) -> Optional[str]:
+    """NATS_URLS: None (the ZeroMQ hub) or a list of NATS servers, with nats-py installed."""
+    if value is None:
+        return None
+    urls = value if isinstance(value, (list, tuple)) else [value]
+    problems = [nats_url_problem(url) for url in urls]
+    if not urls or any(problems):
+        return next((p for p in problems if p), "must be a list of NATS addresses")
+    return nats_library_missing()
+
+
+def is_name_token(what: str, dots: bool = False, none: bool = False
+                  ) -> Callable[[Any], Optional[str]]:
+    """A NATS bucket name or domain (dots=False) or subject prefix (dots between tokens); None
+    too when none is True."""
+    pattern = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}" if dots else
+                         r"[A-Za-z0-9_-]{1,64}")
+
+    def check(value: Any) -> Optional[str]:
+        if (none and value is None) or (isinstance(value, str) and pattern.fullmatch(value)):
+            return None
+        return f"must be a {what}: letters, digits, - and _" + (
+            ", tokens joined by ." if dots else "") + (" (or None)" if none else "")
+    return check
+
+
 def is_metrics_port(value: Any) -> Optional[str]:
     if value is None:
         return None

@@ -85,6 +85,7 @@ def build(target: str, msg_type: str, origin: str, uuid: str = "", **fields: Any
 class Envelope:
     target: bytes
     body: Dict[str, Any]
+    age: float = 0.0  # s since it was sent, when it comes from a store (NATS bucket); 0: live
 
     @property
     def msg_type(self) -> str:

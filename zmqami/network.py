@@ -2,9 +2,9 @@
 
 ``HubNetwork`` is the ZeroMQ hub (or redundant hubs): PUSH to each hub's PULL, SUB to each hub's
 PUB with the topics ``[*]`` and ``[<SYSTEM_NAME>]``, CURVE when configured.  The agent sees only
-this small interface (start, send, close, and two callbacks: each message, and each (re)connection
-after which the peers' states may have been missed), as it sees AsteriskLink for its Asterisk:
-another transport can stand behind the same seam.
+this small interface (secure, start, send, status, close, and two callbacks: each message, and each
+(re)connection after which the peers' states may have been missed), as it sees AsteriskLink for its
+Asterisk.  natsnet.NatsNetwork, the NATS transport, stands behind the same seam.
 """
 import logging
 from typing import Any, Callable, Dict, List
@@ -20,7 +20,7 @@ from .stats import DropLog
 
 log = logging.getLogger("asterisk_agent")
 
-OnMessage = Callable[[List[bytes]], None]
+OnMessage = Callable[..., None]  # (frames[, age]): age > 0 for a stored message (NATS)
 
 
 def as_list(value: Any) -> List[str]:
@@ -87,6 +87,10 @@ class HubNetwork:
             return
         log.info("Connected to the hub at %s: asking the peers for their states.", address)
         self.on_connected()
+
+    def status(self) -> Dict[str, Any]:
+        """What --status shows of the network beyond the agent's own totals."""
+        return {}
 
     def close(self) -> None:
         self.sub.disable_monitor()

@@ -81,13 +81,18 @@ class StateTable:
         if why:
             raise BadInput(why)
 
-    def record(self, source: str, update: StateUpdate, wall: Optional[float] = None) -> bool:
+    def record(self, source: str, update: StateUpdate, wall: Optional[float] = None,
+               down: bool = False) -> bool:
         """Remember what a source reported in an event; True if a mirror may change.
 
         wall: when the change happened (wall clock, as a peer says); a presence older than the
-        one known is not taken.  None: now.
+        one known is not taken.  None: now.  down: the report of a source known to be down (a
+        stopped agent's, read from a store): its share shows down_state at once.
         """
-        return self._remember(source, update, time.monotonic(), wall)
+        news = self._remember(source, update, time.monotonic(), wall)
+        if down and self.down_state and not update.is_presence:
+            self.entries[update.variable][source].down = True
+        return news
 
     def record_listed(self, source: str, update: StateUpdate, asked_at: float) -> bool:
         """Like record, for a state read from a list asked for at asked_at.

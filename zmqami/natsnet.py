@@ -1,0 +1,501 @@
+"""The agent's network over NATS (NATS_URLS): a NATS cluster instead of the ZeroMQ hub.
+
+Messages keep the hub network's envelope: the same JSON body, on subjects that mirror its topics
+(the prefix is NATS_SUBJECT_PREFIX, ``zmqami`` by default):
+
+    zmqami.all           [*]              every agent
+    zmqami.node.<name>   [<name>]         one node (an agent, or a client such as a console)
+    zmqami.stats         [AsteriskStats]  keep-alive reports
+
+The states live in a JetStream key-value bucket (NATS_BUCKET, replicated NATS_REPLICAS times):
+each agent puts its own Asterisk's states under its own keys, and every agent watches the whole
+bucket and mirrors the others' keys.  A starting or reconnecting agent so has the current states
+at once, with no request and answer round (ZeroMQ's Clone pattern, done by JetStream).
+
+    <name>.device.<device>       the body of its last AsteriskEvent for that device
+    <name>.presence.<presence>   ... for that presence
+    <name>.heartbeat             its last AgentHeartbeat: a stopped agent's is old
+
+In subjects and keys a name keeps its letters, digits, ``-``, ``_`` and ``/``; every other byte
+(UTF-8) is written ``=XX``: ``SIP/100`` stays, ``Custom:1`` becomes ``Custom=3A1``.
+
+The NATS client (nats-py, asyncio) runs in a thread of its own.  It hands what it receives to the
+agent's loop through an inproc ZeroMQ socket, and takes what the agent sends through the asyncio
+loop's call_soon_threadsafe: the agent's one loop never waits for NATS, so an unreachable NATS
+never keeps it from its own Asterisk.  A state that could not be stored is kept (its latest value
+per key) and tried again until NATS takes it.
+"""
+import asyncio
+import json
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+import zmq
+
+from .config import ConfigError
+from .envelope import ALL, STATS, build, topic
+from .loop import NOBLOCK, EventLoop, drain
+from .network import OnMessage, as_list
+from .stats import Throttle, held_back
+
+log = logging.getLogger("asterisk_agent")
+
+CONNECT_TIMEOUT = 2.0     # s for each connection attempt
+RECONNECT_WAIT = 1.0      # s between two attempts on the same server
+PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
+RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then doubling up to
+# (a stream without a leader takes seconds to elect one: the states are stored soon after)
+WATCH_HEARTBEAT = 1.0     # s: a bucket watch silent for twice this is started again
+STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
+SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
+HEARTBEAT_KEY = "heartbeat"
+ALL_TOPIC, STATS_TOPIC = topic(ALL), topic(STATS)
+STATE_EVENTS = {"DeviceStateChange": ("device", "Device"),
+                "PresenceStateChange": ("presence", "Presentity")}
+
+
+def token(name: str) -> str:
+    """name as one token of a NATS subject or key: letters, digits, - _ / kept, other bytes =XX."""
+    return "".join(chr(byte) if byte in SAFE else f"={byte:02X}" for byte in name.encode("utf-8"))
+
+
+def untoken(text: str) -> str:
+    """The name that token() wrote as text."""
+    raw, index = bytearray(), 0
+    while index < len(text):
+        if text[index] == "=":
+            raw.append(int(text[index + 1:index + 3], 16))
+            index += 3
+        else:
+            raw.append(ord(text[index]))
+            index += 1
+    return raw.decode("utf-8")
+
+
+def subject_for(prefix: str, target: str) -> str:
+    """The subject of a hub topic's target: *, AsteriskStats, or a node's name."""
+    if target == ALL:
+        return f"{prefix}.all"
+    if target == STATS:
+        return f"{prefix}.stats"
+    return f"{prefix}.node.{token(target)}"
+
+
+def state_key(origin: str, data: Any) -> Optional[str]:
+    """The bucket key of an AsteriskEvent's x_data when it is a state; None for anything else."""
+    if not isinstance(data, dict) or data.get("Event") not in STATE_EVENTS:
+        return None
+    kind, field = STATE_EVENTS[data["Event"]]
+    name = data.get(field)
+    return f"{token(origin)}.{kind}.{token(name)}" if isinstance(name, str) and name else None
+
+
+def stored_first(entries: List[Tuple[str, bytes, float]]) -> List[Tuple[str, bytes, float]]:
+    """A bucket's contents as an agent takes them at start: every heartbeat first, so that each
+    peer is known up or down before its states are."""
+    return sorted(entries, key=lambda entry: not entry[0].endswith("." + HEARTBEAT_KEY))
+
+
+def tls_context(config_path: str, settings: Dict[str, Any]) -> Optional[ssl.SSLContext]:
+    """TLS towards NATS when NATS_TLS_CA is set (or a URL is tls://); errors name the setting."""
+    ca, cert, key = (settings[name] for name in ("NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY"))
+    if ca is None and cert is None and not any(url.startswith("tls://")
+                                                for url in as_list(settings["NATS_URLS"])):
+        return None
+    if (cert is None) != (key is None):
+        missing = "NATS_TLS_KEY" if key is None else "NATS_TLS_CERT"
+        raise ConfigError([f"{config_path}: {missing}: needed too (a client certificate needs "
+                           "both NATS_TLS_CERT and NATS_TLS_KEY)"])
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"{config_path}: NATS_TLS_CA: cannot use {ca}: {exc}"]) from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError([f"{config_path}: NATS_TLS_CERT: cannot use {cert} with {key}: "
+                               f"{exc}"]) from None
+    return context
+
+
+class NatsNetwork:
+    """The agent's side of a NATS network: the same small interface as network.HubNetwork."""
+
+    def __init__(self, loop: EventLoop, context: zmq.Context, settings: Dict[str, Any],
+                 name: str, on_message: OnMessage, on_connected: Callable[[], None]) -> None:
+        self.loop = loop
+        self.on_message = on_message  # (a NATS connection needs no state request: the bucket)
+        self.source = "NATS at " + ", ".join(as_list(settings["NATS_URLS"]))  # for drop counts
+        address = f"inproc://nats-{id(self)}"
+        self.inbox = context.socket(zmq.PAIR)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, 0)  # never dropped here: NATS bounds what it hands us
+        self.inbox.bind(address)
+        self.client = NatsClient(context, address, settings, name)
+
+    def secure(self, config_path: str) -> None:
+        """TLS and credentials, checked now: a bad file is a one-line error at start."""
+        self.client.tls = tls_context(config_path, self.client.settings)
+        creds = self.client.settings["NATS_CREDS_FILE"]
+        if creds is not None:
+            try:
+                with open(creds, encoding="utf-8"):
+                    pass
+                import nkeys  # noqa: F401
+            except OSError as exc:
+                raise ConfigError([f"{config_path}: NATS_CREDS_FILE: cannot read {creds}: "
+                                   f"{exc.strerror}"]) from None
+            except ImportError:
+                raise ConfigError([f"{config_path}: NATS_CREDS_FILE: a credentials file needs "
+                                   "the nkeys library: pip install 'zmq-ami-broker[nats]'"]) \
+                    from None
+
+    def start(self) -> None:
+        self.loop.add_reader(self.inbox, lambda: drain(self.inbox, self._deliver))
+        self.client.start()
+
+    def _deliver(self, frames: List[bytes]) -> None:
+        # A third frame: the message came from the bucket, stored that many seconds ago.
+        self.on_message(frames[:2], float(frames[2]) if len(frames) == 3 else 0.0)
+
+    def send(self, frames: List[bytes]) -> None:
+        self.client.submit(frames)
+
+    def status(self) -> Dict[str, Any]:
+        return {"nats": self.client.connected_url or "not connected",
+                "states_not_yet_stored": len(self.client.unstored)}
+
+    def close(self) -> None:
+        self.client.stop()
+        self.loop.remove_reader(self.inbox)
+        self.inbox.close()
+
+
+class NatsClient:
+    """The NATS side, in its own thread and asyncio loop.  Only submit(), stop() and the
+    read-only counters are used from the agent's thread."""
+
+    def __init__(self, context: zmq.Context, address: str, settings: Dict[str, Any],
+                 name: str) -> None:
+        self.context, self.address, self.settings, self.name = context, address, settings, name
+        self.tls: Optional[ssl.SSLContext] = None
+        prefix = settings["NATS_SUBJECT_PREFIX"]
+        self.subjects = {subject_for(prefix, ALL): ALL_TOPIC,
+                         subject_for(prefix, name): topic(name)}
+        self.prefix = prefix
+        self.bucket = settings["NATS_BUCKET"]
+        self.key_prefix = f"$KV.{self.bucket}."
+        self.stream = f"KV_{self.bucket}"
+        self.republished = f"{prefix}.kv."  # where the bucket republishes what it stores
+        domain = settings["NATS_JS_DOMAIN"]  # through a leaf node: the cluster's JetStream domain
+        self.put_prefix = f"$JS.{domain}.API.{self.key_prefix}" if domain else self.key_prefix
+        self.own_keys = token(name) + "."
+        self.thread = threading.Thread(target=self._run, name="nats", daemon=True)
+        self.started = threading.Event()
+        self.aio: Optional[asyncio.AbstractEventLoop] = None
+        self.outgoing: Deque[List[bytes]] = deque()  # from the agent's thread
+        self.wake_pending = False
+        self.connected_url: Optional[str] = None
+        self.unstored: Dict[str, Tuple[bytes, Any]] = {}  # key -> (body, x_data) to put
+        self.stored: Dict[str, Any] = {}                  # key -> x_data the bucket has
+        # Until the watch has caught up: key -> (body, age in s), handed over together.
+        self.initial: Optional[Dict[str, Tuple[bytes, float]]] = {}
+        self.sequences: Dict[str, int] = {}  # key -> the bucket's sequence of its value known
+        self.errors = Throttle()
+        self.nc: Any = None
+        self.js: Any = None
+        self.outbox: Optional[zmq.Socket] = None
+        self.putting: Dict[str, Tuple[int, bytes, Any]] = {}  # key -> (connection, body, data)
+        self.connection = 0  # counts reconnections: a put knows on which one it was sent
+        self.retry: Optional[asyncio.TimerHandle] = None  # after a failed put: all again, later
+        self.retry_wait = RETRY_WAIT[0]
+        self.bucket_open = False
+        self.stopping: Optional[asyncio.Event] = None
+
+    # --- the agent's thread ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+        self.started.wait()
+
+    def submit(self, frames: List[bytes]) -> None:
+        """Queue a message for NATS; the NATS thread is woken once per batch, not per message."""
+        self.outgoing.append(frames)
+        if not self.wake_pending and self.aio is not None:
+            self.wake_pending = True
+            self.aio.call_soon_threadsafe(self._take_outgoing)
+
+    def stop(self) -> None:
+        if self.aio is not None and self.thread.is_alive():
+            self.aio.call_soon_threadsafe(self.stopping.set)
+            self.thread.join(STOP_TIMEOUT + 2)
+
+    # --- the NATS thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self.aio = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.outbox = self.context.socket(zmq.PAIR)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.setsockopt(zmq.SNDHWM, 0)
+        self.outbox.connect(self.address)
+        self.started.set()
+        self._take_outgoing()  # anything sent before the thread started
+        serving = asyncio.ensure_future(self._serve())
+        serving.add_done_callback(_log_failure)
+        try:
+            await self.stopping.wait()
+            await asyncio.wait_for(self._until_stored(), STOP_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("Exiting with %d states not stored in NATS", len(self.unstored))
+        finally:
+            serving.cancel()
+            if self.nc is not None:
+                await self.nc.close()
+            self.outbox.close()
+
+    async def _until_stored(self) -> None:
+        while self.unstored or self.putting:
+            await asyncio.sleep(0.05)
+
+    async def _serve(self) -> None:
+        import nats
+        settings = self.settings
+        self.nc = await nats.connect(
+            servers=as_list(settings["NATS_URLS"]), name=f"zmq-ami agent {self.name}",
+            user=settings["NATS_USER"], password=settings["NATS_PASSWORD"],
+            user_credentials=settings["NATS_CREDS_FILE"], tls=self.tls,
+            connect_timeout=CONNECT_TIMEOUT, reconnect_time_wait=RECONNECT_WAIT,
+            max_reconnect_attempts=-1, no_echo=True, error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_connected)
+        await self._on_connected()
+        self.js = self.nc.jetstream(timeout=PUT_TIMEOUT, domain=settings["NATS_JS_DOMAIN"])
+        for subject in self.subjects:
+            await self.nc.subscribe(subject, cb=self._on_published)
+        await self._open_bucket()
+        self.bucket_open = True
+        self._put_unstored()  # what the agent sent before the bucket was open
+
+    async def _open_bucket(self) -> None:
+        """Find or create the bucket (republishing each change), then watch it; tried again
+        until JetStream answers."""
+        from nats.js.api import DeliverPolicy
+        wait = RETRY_WAIT[0]
+        while True:
+            try:
+                await self._bucket_republishing()
+                await self.nc.subscribe(self.republished + ">", cb=self._on_republished)
+                watch = await self.js.subscribe(
+                    self.key_prefix + ">", stream=self.stream, cb=self._on_entry,
+                    ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                    idle_heartbeat=WATCH_HEARTBEAT)
+                break
+            except Exception as exc:  # JetStream off, no quorum yet, no permission...
+                self._warn("bucket", f"Cannot open the NATS bucket {self.bucket} ({exc!r}); "
+                                     f"trying again")
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, RETRY_WAIT[1])
+        info = await watch.consumer_info()
+        if info.num_pending == 0 and watch.delivered == 0:
+            self._caught_up()
+
+    async def _bucket_republishing(self) -> None:
+        """The bucket, created if missing, republishing every change it stores on
+        <prefix>.kv.<key>: a plain subscription gets each change at once, whatever the cluster's
+        leaders do (the watch's consumer is lost with its server until a new one is made)."""
+        from nats.js.api import RePublish
+        from nats.js.errors import NotFoundError
+        republish = RePublish(src=self.key_prefix + ">", dest=self.republished + ">")
+        try:
+            info = await self.js.stream_info(self.stream)
+        except NotFoundError:
+            await self.js.create_key_value(bucket=self.bucket, history=1, republish=republish,
+                                           replicas=self.settings["NATS_REPLICAS"])
+            log.info("Created the NATS bucket %s (replicas: %d)", self.bucket,
+                     self.settings["NATS_REPLICAS"])
+            return
+        current = info.config.republish
+        if current is None or (current.src, current.dest) != (republish.src, republish.dest):
+            info.config.republish = republish
+            await self.js.update_stream(info.config)
+            log.info("The NATS bucket %s now republishes its changes on %s", self.bucket,
+                     republish.dest)
+
+    async def _on_connected(self) -> None:
+        url = self.nc.connected_url
+        self.connected_url = f"{url.scheme}://{url.netloc}" if url else None
+        log.info("Connected to NATS at %s", self.connected_url)
+        if self.bucket_open:
+            self._put_again_after_reconnecting()
+
+    async def _on_disconnected(self) -> None:
+        if self.connected_url is not None:
+            log.warning("Lost NATS at %s; reconnecting", self.connected_url)
+        self.connected_url = None
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._warn("error", f"NATS: {exc!r}")
+
+    def _warn(self, kind: str, text: str) -> None:
+        more = self.errors.allow(kind)
+        if more is not None:
+            log.warning("%s%s", text, held_back(more, "such errors"))
+
+    # --- NATS -> the agent -----------------------------------------------------------------------
+    async def _on_published(self, msg: Any) -> None:
+        self.outbox.send_multipart([self.subjects[msg.subject], msg.data], NOBLOCK)
+
+    async def _on_entry(self, msg: Any) -> None:
+        """One key of the bucket from the watch: its latest value at start, then each change."""
+        meta = msg.metadata
+        age = 0.0 if self.initial is None else \
+            max(0.001, time.time() - meta.timestamp.timestamp())
+        self._take_entry(msg.subject, meta.sequence.stream, msg, age)
+        if self.initial is not None and meta.num_pending == 0:
+            self._caught_up()
+
+    async def _on_republished(self, msg: Any) -> None:
+        """A change the bucket stored, republished (Nats-Subject: its key, Nats-Sequence)."""
+        headers = msg.headers or {}
+        try:
+            sequence = int(headers["Nats-Sequence"])
+            subject = headers["Nats-Subject"]
+        except (KeyError, ValueError):
+            self._warn("input", f"Ignored a message on {msg.subject} that the bucket did not "
+                                "republish (no Nats-Sequence or Nats-Subject)")
+            return
+        self._take_entry(subject, sequence, msg, 0.001)
+
+    def _take_entry(self, subject: str, sequence: int, msg: Any, age: float) -> None:
+        """Each key's values in the bucket's order, each once, whichever way they came."""
+        if not subject.startswith(self.key_prefix):
+            return
+        key = subject[len(self.key_prefix):]
+        if sequence <= self.sequences.get(key, 0) or key.startswith(self.own_keys):
+            return
+        self.sequences[key] = sequence
+        if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return  # an administrator's purge: nothing to mirror
+        if self.initial is None:
+            self.outbox.send_multipart([ALL_TOPIC, msg.data], NOBLOCK)
+        else:
+            self.initial[key] = (msg.data, age)
+
+    def _caught_up(self) -> None:
+        """The watch has delivered the bucket's contents: hand them over, heartbeats first."""
+        if self.initial is None:
+            return
+        entries = stored_first([(key, body, age) for key, (body, age) in self.initial.items()])
+        self.initial = None
+        for _, body, age in entries:
+            self.outbox.send_multipart([ALL_TOPIC, body, f"{age:.3f}".encode()], NOBLOCK)
+        log.info("Read %d states and heartbeats of the peers from the NATS bucket %s",
+                 len(entries), self.bucket)
+
+    # --- the agent -> NATS -----------------------------------------------------------------------
+    def _take_outgoing(self) -> None:
+        self.wake_pending = False  # before taking: a message queued meanwhile wakes us again
+        while self.outgoing:
+            target, body = self.outgoing.popleft()
+            self._route(target, body)
+
+    def _route(self, target: bytes, body: bytes) -> None:
+        """States and heartbeats to the bucket, everything else to its subject."""
+        if target == ALL_TOPIC:
+            message = json.loads(body)
+            kind = message.get("msg_type")
+            key = (f"{token(self.name)}.{HEARTBEAT_KEY}" if kind == "AgentHeartbeat" else
+                   state_key(self.name, message.get("x_data")) if kind == "AsteriskEvent" else
+                   None)
+            if key is not None:
+                self._store(key, body, message.get("x_data"))
+                return
+            if kind == "AgentStates":
+                self._store_snapshot(message)
+        if self.nc is None or self.nc.is_closed:
+            return  # not connected yet: nothing but states is kept (they are in the bucket)
+        self.aio.create_task(self._publish(
+            subject_for(self.prefix, target.decode("utf-8")[1:-1]), body))
+
+    async def _publish(self, subject: str, body: bytes) -> None:
+        try:
+            await self.nc.publish(subject, body)
+        except Exception as exc:  # a message, not a state: lost as over a hub that is down
+            self._warn("publish", f"Cannot publish to NATS ({exc!r})")
+
+    def _store_snapshot(self, message: Dict[str, Any]) -> None:
+        """An AgentStates to every peer (at start, after its Asterisk's restart, anti-entropy):
+        each state the bucket does not have yet is put there too."""
+        events = message.get("x_events")
+        for event in events if isinstance(events, list) else []:
+            key = state_key(self.name, event)
+            if key is not None and self.stored.get(key) != event:
+                self._store(key, build(ALL, "AsteriskEvent", self.name,
+                                       heartbeat=message.get("x_heartbeat"), data=event)[1], event)
+
+    def _store(self, key: str, body: bytes, data: Any) -> None:
+        self.unstored[key] = (body, data)
+        if key not in self.putting and self.bucket_open and self.retry is None:
+            self._put(key)
+
+    def _put(self, key: str) -> None:
+        """Put a key's latest value; each key has at most one put in flight, so that a slow put
+        never lands after a newer one."""
+        body, data = self.unstored.pop(key)
+        self.putting[key] = (self.connection, body, data)
+        self.aio.create_task(self._put_and_check(key, self.connection, body, data))
+
+    async def _put_and_check(self, key: str, connection: int, body: bytes, data: Any) -> None:
+        try:
+            await self.js.publish(self.put_prefix + key, body)
+            failure = None
+        except Exception as exc:  # no leader, connection lost, timeout...
+            failure = exc
+        if self.putting.get(key, (None,))[0] != connection:
+            return  # sent on a connection since lost: already put again on the new one
+        del self.putting[key]
+        if failure is None:
+            self.stored[key] = data
+            if self.retry is None and self.retry_wait > RETRY_WAIT[0]:
+                self.retry_wait = RETRY_WAIT[0]
+                log.info("NATS stores states again")
+            if key in self.unstored and self.retry is None:
+                self._put(key)
+            return
+        self.unstored.setdefault(key, (body, data))  # unless a newer value came
+        if self.retry is None:
+            self._warn("store", f"NATS did not store a state ({failure!r}); trying again, "
+                                f"{len(self.unstored)} states waiting")
+            self.retry = self.aio.call_later(self.retry_wait, self._put_unstored)
+            self.retry_wait = min(2 * self.retry_wait, RETRY_WAIT[1])
+
+    def _put_unstored(self) -> None:
+        """After a failure: put every waiting state again (those not in flight).  Not while
+        disconnected: the reconnection does it."""
+        self.retry = None
+        if not self.nc.is_connected:
+            return
+        for key in [key for key in self.unstored if key not in self.putting]:
+            self._put(key)
+
+    def _put_again_after_reconnecting(self) -> None:
+        """What was put on a lost connection either was stored or never will be: put it again
+        now rather than after its timeout (the same value twice is harmless)."""
+        self.connection += 1
+        for key, (_, body, data) in self.putting.items():
+            self.unstored.setdefault(key, (body, data))
+        self.putting.clear()
+        if self.retry is not None:
+            self.retry.cancel()
+        self._put_unstored()
+
+
+def _log_failure(task: "asyncio.Future[None]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("NATS connection stopped: %r", task.exception())
