@@ -86,8 +86,8 @@ def stored(urls, key: str):
         try:
             entry = await client.jetstream().get_last_msg("KV_zmqami", "$KV.zmqami." + key)
             return entry.data, time.time() - entry.time.timestamp()
-        except nats.js.errors.NotFoundError:
-            return None
+        except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+            return None  # not there, or not yet: JetStream is electing a leader
         finally:
             await client.close()
     return asyncio.run(get())
@@ -156,6 +156,26 @@ def test_killing_the_nats_node_of_an_agent_during_1000_changes_loses_nothing(
                  "last state", lambda: all(custom_states(other).get(device) == state
                                            for device, state in expected.items()))
     agent_x.wait_for_output("Lost NATS at " + url)
+
+
+def test_an_agent_cut_off_from_nats_reads_what_it_missed_when_back(standins, cluster,
+                                                                   nats_agents):
+    nodes = cluster(3)
+    x, y = standins(2)
+    n1 = nodes.servers[0]
+    nats_agents([x], nodes.urls[1:], names="X", NATS_REPLICAS=3, **FAST)
+    agent_y, = nats_agents([y], [n1.url], names="Y", NATS_REPLICAS=3, **FAST)
+    n1.kill()                                  # Y is cut off; the bucket lives on in n2 and n3
+    agent_y.wait_for_output("Lost NATS at " + n1.url)
+    expected = play(x, 200, 20)
+    wait_until(lambda: all(stored(nodes.urls[1:], f"X.device.{device[len('Custom:'):]}")
+                           for device in expected), message="X's changes in the bucket")
+    n1.start()
+    converge("NATS, an agent back after its server's restart: what it missed, from the bucket",
+             lambda: all(custom_states(y).get(device) == state
+                         for device, state in expected.items()))
+    line = agent_y.wait_for_output("Read the NATS bucket zmqami again: ")
+    assert int(line.split("again: ")[1].split()[0]) >= 20  # X's devices (and its heartbeat)
 
 
 def test_a_restarted_agent_is_brought_up_to_date_from_the_bucket(standins, cluster,

@@ -57,8 +57,9 @@ class NatsServer:
         if cluster_port is not None:
             peers = ", ".join(f"nats-route://127.0.0.1:{port}" for port in routes
                               if port != cluster_port)
+            # no_advertise: a client uses the servers it is given, not those it would be told of
             lines.append(f"cluster {{ name: zmqami, listen: 127.0.0.1:{cluster_port}, "
-                         f"routes: [{peers}] }}")
+                         f"routes: [{peers}], no_advertise: true }}")
         if tls:  # clients must use TLS: (certificate file, key file)
             lines.append(f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}')
         if users:  # in an account of their own: JetStream in $G does not reach leaf nodes

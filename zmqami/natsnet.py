@@ -8,9 +8,12 @@ Messages keep the hub network's envelope: the same JSON body, on subjects that m
     zmqami.stats         [AsteriskStats]  keep-alive reports
 
 The states live in a JetStream key-value bucket (NATS_BUCKET, replicated NATS_REPLICAS times):
-each agent puts its own Asterisk's states under its own keys, and every agent watches the whole
-bucket and mirrors the others' keys.  A starting or reconnecting agent so has the current states
-at once, with no request and answer round (ZeroMQ's Clone pattern, done by JetStream).
+each agent puts its own Asterisk's states under its own keys, and mirrors the others' keys.  The
+bucket republishes each change it stores on ``<prefix>.kv.<key>``, with its sequence number; an
+agent subscribes to those, and reads the whole bucket (the latest value of each key) when it
+starts and after each reconnection: it so has the current states at once, with no request and
+answer round, and takes each key's values in the bucket's order, each once (ZeroMQ's Clone
+pattern, done by JetStream).
 
     <name>.device.<device>       the body of its last AsteriskEvent for that device
     <name>.presence.<presence>   ... for that presence
@@ -26,6 +29,7 @@ never keeps it from its own Asterisk.  A state that could not be stored is kept 
 per key) and tried again until NATS takes it.
 """
 import asyncio
+import functools
 import json
 import logging
 import ssl
@@ -49,7 +53,7 @@ RECONNECT_WAIT = 1.0      # s between two attempts on the same server
 PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
 RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then doubling up to
 # (a stream without a leader takes seconds to elect one: the states are stored soon after)
-WATCH_HEARTBEAT = 1.0     # s: a bucket watch silent for twice this is started again
+WATCH_HEARTBEAT = 1.0     # s: a read of the bucket silent for twice this is started again
 STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
 HEARTBEAT_KEY = "heartbeat"
@@ -203,9 +207,14 @@ class NatsClient:
         self.connected_url: Optional[str] = None
         self.unstored: Dict[str, Tuple[bytes, Any]] = {}  # key -> (body, x_data) to put
         self.stored: Dict[str, Any] = {}                  # key -> x_data the bucket has
-        # Until the watch has caught up: key -> (body, age in s), handed over together.
-        self.initial: Optional[Dict[str, Tuple[bytes, float]]] = {}
         self.sequences: Dict[str, int] = {}  # key -> the bucket's sequence of its value known
+        # A read of the bucket under way: key -> (sequence, body, age in s), handed over at once
+        # when it is done; its subscription, and how many reads were started.
+        self.read: Optional[Dict[str, Tuple[int, bytes, float]]] = None
+        self.reading: Any = None
+        self.reads = 0
+        self.has_read = False
+        self.rereading: Optional["asyncio.Task[None]"] = None
         self.errors = Throttle()
         self.nc: Any = None
         self.js: Any = None
@@ -247,8 +256,7 @@ class NatsClient:
         self.outbox.connect(self.address)
         self.started.set()
         self._take_outgoing()  # anything sent before the thread started
-        serving = asyncio.ensure_future(self._serve())
-        serving.add_done_callback(_log_failure)
+        serving = asyncio.ensure_future(self._serve_until_set_up())
         try:
             await self.stopping.wait()
             await asyncio.wait_for(self._until_stored(), STOP_TIMEOUT)
@@ -264,6 +272,20 @@ class NatsClient:
         while self.unstored or self.putting:
             await asyncio.sleep(0.05)
 
+    async def _serve_until_set_up(self) -> None:
+        """Connect, subscribe and open the bucket; after an unexpected failure, all again (the
+        rest runs in callbacks: each message, each reconnection)."""
+        while True:
+            try:
+                await self._serve()
+                return
+            except Exception as exc:  # a bug or an answer nobody expected: log, start again
+                log.error("NATS set-up failed (%r); starting again", exc)
+                if self.nc is not None:
+                    await self.nc.close()
+                self.nc, self.bucket_open = None, False
+                await asyncio.sleep(RETRY_WAIT[1])
+
     async def _serve(self) -> None:
         import nats
         settings = self.settings
@@ -278,32 +300,58 @@ class NatsClient:
         self.js = self.nc.jetstream(timeout=PUT_TIMEOUT, domain=settings["NATS_JS_DOMAIN"])
         for subject in self.subjects:
             await self.nc.subscribe(subject, cb=self._on_published)
+        await self.nc.subscribe(self.republished + ">", cb=self._on_republished)
         await self._open_bucket()
         self.bucket_open = True
         self._put_unstored()  # what the agent sent before the bucket was open
 
     async def _open_bucket(self) -> None:
-        """Find or create the bucket (republishing each change), then watch it; tried again
+        """Find or create the bucket (republishing each change), then read it; tried again
         until JetStream answers."""
-        from nats.js.api import DeliverPolicy
         wait = RETRY_WAIT[0]
         while True:
             try:
                 await self._bucket_republishing()
-                await self.nc.subscribe(self.republished + ">", cb=self._on_republished)
-                watch = await self.js.subscribe(
-                    self.key_prefix + ">", stream=self.stream, cb=self._on_entry,
-                    ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                    idle_heartbeat=WATCH_HEARTBEAT)
-                break
+                await self._read_bucket()
+                return
             except Exception as exc:  # JetStream off, no quorum yet, no permission...
                 self._warn("bucket", f"Cannot open the NATS bucket {self.bucket} ({exc!r}); "
                                      f"trying again")
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, RETRY_WAIT[1])
-        info = await watch.consumer_info()
-        if info.num_pending == 0 and watch.delivered == 0:
-            self._caught_up()
+
+    async def _read_bucket(self) -> None:
+        """Read the bucket's latest value of every key (an ordered consumer, dropped once it has
+        caught up): at start, and after a reconnection, for the changes missed meanwhile."""
+        from nats.js.api import DeliverPolicy
+        if self.reading is not None:
+            await self.reading.unsubscribe()
+        self.read, self.reads = {}, self.reads + 1
+        self.reading = reading = await self.js.subscribe(
+            self.key_prefix + ">", stream=self.stream,
+            cb=functools.partial(self._on_read_entry, self.reads), ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=WATCH_HEARTBEAT)
+        info = await reading.consumer_info()
+        if info.num_pending == 0 and reading.delivered == 0:  # an empty bucket
+            await self._read_done()
+
+    def _read_again(self) -> None:
+        """Read the bucket again (after a reconnection, or changes dropped): a read under way
+        is replaced, as it may have started before what it must catch."""
+        if self.rereading is not None:
+            self.rereading.cancel()
+        self.rereading = self.aio.create_task(self._read_until_done())
+
+    async def _read_until_done(self) -> None:
+        wait = RETRY_WAIT[0]
+        while self.nc is not None and self.nc.is_connected:
+            try:
+                await self._read_bucket()
+                return
+            except Exception as exc:  # JetStream still electing a leader, say
+                self._warn("bucket", f"Cannot read the NATS bucket again yet ({exc!r})")
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, RETRY_WAIT[1])
 
     async def _bucket_republishing(self) -> None:
         """The bucket, created if missing, republishing every change it stores on
@@ -333,6 +381,7 @@ class NatsClient:
         log.info("Connected to NATS at %s", self.connected_url)
         if self.bucket_open:
             self._put_again_after_reconnecting()
+            self._read_again()  # the changes missed while disconnected
 
     async def _on_disconnected(self) -> None:
         if self.connected_url is not None:
@@ -340,7 +389,10 @@ class NatsClient:
         self.connected_url = None
 
     async def _on_error(self, exc: Exception) -> None:
+        from nats.errors import SlowConsumerError
         self._warn("error", f"NATS: {exc!r}")
+        if isinstance(exc, SlowConsumerError) and self.bucket_open and self.read is None:
+            self._read_again()  # changes were dropped: read them
 
     def _warn(self, kind: str, text: str) -> None:
         more = self.errors.allow(kind)
@@ -351,17 +403,19 @@ class NatsClient:
     async def _on_published(self, msg: Any) -> None:
         self.outbox.send_multipart([self.subjects[msg.subject], msg.data], NOBLOCK)
 
-    async def _on_entry(self, msg: Any) -> None:
-        """One key of the bucket from the watch: its latest value at start, then each change."""
+    async def _on_read_entry(self, read: int, msg: Any) -> None:
+        """One key of the bucket, read (its value stored that many seconds ago)."""
         meta = msg.metadata
-        age = 0.0 if self.initial is None else \
-            max(0.001, time.time() - meta.timestamp.timestamp())
+        if read != self.reads:
+            return  # from a read since replaced
+        age = max(0.001, time.time() - meta.timestamp.timestamp())
         self._take_entry(msg.subject, meta.sequence.stream, msg, age)
-        if self.initial is not None and meta.num_pending == 0:
-            self._caught_up()
+        if meta.num_pending == 0:
+            await self._read_done()
 
     async def _on_republished(self, msg: Any) -> None:
-        """A change the bucket stored, republished (Nats-Subject: its key, Nats-Sequence)."""
+        """A change the bucket stored, republished at once (Nats-Subject: its key, and its
+        Nats-Sequence in the bucket)."""
         headers = msg.headers or {}
         try:
             sequence = int(headers["Nats-Sequence"])
@@ -370,10 +424,12 @@ class NatsClient:
             self._warn("input", f"Ignored a message on {msg.subject} that the bucket did not "
                                 "republish (no Nats-Sequence or Nats-Subject)")
             return
-        self._take_entry(subject, sequence, msg, 0.001)
+        self._take_entry(subject, sequence, msg, None)
 
-    def _take_entry(self, subject: str, sequence: int, msg: Any, age: float) -> None:
-        """Each key's values in the bucket's order, each once, whichever way they came."""
+    def _take_entry(self, subject: str, sequence: int, msg: Any, age: Optional[float]) -> None:
+        """Each key's values in the bucket's order, each once, whichever way they came: a
+        change (age None) is handed over at once, unless the first read is under way; what a
+        read brings is handed over when the read is done."""
         if not subject.startswith(self.key_prefix):
             return
         key = subject[len(self.key_prefix):]
@@ -382,21 +438,31 @@ class NatsClient:
         self.sequences[key] = sequence
         if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
             return  # an administrator's purge: nothing to mirror
-        if self.initial is None:
-            self.outbox.send_multipart([ALL_TOPIC, msg.data], NOBLOCK)
+        if self.read is not None and (age is not None or not self.has_read):
+            self.read[key] = (sequence, msg.data, age or 0.001)
         else:
-            self.initial[key] = (msg.data, age)
+            self.outbox.send_multipart([ALL_TOPIC, msg.data], NOBLOCK)
 
-    def _caught_up(self) -> None:
-        """The watch has delivered the bucket's contents: hand them over, heartbeats first."""
-        if self.initial is None:
+    async def _read_done(self) -> None:
+        """The read has caught up: hand over what it brought (heartbeats first, so that each
+        peer is known up or down before its states), unless a change came since."""
+        if self.read is None:
             return
-        entries = stored_first([(key, body, age) for key, (body, age) in self.initial.items()])
-        self.initial = None
+        entries = stored_first([(key, body, age) for key, (sequence, body, age) in
+                                self.read.items() if self.sequences[key] == sequence])
+        self.read = None
         for _, body, age in entries:
             self.outbox.send_multipart([ALL_TOPIC, body, f"{age:.3f}".encode()], NOBLOCK)
-        log.info("Read %d states and heartbeats of the peers from the NATS bucket %s",
-                 len(entries), self.bucket)
+        if not self.has_read:
+            log.info("Read %d states and heartbeats of the peers from the NATS bucket %s",
+                     len(entries), self.bucket)
+        elif entries:
+            log.info("Read the NATS bucket %s again: %d changes missed meanwhile",
+                     self.bucket, len(entries))
+        self.has_read = True
+        reading, self.reading = self.reading, None
+        if reading is not None:
+            await reading.unsubscribe()
 
     # --- the agent -> NATS -----------------------------------------------------------------------
     def _take_outgoing(self) -> None:
@@ -479,7 +545,7 @@ class NatsClient:
         """After a failure: put every waiting state again (those not in flight).  Not while
         disconnected: the reconnection does it."""
         self.retry = None
-        if not self.nc.is_connected:
+        if self.nc is None or not self.nc.is_connected:
             return
         for key in [key for key in self.unstored if key not in self.putting]:
             self._put(key)
@@ -495,7 +561,3 @@ class NatsClient:
             self.retry.cancel()
         self._put_unstored()
 
-
-def _log_failure(task: "asyncio.Future[None]") -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("NATS connection stopped: %r", task.exception())
