@@ -89,7 +89,7 @@ class Cluster:
 
     def __init__(self, context: zmq.Context, workdir: str) -> None:
         self.context = context
-        self.workdir = workdir
+        self.workdir = tempfile.mkdtemp(dir=workdir)  # its own: pid files, configs, NATS stores
         self.standins: List[Standin] = []
         self.relays: List[subprocess.Popen] = []
         self.nats: Optional[NatsCluster] = None
@@ -153,6 +153,8 @@ class Cluster:
                     f"LOG_LEVEL = {LOG_LEVEL!r}\nSYSTEM_NAME = 'node{i}'\n"
                     f"ASTERISK_CMD_URL = 'tcp://127.0.0.1:{server.cmd_port}'\n"
                     f"ASTERISK_EVT_URL = 'tcp://127.0.0.1:{server.evt_port}'\n" + network +
+                    # every run streams new devices: the bound on a flood must not cut them
+                    "MAX_DEVICES_PER_PEER = 10000000\n" +
                     f"PID_FILE = {os.path.join(self.workdir, f'agent{i}.pid')!r}\n")
             self.run("agent.py", config)
 

@@ -304,15 +304,53 @@ def test_an_agent_started_before_nats_serves_its_asterisk_and_joins_later(standi
         late.close()
 
 
+def test_hostile_messages_over_nats_are_dropped_and_the_agents_go_on(standins, cluster,
+                                                                     nats_agents):
+    nodes = cluster(1)
+    x, y = standins(2)
+    _, agent_y = nats_agents([x, y], nodes.urls, names="XY", **FAST)
+
+    async def attack():
+        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
+        js = client.jetstream()
+        for subject in ("zmqami.all", "zmqami.node.Y"):
+            for body in (b"", b"\xff\xfe", b"[1, 2]", b'{"msg_type": "AsteriskEvent"}',
+                         b'{"msg_type": "AsteriskEvent", "uuid": "u1", "origin": "Evil", '
+                         b'"x_data": {"Event": "DeviceStateChange", "Device": "SIP/1\\r\\n'
+                         b'Action: Originate", "State": "INUSE"}}'):
+                await client.publish(subject, body)
+        await client.publish("zmqami.kv.Evil.device.x", b"{}")  # not republished by the bucket
+        await js.publish("$KV.zmqami.Evil.device.x", b"not json")  # in the bucket itself
+        await js.publish("$KV.zmqami.Evil.device.y", b'{"msg_type": "AsteriskEvent", '
+                         b'"uuid": "u2", "origin": "Evil", "x_data": [1]}')
+        await client.close()
+    asyncio.run(attack())
+    x.control.set_device("SIP/2", "BUSY")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/2") == "BUSY",
+               message="a real change after the attack")
+    assert set(custom_states(y)) == {"Custom:SIP/2"}
+    assert not any("Originate" in request for request in y.control.requests())
+    drops = agent_y.lines("Dropped")
+    assert drops and all("NATS at " + nodes.urls[0] in line for line in drops), agent_y.output()
+    agent_y.wait_for_output("that the bucket did not republish")
+    assert agent_y.proc.poll() is None
+
+
 def make_certificates(folder):
     """A CA, and a certificate it signed for 127.0.0.1: (ca, cert, key) file names."""
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    # With the extensions that Python 3.13's strict verification asks of a CA and a server.
     openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=zmq-ami test CA")
+            "-subj", "/CN=zmq-ami test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash")
     openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (folder / "san").write_text("subjectAltName=IP:127.0.0.1\n")
+    (folder / "san").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                "keyUsage=critical,digitalSignature\n"
+                                "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                                "authorityKeyIdentifier=keyid\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san")
     return [str(folder / name) for name in ("ca.pem", "server.pem", "server.key")]

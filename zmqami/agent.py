@@ -33,8 +33,8 @@ from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting, in_checkout,
                      is_action_names, is_bool, is_down_state, is_log_level, is_name_token,
-                     is_nats_urls, is_optional_text, is_url, is_url_or_urls, number_between,
-                     reload_settings, run_settings_script)
+                     is_nats_urls, is_optional_text, is_url, is_url_or_urls, is_whole_number,
+                     number_between, reload_settings, run_settings_script)
 from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
 from .loop import EventLoop, Timer
 from .rules import (BadInput, StateUpdate, event_for,
@@ -93,8 +93,7 @@ AGENT_SETTINGS = {
     "NATS_TLS_CERT": Setting(None, is_optional_text),
     "NATS_TLS_KEY": Setting(None, is_optional_text),
     "NATS_BUCKET": Setting("zmqami", is_name_token("bucket name")),
-    "NATS_REPLICAS": Setting(1, lambda v: None if v in (1, 2, 3, 4, 5) and not isinstance(v, bool)
-                             else "must be a number of replicas from 1 to 5"),
+    "NATS_REPLICAS": Setting(1, is_whole_number(1, 5, "replicas")),
     "NATS_SUBJECT_PREFIX": Setting("zmqami", is_name_token("subject prefix", dots=True)),
     "NATS_JS_DOMAIN": Setting(None, is_name_token("JetStream domain", none=True)),
     **COMMON_SETTINGS,

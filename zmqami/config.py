@@ -477,6 +477,14 @@ def number_between(low: float, high: float, unit: str, zero: bool = False,
     return check
 
 
+def is_whole_number(low: int, high: int, unit: str) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return None
+        return f"must be a whole number of {unit} from {low} to {high}"
+    return check
+
+
 def is_down_state(value: Any) -> Optional[str]:
     if value is None or value in DEVICE_STATES:
         return None
