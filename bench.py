@@ -13,7 +13,6 @@ destination, a fixed 1000 ms timeout), run the same way: python bench.py --basel
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Dict, List, Optional
 
 import zmq
 
-from zmqami.natscluster import NatsCluster
+from zmqami.natscluster import NatsCluster, free_port
 from zmqami.standin import AMI_SECRET, AMI_USER, Standin, start_standin_process
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -54,12 +53,6 @@ class Row:
 
 HEADER = ["scenario", "events", "delivered", "p50 ms", "p99 ms", "max ms", "relay CPU s",
           "relay RSS MB", "note"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from zmqami.natscluster import free_port  # noqa: E402,F401  (one for tests, bench and NATS)
 DEADLINE = 30.0  # seconds: generous, so that a busy CI machine never fails a test by timing
 
 
@@ -33,11 +34,6 @@ def converge(label: str, condition: Callable[[], object], timeout: float = DEADL
     print(f"converged: {label}: {time.monotonic() - started:.2f} s")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on host (127.0.0.1 or ::1) that nothing listens on right now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 STARTED: List["Script"] = []  # every script started, so that each test can end its own

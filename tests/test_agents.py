@@ -276,7 +276,9 @@ def test_pid_file_rules(standins, agents, hub, tmp_path):
 ])
 def test_settings_errors_print_one_line_and_exit_2(tmp_path, script, settings, expected):
     path = tmp_path / "settings.py"
-    path.write_text(settings)
+    # (an agent's own pid file: not the checkout's, which a test running beside may hold)
+    path.write_text(settings + f"PID_FILE = {str(tmp_path / 'agent.pid')!r}\n" *
+                    (script == "agent.py"))
     result = run_script(script, str(path))
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and str(path) in result.stderr

@@ -152,9 +152,15 @@ def test_killing_the_nats_node_of_an_agent_during_1000_changes_loses_nothing(
     nodes.server_at(url).kill()
     expected.update(play(x, 500, 50))
     for other in (y, z):
-        converge("NATS, kill -9 of the agent's node during 1000 changes: every mirror on its "
-                 "last state", lambda: all(custom_states(other).get(device) == state
-                                           for device, state in expected.items()))
+        try:
+            converge("NATS, kill -9 of the agent's node during 1000 changes: every mirror on "
+                     "its last state", lambda: all(custom_states(other).get(device) == state
+                                                   for device, state in expected.items()))
+        except AssertionError:
+            wrong = {device: (state, custom_states(other).get(device))
+                     for device, state in expected.items()
+                     if custom_states(other).get(device) != state}
+            raise AssertionError(f"(expected, mirrored): {wrong}") from None
     agent_x.wait_for_output("Lost NATS at " + url)
 
 

@@ -113,7 +113,9 @@ def scrape(port: int) -> dict:
 
 
 def test_metrics_are_served_and_add_up(standins, broker):
-    a, b = standins(2)
+    # Booted already: a LoadZmq during the changes would have them read from its list instead,
+    # and counted as a resync, not as events relayed.
+    a, b = standins(2, loadzmq_delay=None)
     port = free_port()
     broker([a, b], metrics_port=str(port))
     for i in range(10):

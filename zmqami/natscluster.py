@@ -5,8 +5,10 @@ it beside the Python interpreter; one on the PATH does too.  Each server of a cl
 JetStream on, its own store in a work folder, a client port, a cluster port and a monitoring port
 (its /healthz says when JetStream is ready), all chosen free at start.
 """
+import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +27,40 @@ def nats_server_binary() -> Optional[str]:
     return beside if os.access(beside, os.X_OK) else shutil.which("nats-server")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ephemeral_ports_start() -> int:
+    """Where the kernel's ports for outgoing connections begin (32768 on Linux by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_PORTS_END = _ephemeral_ports_start()
+_PORTS_START = min(20000, _PORTS_END // 2)
+_next_port = itertools.count(random.randrange(_PORTS_START, _PORTS_END) // _WORKERS)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on host (127.0.0.1 or ::1) that nothing listens on right now, for a process
+    started later to bind.
+
+    It is taken below the kernel's ephemeral range, in turn, so that no outgoing connection and
+    no earlier call takes it meanwhile (a port from bind(0) can be in use again by the time a
+    server binds it); under pytest-xdist each worker takes its own ports (number modulo the
+    number of workers)."""
+    for _ in range(_PORTS_END - _PORTS_START):
+        span = (_PORTS_END - _PORTS_START) // _WORKERS
+        port = _PORTS_START + (next(_next_port) % span) * _WORKERS + _WORKER
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # in use: the next one
+        return port
+    raise OSError(f"no free port on {host} from {_PORTS_START} to {_PORTS_END}")
 
 
 class NatsServer:
@@ -161,8 +193,10 @@ class NatsCluster:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        while not all(server.healthy() for server in self.servers
-                      if server.process.poll() is None):
+        while not all(server.healthy() for server in self.servers):
+            dead = [server for server in self.servers if server.process.poll() is not None]
+            if dead:
+                raise RuntimeError(f"nats-server {dead[0].name} exited: see {dead[0].log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"NATS not ready within {timeout:g} s: see "
                                    f"{self.servers[0].log_path}")

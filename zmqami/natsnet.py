@@ -53,6 +53,7 @@ RECONNECT_WAIT = 1.0      # s between two attempts on the same server
 PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
 RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then doubling up to
 # (a stream without a leader takes seconds to elect one: the states are stored soon after)
+READ_TIMEOUT = 10.0       # s: a read of the bucket that brings nothing for so long starts again
 WATCH_HEARTBEAT = 1.0     # s: a read of the bucket silent for twice this is started again
 STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
@@ -213,6 +214,7 @@ class NatsClient:
         self.read: Optional[Dict[str, Tuple[int, bytes, float]]] = None
         self.reading: Any = None
         self.reads = 0
+        self.read_progress = 0.0  # (the NATS thread's loop time) when the read last brought a key
         self.has_read = False
         self.rereading: Optional["asyncio.Task[None]"] = None
         self.errors = Throttle()
@@ -315,7 +317,7 @@ class NatsClient:
                 await self._read_bucket()
                 return
             except Exception as exc:  # JetStream off, no quorum yet, no permission...
-                self._warn("bucket", f"Cannot open the NATS bucket {self.bucket} ({exc!r}); "
+                self._warn("bucket", f"Cannot open the NATS bucket {self.bucket} ({_why(exc)}); "
                                      f"trying again")
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, RETRY_WAIT[1])
@@ -331,9 +333,24 @@ class NatsClient:
             self.key_prefix + ">", stream=self.stream,
             cb=functools.partial(self._on_read_entry, self.reads), ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=WATCH_HEARTBEAT)
+        self.read_progress = self.aio.time()
+        self.aio.call_later(READ_TIMEOUT, self._check_read, self.reads)
         info = await reading.consumer_info()
         if info.num_pending == 0 and reading.delivered == 0:  # an empty bucket
             await self._read_done()
+
+    def _check_read(self, read: int) -> None:
+        """A read that brought nothing for READ_TIMEOUT (its consumer lost with a server that
+        restarted, say) is started again; one that makes progress is left to finish."""
+        if read != self.reads or self.read is None:
+            return
+        silent = self.aio.time() - self.read_progress
+        if silent < READ_TIMEOUT:
+            self.aio.call_later(READ_TIMEOUT - silent, self._check_read, read)
+            return
+        self._warn("read", f"The read of the NATS bucket {self.bucket} brought nothing for "
+                           f"{READ_TIMEOUT:g} s: reading it again")
+        self._read_again()
 
     def _read_again(self) -> None:
         """Read the bucket again (after a reconnection, or changes dropped): a read under way
@@ -349,7 +366,7 @@ class NatsClient:
                 await self._read_bucket()
                 return
             except Exception as exc:  # JetStream still electing a leader, say
-                self._warn("bucket", f"Cannot read the NATS bucket again yet ({exc!r})")
+                self._warn("bucket", f"Cannot read the NATS bucket again yet ({_why(exc)})")
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, RETRY_WAIT[1])
 
@@ -408,6 +425,7 @@ class NatsClient:
         meta = msg.metadata
         if read != self.reads:
             return  # from a read since replaced
+        self.read_progress = self.aio.time()
         age = max(0.001, time.time() - meta.timestamp.timestamp())
         self._take_entry(msg.subject, meta.sequence.stream, msg, age)
         if meta.num_pending == 0:
@@ -456,7 +474,7 @@ class NatsClient:
         if not self.has_read:
             log.info("Read %d states and heartbeats of the peers from the NATS bucket %s",
                      len(entries), self.bucket)
-        elif entries:
+        else:
             log.info("Read the NATS bucket %s again: %d changes missed meanwhile",
                      self.bucket, len(entries))
         self.has_read = True
@@ -493,7 +511,7 @@ class NatsClient:
         try:
             await self.nc.publish(subject, body)
         except Exception as exc:  # a message, not a state: lost as over a hub that is down
-            self._warn("publish", f"Cannot publish to NATS ({exc!r})")
+            self._warn("publish", f"Cannot publish to NATS ({_why(exc)})")
 
     def _store_snapshot(self, message: Dict[str, Any]) -> None:
         """An AgentStates to every peer (at start, after its Asterisk's restart, anti-entropy):
@@ -561,3 +579,8 @@ class NatsClient:
             self.retry.cancel()
         self._put_unstored()
 
+
+def _why(exc: BaseException) -> str:
+    """An error of nats-py in one line, with what the server said (its repr leaves that out)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
