@@ -58,7 +58,7 @@ WATCH_HEARTBEAT = 1.0     # s: a read of the bucket silent for twice this is sta
 STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
 HEARTBEAT_KEY = "heartbeat"
-ALL_TOPIC, STATS_TOPIC = topic(ALL), topic(STATS)
+ALL_TOPIC = topic(ALL)
 STATE_EVENTS = {"DeviceStateChange": ("device", "Device"),
                 "PresenceStateChange": ("presence", "Presentity")}
 
