@@ -1,4 +1,6 @@
 """The delivery policy to one server: newest state wins, one write per device in flight, retries."""
+import time
+
 from zmqami.asterisk import MAX_IN_FLIGHT, LinkStats, Outbox
 from zmqami.rules import StateUpdate
 
@@ -13,7 +15,7 @@ def send_all(outbox):
         request = outbox.next_request()
         if request is None:
             return sent
-        outbox.sent(request)
+        outbox.sent(request, time.monotonic())
         sent.append(request)
 
 
@@ -62,6 +64,31 @@ def test_a_reply_shows_older_requests_were_lost():
     outbox.reply("b", ok("b"))              # REP answers in order: "a" never arrived
     assert [r.action_id for r in send_all(outbox)] == ["a"]
     assert outbox.stats.acknowledged == 1
+
+
+def test_an_acknowledgement_read_without_decoding_completes_its_write_and_only_it():
+    outbox = new_outbox()
+    replies = []
+    outbox.write_state(device("SIP/1", "BUSY"), "a")
+    outbox.write_state(device("SIP/2", "BUSY"), "b")
+    outbox.send_action({"Action": "Ping"}, replies.append)
+    send_all(outbox)
+    ping = next(iter(outbox.in_flight))      # one-shot actions go first
+    assert not outbox.acknowledged(ping)     # not a write: its reply is decoded and handed on
+    assert not outbox.acknowledged("unknown")
+    outbox.reply(ping, [{"Response": "Success", "ActionID": ping, "Ping": "Pong"}])
+    assert outbox.acknowledged("a") and outbox.stats.acknowledged == 1
+    assert outbox.acknowledged("b") and outbox.stats.acknowledged == 2
+    assert send_all(outbox) == [] and not outbox.in_flight and replies[0][0]["Ping"] == "Pong"
+
+
+def test_an_acknowledgement_past_older_writes_shows_they_were_lost():
+    outbox = new_outbox()
+    outbox.write_state(device("SIP/1", "BUSY"), "a")
+    outbox.write_state(device("SIP/2", "BUSY"), "b")
+    send_all(outbox)
+    assert outbox.acknowledged("b")          # REP answers in order: "a" never arrived
+    assert [r.action_id for r in send_all(outbox)] == ["a"]
 
 
 def test_a_reply_without_action_id_belongs_to_the_oldest_request():

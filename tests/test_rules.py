@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmqami.rules import (BadInput, PresenceEchoFilter, StateUpdate, decode_event,
-                          parse_presence_value, presence_value, relayed_update)
+                          decode_json_object, parse_presence_value, presence_value,
+                          relayed_update)
 
 
 def device_event(device="SIP/100", state="INUSE"):
@@ -115,6 +116,31 @@ event_like = st.fixed_dictionaries(
     optional={"Device": json_values | st.text(), "State": json_values | st.text(),
               "Presentity": json_values | st.text(), "Status": json_values | st.text(),
               "Subtype": json_values | st.text(), "Message": json_values | st.text()})
+
+
+@settings(max_examples=300)
+@given(st.binary() | json_values.map(lambda v: json.dumps(v).encode()),
+       st.sampled_from([b"", b" ", b"\n", b" {}", b"x"]), st.sampled_from([b"", b" ", b"\t"]))
+def test_the_fast_json_decoding_judges_as_json_loads_does(raw, after, before):
+    """decode_json_object reads the common case with raw_decode: whitespace around a value, or
+    more after it, must be taken or refused exactly as json.loads takes or refuses them."""
+    raw = before + raw + after
+    try:
+        expected = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        expected = BadInput
+    try:
+        got = decode_json_object(raw)
+    except BadInput:
+        got = BadInput
+    assert got == (expected if isinstance(expected, dict) or expected is BadInput else BadInput)
+
+
+@given(st.text(), st.text(), st.text(), st.sampled_from(["Setvar", "SetVar"]))
+def test_a_write_is_encoded_as_json_dumps_encodes_its_action(variable, value, action_id, verb):
+    update = StateUpdate(variable, value)
+    assert update.encoded_action(action_id, verb) == \
+        json.dumps(update.action(action_id, verb)).encode("ascii")
 
 
 @settings(max_examples=300)

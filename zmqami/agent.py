@@ -36,7 +36,7 @@ from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting
                      is_nats_urls, is_optional_text, is_url, is_url_or_urls, is_whole_number,
                      number_between, reload_settings, run_settings_script)
 from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
-from .loop import EventLoop, Timer
+from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import (BadInput, StateUpdate, event_for,
                     relayed_update, safe_action)
 from .states import ListReading, StateTable, list_items
@@ -123,7 +123,7 @@ class Agent:
         self.settings = settings
         self.name = settings["SYSTEM_NAME"]
         self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
-        self.loop = EventLoop()
+        self.loop = EventLoop(BATCH_INTERVAL)
         self.drops = DropLog(log)
         self.states = StateTable(settings["DOWN_STATE"], settings["MAX_DEVICES_PER_PEER"],
                                  settings["MAX_PEERS"] + 1,  # the peers and itself

@@ -28,14 +28,17 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import zmq
 
-from .loop import NOBLOCK, EventLoop, Timer, drain
+from .loop import EventLoop, Timer, drain, send_frames
 from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
                     StateUpdate, check_module_action, decode_event)
 from .stats import DropLog, Histogram, Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 10  # requests queued at Asterisk per server; small, so that newer states conflate
+# Requests queued at Asterisk per server.  Past this, newer states of a device replace older ones
+# not yet sent; within it, a server (or this process) that is not scheduled for a few ms, as on a
+# busy machine, does not hold back the rest (at 10 the window, not the CPU, capped the rate).
+MAX_IN_FLIGHT = 100
 EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
 EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connection reset)
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
@@ -51,7 +54,6 @@ ECHO_MARK = b'"Device":"Custom:'
 # The acknowledgement of a state write, read without decoding it (ActionIDs are ours: hex).
 ACK_PREFIX, ACK_SUFFIX = b'[{"Response":"Success","ActionID":"', b'","Message":"Variable Set"}]'
 ACKNOWLEDGED = [{"Response": "Success", "Message": "Variable Set"}]
-SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _ACTION_IDS = itertools.count()
 _ACTION_ID_PREFIX = os.urandom(8).hex()
 
@@ -90,7 +92,8 @@ class Request:
 
     def wire(self) -> bytes:
         if self.encoded is None:
-            self.encoded = encode_action(self.payload())
+            self.encoded = self.update.encoded_action(self.action_id, self.verb) \
+                if self.update is not None else encode_action(self.action)
         return self.encoded
 
 
@@ -177,8 +180,8 @@ class Outbox:
             return self.pending.popitem(last=False)[1]
         return None
 
-    def sent(self, request: Request) -> None:
-        request.sent_at = time.monotonic()
+    def sent(self, request: Request, now: float) -> None:
+        request.sent_at = now
         self.in_flight[request.action_id] = request
         if request.update is not None:
             self.busy.add(request.update.variable)
@@ -199,6 +202,20 @@ class Outbox:
         for request in self.in_flight.values():
             return request.sent_at + self.timeout
         return None
+
+    def acknowledged(self, action_id: str) -> bool:
+        """A "Variable Set" reply read without decoding it: True if it completes a state write
+        in flight (the common case, the oldest one: the path of every relayed state)."""
+        request = self.in_flight.get(action_id)
+        if request is None or request.update is None:
+            return False
+        if next(iter(self.in_flight)) != action_id:  # older ones were lost
+            self.reply(action_id, ACKNOWLEDGED)
+            return True
+        del self.in_flight[action_id]
+        self._release(request.update.variable)
+        self._succeeded(request)
+        return True
 
     def reply(self, action_id: Optional[str], reply: Optional[List[Dict[str, Any]]]) -> None:
         """A reply arrived: complete its request and requeue those it shows were lost."""
@@ -229,9 +246,7 @@ class Outbox:
         self._release(request.update.variable)
         response = reply[0].get("Response") if reply and isinstance(reply[0], dict) else None
         if response == "Success":
-            self.stats.acknowledged += 1
-            self.stats.last_ack = time.time()
-            self.stats.latency.observe(time.monotonic() - request.queued_at)
+            self._succeeded(request)
             return
         # Asterisk refused the value: sending it again would be refused again.
         self.stats.refused += 1
@@ -242,6 +257,11 @@ class Outbox:
             log.warning("%s refused Setvar %s=%s: %s%s", self.name, request.update.variable,
                         request.update.value, printable(_reply_message(reply)),
                         held_back(more, "refused"))
+
+    def _succeeded(self, request: Request) -> None:
+        self.stats.acknowledged += 1
+        self.stats.last_ack = time.time()
+        self.stats.latency.observe(time.monotonic() - request.queued_at)
 
     def refuse(self, request: Request, why: str) -> None:
         """A request that cannot be sent at all: answered with an error, never retried."""
@@ -438,6 +458,7 @@ class AsteriskLink:
         self.send_action({"Action": action}, on_reply)
 
     def _send_pending(self) -> None:
+        now = time.monotonic()
         while True:
             request = self.outbox.next_request()
             if request is None:
@@ -449,7 +470,7 @@ class AsteriskLink:
             except BadInput as exc:  # values are checked before; this is the last guard
                 self.outbox.refuse(request, f"not sent: {exc}")
                 continue
-            self.outbox.sent(request)
+            self.outbox.sent(request, now)
         self._arm_timeout()
 
     def _arm_timeout(self) -> None:
@@ -574,28 +595,24 @@ class ZmqManagerLink(AsteriskLink):
     def _transmit(self, request: Request) -> bool:
         if request.update is None:
             check_module_action(request.action)  # BadInput: answered with an error, never sent
-        try:  # (a message's frames are queued together: the second cannot fail alone)
-            self.cmd_socket.send(b"", SEND_MORE)
-            self.cmd_socket.send(request.wire(), NOBLOCK)
+        try:
+            send_frames(self.cmd_socket, (b"", request.wire()))
         except zmq.Again:
             return False
         return True
 
     # --- receiving -------------------------------------------------------------------------------
     def _read_replies(self) -> None:
-        drain(self.cmd_socket, self._on_reply)
+        if drain(self.cmd_socket, self._on_reply):
+            self._answered()
         self._send_pending()
 
     def _on_reply(self, frames: List[bytes]) -> None:
-        self._answered()
         raw = frames[-1]
         if len(frames) == 2 and not frames[0] and raw.startswith(ACK_PREFIX) and \
-                raw.endswith(ACK_SUFFIX):
-            action_id = raw[len(ACK_PREFIX):-len(ACK_SUFFIX)]
-            request = self.outbox.in_flight.get(action_id.decode("ascii", "replace"))
-            if request is not None and request.update is not None:  # a state write's ack
-                self.outbox.reply(request.action_id, ACKNOWLEDGED)
-                return
+                raw.endswith(ACK_SUFFIX) and self.outbox.acknowledged(
+                    raw[len(ACK_PREFIX):-len(ACK_SUFFIX)].decode("ascii", "replace")):
+            return
         try:
             if len(frames) != 2 or frames[0]:
                 raise BadInput(f"reply of {len(frames)} frames")

@@ -15,10 +15,10 @@ import zmq
 from . import __version__
 from .ami import AmiLink
 from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink,
-                       encode_action, new_action_id)
+                       new_action_id)
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, program_name,
                      load_broker_config, setup_logging)
-from .loop import EventLoop, Timer
+from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import BadInput, StateUpdate, presence_update, relayed_update
 from .states import ListReading, StateTable, decide_first_presences, list_items
 from .statefile import SAVE_INTERVAL, StateFile
@@ -37,7 +37,7 @@ class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context) -> None:
         self.config = config
         self.context = context
-        self.loop = EventLoop()
+        self.loop = EventLoop(BATCH_INTERVAL)
         self.drops = DropLog(log)
         self.states = StateTable(config.down_state, max_per_source=config.max_devices)
         self.events_relayed = 0
@@ -229,18 +229,16 @@ class Broker:
         if value != update.value:
             update = StateUpdate(update.variable, value)
         action_id = new_action_id()
-        action = update.action(action_id)
         if self.config.verbose_messages:
-            log.info("Distribute: %s", json.dumps(action, indent=1))
+            log.info("Distribute: %s", json.dumps(update.action(action_id), indent=1))
         log.debug("Relaying %s=%s from %s", update.variable, update.value, owner)
-        encoded = encode_action(action)  # the same bytes for every server
+        encoded = update.encoded_action(action_id)  # the same bytes for every server
         for link in self.links:
             if link.name != owner:
-                self.write(link, update, action_id, encoded)
+                link.write_state(update, action_id, encoded=encoded)
 
-    def write(self, link: AsteriskLink, update: StateUpdate, action_id: str = "",
-              encoded: Optional[bytes] = None) -> None:
-        link.write_state(update, action_id or new_action_id(), encoded=encoded)
+    def write(self, link: AsteriskLink, update: StateUpdate) -> None:
+        link.write_state(update, new_action_id())
 
     # --- health, resynchronisation, repair ---------------------------------------------------------
     def ping_all(self) -> None:

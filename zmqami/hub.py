@@ -17,7 +17,7 @@ from . import security
 from .config import (COMMON_SETTINGS, ConfigError, Setting, is_log_level, is_optional_text,
                      is_bind_url, is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
-from .loop import EventLoop, drain
+from .loop import BATCH_INTERVAL, EventLoop, drain
 from .rules import BadInput
 from .stats import DropLog, printable
 from .status import StatusServer, serve_status
@@ -44,7 +44,7 @@ class Hub:
     def __init__(self, settings: dict, context: zmq.Context) -> None:
         self.settings = settings
         self.context = context
-        self.loop = EventLoop()
+        self.loop = EventLoop(BATCH_INTERVAL)
         self.drops = DropLog(log)
         self.refusals = DropLog(log, what="a connection to")
         self.relayed = 0

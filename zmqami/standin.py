@@ -37,7 +37,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 import zmq
 
 from .config import PROJECT_DIR, setup_logging
-from .loop import EventLoop
+from .loop import READ_BATCH, EventLoop
 from .ami import AmiParser, format_action
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
                     parse_presence_value)
@@ -79,9 +79,13 @@ def _longest_line(messages: List[Dict[str, Any]]) -> int:
                 for k, v in message.items()), default=0)
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once: it is
+# on the path of every reply and event
+
+
 def _compact(obj: Any) -> bytes:
     """JSON as the module writes it: no spaces, raw UTF-8."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _COMPACT_JSON.encode(obj).encode("utf-8")
 
 
 class StandinAsterisk:
@@ -221,7 +225,17 @@ class StandinAsterisk:
 
     # --- the cmd socket --------------------------------------------------------------------------
     def _on_request(self) -> None:
-        raw = self.cmd.recv()
+        """Answer the requests waiting, one by one, as the module's one command thread does."""
+        for _ in range(READ_BATCH):
+            if not self._answer_next():
+                return
+
+    def _answer_next(self) -> bool:
+        """Read and answer one request; False when there is none or no more may be read now."""
+        try:
+            raw = self.cmd.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return False
         self.request_count += 1
         self.requests.append(raw.decode("utf-8", "replace"))
         reply = self.answer(raw)
@@ -229,12 +243,13 @@ class StandinAsterisk:
             # REP cannot read again before it answers: the server now reads nothing more.
             self.loop.remove_reader(self.cmd)
             self.stuck = True
-            return
+            return False
         if self.mode == "slow":
             self.loop.remove_reader(self.cmd)
             self.loop.call_later(self.delay, lambda: self._send_reply(reply, resume=True))
-            return
+            return False
         self._send_reply(reply)
+        return True
 
     def _send_reply(self, reply: List[Dict[str, str]], resume: bool = False) -> None:
         self.cmd.send(_compact(reply))
@@ -620,8 +635,8 @@ class AmiServer:
     def publish(self, event: Dict[str, Any]) -> None:
         """An event to every logged-in session that wants its class."""
         event_class = str(event.get("Privilege", "")).split(",")[0]
-        if not event_class:
-            return  # LoadZmq: res_zmq_manager's own, not an AMI event
+        if not event_class or not self.sessions:
+            return  # LoadZmq: res_zmq_manager's own, not an AMI event; or nobody to send it to
         data = format_message(event)
         for session in list(self.sessions.values()):
             if session.user is not None and not session.closing and (
