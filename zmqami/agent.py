@@ -37,8 +37,7 @@ from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting
                      number_between, reload_settings, run_settings_script)
 from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
 from .loop import BATCH_INTERVAL, EventLoop, Timer
-from .rules import (BadInput, StateUpdate, event_for,
-                    relayed_update, safe_action)
+from .rules import BadInput, StateUpdate, event_for, relayed_update, safe_action, unique_id
 from .states import ListReading, StateTable, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
@@ -135,6 +134,10 @@ class Agent:
             self.states.restore(self.state_file.load())
         self.peers: Dict[str, Peer] = {}
         self.seen: "OrderedDict[str, None]" = OrderedDict()
+        self.message_handlers = {"AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
+                         "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
+                         "AgentStateRequest": self.on_state_request,
+                         "AgentStates": self.apply_states}  # by msg_type
         self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
         self.name_clashes = 0
         self.systemd = Notifier()
@@ -254,7 +257,7 @@ class Agent:
                            **self.network.status()}}
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
-        uuid = envelope.new_uuid()
+        uuid = unique_id()
         self.sent_uuids[uuid] = None
         if len(self.sent_uuids) > SEEN_UUIDS:
             self.sent_uuids.popitem(last=False)
@@ -383,10 +386,7 @@ class Agent:
             if message.uuid not in self.sent_uuids:
                 self.name_clash(message)
             return
-        handler = {"AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-                   "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
-                   "AgentStateRequest": self.on_state_request,
-                   "AgentStates": self.apply_states}.get(message.msg_type)
+        handler = self.message_handlers.get(message.msg_type)
         if handler is None:
             log.debug("Ignoring %s from %s.", message.msg_type, message.origin)
             return
@@ -469,7 +469,7 @@ class Agent:
 
     def write(self, update: StateUpdate, action_id: str = "") -> None:
         """Write a state on its Asterisk (SetVar, ActionID the message's uuid, as the original)."""
-        self.asterisk.write_state(update, action_id or envelope.new_uuid(), verb="SetVar")
+        self.asterisk.write_state(update, action_id or unique_id(), verb="SetVar")
 
     def run_action(self, message: Envelope) -> None:
         origin = message.origin
@@ -573,8 +573,9 @@ def changed_at(data: Dict[str, Any], snapshot: bool) -> Optional[float]:
     """A peer's ChangedAt (wall clock), if it is a sane one; else None (now) for an event and 0
     for a snapshot (AgentStates).  A time ahead of ours counts as now: a peer whose clock is
     ahead must not make its value unbeatable."""
+    value = data.get("ChangedAt")
     try:
-        wall = float(data.get("ChangedAt"))
+        wall = -1.0 if value is None else float(value)  # (None: a device state's, no exception)
     except (TypeError, ValueError, OverflowError):
         wall = -1.0
     if not wall >= 0:  # (also NaN)

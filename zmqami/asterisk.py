@@ -16,10 +16,8 @@ and requests older than the one answered were lost on a reconnect.  When the old
 answered in time, the socket is closed and opened again (the Guide's Lazy Pirate) and what was in
 flight is queued again: nothing the loop does ever waits for Asterisk.
 """
-import itertools
 import json
 import logging
-import os
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -54,8 +52,6 @@ ECHO_MARK = b'"Device":"Custom:'
 # The acknowledgement of a state write, read without decoding it (ActionIDs are ours: hex).
 ACK_PREFIX, ACK_SUFFIX = b'[{"Response":"Success","ActionID":"', b'","Message":"Variable Set"}]'
 ACKNOWLEDGED = [{"Response": "Success", "Message": "Variable Set"}]
-_ACTION_IDS = itertools.count()
-_ACTION_ID_PREFIX = os.urandom(8).hex()
 
 ReplyCallback = Callable[[Optional[List[Dict[str, Any]]]], None]
 ListCallback = Callable[[List[Dict[str, Any]], float], None]
@@ -642,11 +638,6 @@ class ZmqManagerLink(AsteriskLink):
         if event["Event"] in BOOT_EVENTS:
             self._booted(event["Event"])
         self._deliver_event(event)
-
-
-def new_action_id() -> str:
-    """A unique ActionID, 32 hex digits like the original's uuid4().hex, made cheaply."""
-    return f"{_ACTION_ID_PREFIX}{next(_ACTION_IDS):016x}"
 
 
 def encode_action(action: Dict[str, Any]) -> bytes:

@@ -14,12 +14,11 @@ import zmq
 
 from . import __version__
 from .ami import AmiLink
-from .asterisk import (HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink,
-                       new_action_id)
+from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, program_name,
                      load_broker_config, setup_logging)
 from .loop import BATCH_INTERVAL, EventLoop, Timer
-from .rules import BadInput, StateUpdate, presence_update, relayed_update
+from .rules import BadInput, StateUpdate, presence_update, relayed_update, unique_id
 from .states import ListReading, StateTable, decide_first_presences, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, printable
@@ -228,7 +227,7 @@ class Broker:
         value = self.states.mirror_value(update.variable, "")
         if value != update.value:
             update = StateUpdate(update.variable, value)
-        action_id = new_action_id()
+        action_id = unique_id()
         if self.config.verbose_messages:
             log.info("Distribute: %s", json.dumps(update.action(action_id), indent=1))
         log.debug("Relaying %s=%s from %s", update.variable, update.value, owner)
@@ -238,7 +237,7 @@ class Broker:
                 link.write_state(update, action_id, encoded=encoded)
 
     def write(self, link: AsteriskLink, update: StateUpdate) -> None:
-        link.write_state(update, new_action_id())
+        link.write_state(update, unique_id())
 
     # --- health, resynchronisation, repair ---------------------------------------------------------
     def ping_all(self) -> None:

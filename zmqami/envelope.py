@@ -8,13 +8,12 @@ Every message has two frames:
 """
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import zmq
 
-from .rules import MAX_NAME_BYTES, BadInput, decode_json_object
+from .rules import MAX_NAME_BYTES, BadInput, decode_json_object, unique_id
 
 HUB_MAX_BYTES = 16 * 1024 * 1024  # the largest message on a hub socket (AgentStates of 100k devices)
 HEARTBEAT_IVL_MS = 10_000  # ZeroMQ heartbeats on hub connections: a dead peer is noticed in 30 s
@@ -69,13 +68,9 @@ def is_heartbeat(value: Any) -> bool:
         return False
 
 
-def new_uuid() -> str:
-    return uuid.uuid4().hex
-
-
 def build(target: str, msg_type: str, origin: str, uuid: str = "", **fields: Any) -> List[bytes]:
     """The two frames of a message to ``[target]``; each field becomes ``x_<field>``."""
-    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": uuid or new_uuid(), "origin": origin}
+    body: Dict[str, Any] = {"msg_type": msg_type, "uuid": uuid or unique_id(), "origin": origin}
     for key, value in fields.items():
         body["x_" + key] = value
     return [topic(target), json.dumps(body).encode("utf-8")]

@@ -17,7 +17,7 @@ from . import security
 from .config import (COMMON_SETTINGS, ConfigError, Setting, is_log_level, is_optional_text,
                      is_bind_url, is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
-from .loop import BATCH_INTERVAL, EventLoop, drain
+from .loop import BATCH_INTERVAL, EventLoop, drain, send_frames
 from .rules import BadInput
 from .stats import DropLog, printable
 from .status import StatusServer, serve_status
@@ -170,7 +170,7 @@ class Hub:
                       printable(envelope.origin), envelope.target.decode("utf-8", "replace"),
                       printable(envelope.uuid))
         log.debug("%s", envelope.body)
-        self.pub.send_multipart(frames)
+        send_frames(self.pub, frames)  # (a PUB never blocks: a slow subscriber's share is dropped)
         self.relayed += 1
 
 

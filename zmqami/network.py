@@ -15,7 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import envelope, security
 from .config import ConfigError
 from .envelope import ALL, hub_socket
-from .loop import EventLoop, drain
+from .loop import EventLoop, drain, send_frames
 from .stats import DropLog
 
 log = logging.getLogger("asterisk_agent")
@@ -75,7 +75,7 @@ class HubNetwork:
         """To every hub; a hub unreachable long enough to fill its queue is counted, logged."""
         for push, url in zip(self.pushes, self.push_urls):
             try:
-                push.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(push, frames)
             except zmq.Again:
                 self.unsent.drop(f"the hub at {url}", "not reachable, queue full", frames[1])
 

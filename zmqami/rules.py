@@ -13,7 +13,9 @@ Asterisk's rules behind them (PROTOCOL.md section 1):
 """
 import base64
 import binascii
+import itertools
 import json
+import os
 import re
 import time
 from collections import deque
@@ -49,6 +51,16 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # Characters that would change the meaning of VARIABLE(arg) or split the function's arguments.
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f(),]")
+
+
+_ID_PREFIX = os.urandom(8).hex()  # this process's, so that ids differ between processes too
+_ID_COUNT = itertools.count()
+
+
+def unique_id() -> str:
+    """32 hex digits, as unique as the original's uuid4().hex (an ActionID, a message's uuid):
+    a random half, then a count.  A tenth of uuid4's cost, on the path of every message."""
+    return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
 class BadInput(ValueError):
