@@ -107,7 +107,9 @@ class Cluster:
 
     def broker(self, servers: List[Standin], baseline: bool = False, ami: bool = False,
                **general: str) -> None:
-        lines = ["[general]", "log_level = warning"] + [f"{k} = {v}" for k, v in general.items()]
+        # Every run streams new devices: the bound on a flood (max_devices) must not cut them.
+        lines = ["[general]", "log_level = warning", "max_devices = 10000000"] + \
+            [f"{k} = {v}" for k, v in general.items()]
         names = [f"server-{i}" for i in range(len(servers))]
         lines += ["[servers]", "sections = " + ", ".join(names)]
         for name, server in zip(names, servers):

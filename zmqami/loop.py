@@ -19,7 +19,9 @@ Pollable = Union[zmq.Socket, int]
 
 
 READ_BATCH = 1000  # messages handled per wake-up before other sockets get their turn
-BATCH_INTERVAL = 0.002  # s: the relays' EventLoop(batch_interval), see EventLoop._pace
+# s: under load the relays (broker, hub, agent) handle input in batches at most this often
+# (EventLoop._pace), which adds at most this to a state's way through each of them.
+BATCH_INTERVAL = 0.002
 # Plain ints: pyzmq turns each flag or option it is given into an enum, which costs about a
 # microsecond; on the path of every message that adds up.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -81,12 +83,12 @@ class Timer:
 
 
 class EventLoop:
-    """batch_interval (seconds): under load, wake at most once per batch_interval (see _pace)."""
+    """batch_interval (seconds): under load, handle input at most once per batch_interval (_pace)."""
 
     def __init__(self, batch_interval: float = 0.0) -> None:
         self.poller = zmq.Poller()
         self.batch_interval = batch_interval
-        self._woken_at = 0.0  # when the last poll that found input returned
+        self._batch_at = 0.0  # when _pace last let input in
         self.running = True  # until stop(), which may come before run() (a signal at start-up)
         self.stop_signal: Optional[str] = None
         self._readers: Dict[Pollable, Callable[[], None]] = {}
@@ -224,20 +226,20 @@ class EventLoop:
                 self._pace()
 
     def _pace(self) -> None:
-        """Under load, let input gather for the rest of batch_interval after the last wake-up.
+        """After input was handled: let more gather until batch_interval after the last batch.
 
-        Each wake-up costs a poll, a system call per socket and a context switch, whatever it
-        finds; at thousands of messages a second, handling them in batches every millisecond or so
-        costs a fraction of handling each on its own, and keeps a busy machine from falling behind.
-        Input after a quiet spell is handled at once: this only delays input that follows other
-        input within batch_interval, by at most that.
+        Each wake-up costs a poll, system calls, context switches in this process and in ZeroMQ's
+        I/O thread, whatever it finds: at thousands of messages a second, handling them in a
+        batch every couple of milliseconds costs a fraction of handling each as it comes, and
+        keeps a busy machine from falling behind.  Input after a quiet spell is handled at once:
+        only input that follows other input within batch_interval waits, at most that long.
         """
         now = time.monotonic()
-        wait = self._woken_at + self.batch_interval - now
+        wait = self._batch_at + self.batch_interval - now
         if wait > 0:
             time.sleep(wait)  # (a signal ends run() once this short wait is over)
             now += wait
-        self._woken_at = now
+        self._batch_at = now
 
     def close(self) -> None:
         if self._wakeup:
