@@ -29,6 +29,28 @@ def test_a_state_change_reaches_the_other_agents_and_not_its_own(standins, agent
     assert setvars(x) == []
 
 
+def test_every_state_of_an_agentstates_is_written_and_stays_writable(standins, agents, hub,
+                                                                     context):
+    """An AgentStates carries many states in one message, with one uuid: each write needs an
+    ActionID of its own.  (With the message's uuid on all of them, all but one stayed "in
+    flight" for ever, and no later change of those devices was written again.)"""
+    y, = standins(1)
+    agents([y])
+    peer = HubClient(context, hub, name="P")
+    devices = [f"SIP/{i}" for i in range(5)]
+    peer.send("*", "AgentStates", heartbeat="30", events=[
+        {"Event": "DeviceStateChange", "Device": device, "State": "INUSE"} for device in devices])
+    for device in devices:
+        wait_until(mirrored(y, device, "INUSE"), message=f"{device} INUSE from the AgentStates")
+    for device in devices:
+        peer.send("*", "AsteriskEvent", heartbeat="30",
+                  data={"Event": "DeviceStateChange", "Device": device, "State": "RINGING"})
+    for device in devices:
+        wait_until(mirrored(y, device, "RINGING"), message=f"{device}'s next change")
+    action_ids = [setvar["ActionID"] for setvar in setvars(y)]
+    assert len(action_ids) == len(set(action_ids))
+
+
 def test_unknown_and_custom_devices_are_not_relayed(standins, agents, hub, context):
     x, y = standins(2)
     agents([x, y])

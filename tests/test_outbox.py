@@ -91,6 +91,18 @@ def test_an_acknowledgement_past_older_writes_shows_they_were_lost():
     assert [r.action_id for r in send_all(outbox)] == ["a"]
 
 
+def test_writes_given_one_action_id_each_get_their_own_in_flight():
+    outbox = new_outbox()
+    for device_name in ("SIP/1", "SIP/2", "SIP/3"):  # an AgentStates: one uuid for its states
+        outbox.write_state(device(device_name, "BUSY"), "uuid")
+    sent = send_all(outbox)
+    assert len({r.action_id for r in sent}) == 3 and sent[0].action_id == "uuid"
+    assert len({r.wire() for r in sent}) == 3
+    for request in sent:
+        assert outbox.acknowledged(request.action_id)
+    assert not outbox.in_flight and not outbox.busy
+
+
 def test_a_reply_without_action_id_belongs_to_the_oldest_request():
     outbox = new_outbox()
     replies = []

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from zmqami.rules import (BadInput, PresenceEchoFilter, StateUpdate, decode_event,
                           decode_json_object, parse_presence_value, presence_value,
                           relayed_update)
+from zmqami.states import Entry, Reports
 
 
 def device_event(device="SIP/100", state="INUSE"):
@@ -248,3 +249,25 @@ def test_a_list_read_after_a_newer_presence_of_a_peer_does_not_fail():
                                        writing=lambda v: False, on_bad=lambda i, e: None)
     assert reading.changed == [] and reading.current == []
     assert table.expected(variable) == "away,,lunch"
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del"]), st.sampled_from("ABC")), max_size=12))
+def test_reports_of_one_variable_behave_as_a_dict(operations):
+    """StateTable's Reports holds one source in two slots and more in a dict: the same answers
+    as a dict, in the same order, whatever the sequence of reports and removals."""
+    reports, expected = Reports(), {}
+    for number, (operation, source) in enumerate(operations):
+        if operation == "set":
+            reports[source] = expected[source] = Entry(str(number), 0.0, 0.0)
+        elif source in expected:
+            del reports[source], expected[source]
+        else:
+            with pytest.raises(KeyError):
+                del reports[source]
+        assert len(reports) == len(expected) and bool(reports) == bool(expected)
+        assert list(reports) == list(expected) and list(reports.items()) == list(expected.items())
+        assert list(reversed(reports.values())) == list(reversed(expected.values()))
+        for name in "ABC":
+            assert (name in reports) == (name in expected)
+            assert reports.get(name) is expected.get(name)

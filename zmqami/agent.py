@@ -134,10 +134,10 @@ class Agent:
             self.states.restore(self.state_file.load())
         self.peers: Dict[str, Peer] = {}
         self.seen: "OrderedDict[str, None]" = OrderedDict()
-        self.message_handlers = {"AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-                         "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
-                         "AgentStateRequest": self.on_state_request,
-                         "AgentStates": self.apply_states}  # by msg_type
+        self.message_handlers = {  # by msg_type
+            "AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
+            "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
+            "AgentStateRequest": self.on_state_request, "AgentStates": self.apply_states}
         self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
         self.name_clashes = 0
         self.systemd = Notifier()

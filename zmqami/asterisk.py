@@ -28,7 +28,7 @@ import zmq
 
 from .loop import EventLoop, Timer, drain, send_frames
 from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
-                    StateUpdate, check_module_action, decode_event)
+                    StateUpdate, check_module_action, decode_event, unique_id)
 from .stats import DropLog, Histogram, Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,14 @@ class Outbox:
             return None
         if self.one_shots:
             return self.one_shots.popleft()
-        if self.pending:
-            return self.pending.popitem(last=False)[1]
-        return None
+        if not self.pending:
+            return None
+        request = self.pending.popitem(last=False)[1]
+        if request.action_id in self.in_flight:
+            # Replies are matched by ActionID: each request in flight needs its own.  (An agent
+            # writes with the uuid of the message, and an AgentStates brings many states.)
+            request.action_id, request.encoded = unique_id(), None
+        return request
 
     def sent(self, request: Request, now: float) -> None:
         request.sent_at = now
