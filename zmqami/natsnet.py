@@ -336,7 +336,13 @@ class NatsClient:
         self.read_progress = self.aio.time()
         self.aio.call_later(READ_TIMEOUT, self._check_read, self.reads)
         info = await reading.consumer_info()
-        if info.num_pending == 0 and reading.delivered == 0:  # an empty bucket
+        if info.num_pending == 0 and reading.delivered == 0:
+            # An empty bucket, or a reader on a server that has not caught up yet (one just
+            # restarted): the stream's leader tells which.  The callers try again later.
+            stream = await self.js.stream_info(self.stream)
+            if stream.state.messages:
+                raise RuntimeError(f"its reader saw none of its {stream.state.messages} "
+                                   "entries (a server catching up)")
             await self._read_done()
 
     def _check_read(self, read: int) -> None:
