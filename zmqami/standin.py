@@ -79,8 +79,8 @@ def _longest_line(messages: List[Dict[str, Any]]) -> int:
                 for k, v in message.items()), default=0)
 
 
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once: it is
-# on the path of every reply and event
+# Made once: it is on the path of every reply and event.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _compact(obj: Any) -> bytes:
