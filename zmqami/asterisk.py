@@ -19,7 +19,6 @@ flight is queued again: nothing the loop does ever waits for Asterisk.
 import json
 import logging
 import time
-import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional
@@ -158,7 +157,7 @@ class Outbox:
     def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
         # Our own ActionID makes the reply ours to match; the caller's is put back into the reply.
         # (Asterisk reads the first ActionID of any spelling: the caller's goes, whatever its case.)
-        action_id = "zab-" + uuid.uuid4().hex
+        action_id = "zab-" + unique_id()
         callers = [key for key in action if key.lower() == "actionid"]
         own = {key: value for key, value in action.items() if key not in callers}
         name = str(action.get("Action", "")).lower()

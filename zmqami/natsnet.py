@@ -341,8 +341,8 @@ class NatsClient:
             # restarted): the stream's leader tells which.  The callers try again later.
             stream = await self.js.stream_info(self.stream)
             if stream.state.messages:
-                raise RuntimeError(f"its reader saw none of its {stream.state.messages} "
-                                   "entries (a server catching up)")
+                raise RuntimeError(f"the server that read it shows none of its "
+                                   f"{stream.state.messages} entries yet: it is catching up")
             await self._read_done()
 
     def _check_read(self, read: int) -> None:

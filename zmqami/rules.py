@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import time
 from collections import deque
 from json.encoder import encode_basestring_ascii as _json_string
@@ -25,7 +26,6 @@ from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple
 DEVICE_STATES = frozenset({
     "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE", "RINGING", "RINGINUSE", "ONHOLD",
 })
-_DEVICE_STATE_NAMES = {state: state for state in DEVICE_STATES}
 PRESENCE_STATES = frozenset({"not_set", "unavailable", "available", "away", "xa", "chat", "dnd"})
 CUSTOM_DEVICE = "Custom:"
 CUSTOM_PRESENCE = "CustomPresence:"
@@ -219,8 +219,8 @@ def device_state_update(event: Dict[str, Any]) -> Optional[StateUpdate]:
         return None
     if state not in DEVICE_STATES:
         raise BadInput(f"State {state[:40]!r} is not a device state")
-    # The one string of each state: every known device keeps one, not a copy (54 bytes each).
-    return StateUpdate(f"DEVICE_STATE({CUSTOM_DEVICE}{device})", _DEVICE_STATE_NAMES[state])
+    # Interned: every known device keeps the one string of its state, not a copy (54 bytes each).
+    return StateUpdate(f"DEVICE_STATE({CUSTOM_DEVICE}{device})", sys.intern(state))
 
 
 # How Asterisk combines the states of several devices into one (main/devicestate.c, Asterisk 12
