@@ -183,15 +183,24 @@ class HubClient:
         wait_until(lambda: self.send(target, "HarnessSync") and self.find("HarnessSync"),
                    message=f"{self.name}'s subscription to {self.topics[0]}")
 
-    def send_frames(self, *frames: bytes) -> None:
-        self.push.send_multipart(list(frames))
+    def send_frames(self, *frames: bytes, refused: bool = False) -> None:
+        """refused: the hub may have refused our connection (an intruder's key): then the PUSH
+        socket has no peer and would block, so the message is offered without waiting, and
+        dropped if there is no connection to take it."""
+        import zmq
+        try:
+            self.push.send_multipart(list(frames), zmq.NOBLOCK if refused else 0)
+        except zmq.Again:
+            if not refused:
+                raise
 
-    def send(self, target: str, msg_type: str, origin: Optional[str] = None, **fields) -> str:
+    def send(self, target: str, msg_type: str, origin: Optional[str] = None,
+             refused: bool = False, **fields) -> str:
         """A message exactly as the original's ZmqMessage.dump() built it; returns its uuid."""
         import uuid
         body = {"msg_type": msg_type, "uuid": uuid.uuid4().hex, "origin": origin or self.name}
         body.update({"x_" + key: value for key, value in fields.items()})
-        self.send_frames(f"[{target}]".encode(), json.dumps(body).encode())
+        self.send_frames(f"[{target}]".encode(), json.dumps(body).encode(), refused=refused)
         return body["uuid"]
 
     def poll(self, timeout_ms: int = 10) -> None:
