@@ -161,3 +161,23 @@ def test_a_request_that_can_never_be_sent_is_answered_with_an_error():
     outbox.write_state(device("SIP/1", "BUSY"), "a")
     outbox.refuse(outbox.next_request(), "not sent: bad value")
     assert outbox.stats.refused == 1 and len(outbox) == 0 and not outbox.busy
+
+
+def test_the_queue_counts_states_only_and_a_health_check_goes_first():
+    outbox = new_outbox()
+    outbox.write_state(device("SIP/1", "INUSE"), "a")
+    outbox.send_action({"Action": "DeviceStateList"}, lambda reply: None)
+    outbox.send_action({"Action": "Ping"}, lambda reply: None, first=True)
+    assert len(outbox) == 1  # one state; actions are not what a down server is kept
+    assert [r.payload()["Action"] for r in send_all(outbox)] == ["Ping", "DeviceStateList", "Setvar"]
+
+
+def test_one_shot_actions_not_sent_are_answered_none_at_once():
+    outbox = new_outbox()
+    replies = []
+    outbox.write_state(device("SIP/1", "INUSE"), "a")
+    for _ in range(3):
+        outbox.send_action({"Action": "Ping"}, replies.append)
+    outbox.fail_one_shots()
+    assert replies == [None, None, None] and len(outbox) == 1
+    assert [r.payload()["Action"] for r in send_all(outbox)] == ["Setvar"]

@@ -130,7 +130,8 @@ class Agent:
         self.presences_read = False  # its Asterisk's presences read once in this run
         self.state_file: Optional[StateFile] = None
         if settings["STATE_FILE"]:
-            self.state_file = StateFile(settings["STATE_FILE"])
+            self.state_file = StateFile(settings["STATE_FILE"],
+                                        self.states.max_per_source * self.states.max_sources)
             self.states.restore(self.state_file.load())
         self.peers: Dict[str, Peer] = {}
         self.seen: "OrderedDict[str, None]" = OrderedDict()
@@ -547,7 +548,7 @@ class Agent:
 
     # --- keep-alive ------------------------------------------------------------------------------
     def keep_alive(self) -> None:
-        self.asterisk.send_action({"Action": "Ping"}, self.on_ping_reply)
+        self.asterisk.ping(self.on_ping_reply)
         self.send(self.name, "AgentPing")  # through the hub and back: keeps its sockets alive
         self.heartbeat()
 

@@ -14,12 +14,12 @@ broker and the agent handle both the same way.
 import errno
 import logging
 import socket
-import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .asterisk import AsteriskLink, LinkHandlers, Request
-from .loop import EventLoop, Timer
-from .rules import BadInput
+from .loop import EventLoop, Timer, keep_alive
+from .rules import BadInput, unique_id
+from .stats import Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ MAX_MESSAGE_BYTES = 1024 * 1024  # no AMI message is near this; more without a t
 RECV_BYTES = 65536
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds between reconnections, doubling
 BOOT_WAIT = 10.0  # seconds after a login to wait for FullyBooted before going on without it
+# Each stage of a connection (TCP connect, the banner, the Login's answer) has a deadline: the
+# request timeout, and never less than this (Asterisk answers a wrong secret after 1 s).  A stage
+# that misses it ends the connection, and the next one is made after the backoff.
+STAGE_TIMEOUT_MIN = 3.0
+BANNER = "Asterisk Call Manager/"  # how Asterisk's manager interface greets (9.0.0 on 20 and 22)
 EVENTS = "call,system"  # DeviceStateChange, PresenceStateChange, FullyBooted, Reload, Shutdown
 
 
@@ -115,13 +120,15 @@ class AmiLink(AsteriskLink):
         self.user, self.secret = user, secret
         self.address = f"{host}:{port}"
         self.sock: Optional[socket.socket] = None
-        self.state = "closed"         # closed, connecting, login, booting, ready
+        self.state = "closed"         # closed, connecting, banner, login, booting, ready
         self.parser = AmiParser()
         self.outgoing = b""           # what the kernel would not take yet
         self.lists: Dict[str, List[Dict[str, Any]]] = {}  # list actions being gathered
         self.backoff = BACKOFF_FIRST
-        self.failing: Optional[str] = None  # why the last connection failed, logged once
+        self.failing: Optional[str] = None  # why the last connection failed
+        self.failures = Throttle()  # each reason logged once a minute
         self._reconnect_timer: Optional[Timer] = None
+        self._stage_timer: Optional[Timer] = None  # the deadline of the stage under way
         self._boot_timer: Optional[Timer] = None
         self._login_id = ""
 
@@ -141,6 +148,20 @@ class AmiLink(AsteriskLink):
             self._boot_timer.cancel()
             self._boot_timer = None
 
+    def _stage(self, state: str, awaited: str) -> None:
+        """Enter a stage of the connection that must end within the stage timeout."""
+        self.state = state
+        if self._stage_timer is not None:
+            self._stage_timer.cancel()
+        timeout = max(STAGE_TIMEOUT_MIN, self.outbox.timeout)
+        self._stage_timer = self.loop.call_later(
+            timeout, lambda: self._failed(f"no {awaited} within {timeout:g} s"))
+
+    def _stage_done(self) -> None:
+        if self._stage_timer is not None:
+            self._stage_timer.cancel()
+            self._stage_timer = None
+
     def _connect(self) -> None:
         self._reconnect_timer = None
         self.parser = AmiParser()
@@ -149,7 +170,7 @@ class AmiLink(AsteriskLink):
         try:
             self.sock = socket.socket(_family(self.host), socket.SOCK_STREAM)
             self.sock.setblocking(False)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            keep_alive(self.sock)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             result = self.sock.connect_ex((self.host, self.port))
         except OSError as exc:
@@ -158,7 +179,7 @@ class AmiLink(AsteriskLink):
         if result not in (0, errno.EINPROGRESS):
             self._failed(f"cannot connect: {errno.errorcode.get(result, result)}")
             return
-        self.state = "connecting"
+        self._stage("connecting", "TCP connection")
         self.loop.add_writer(self.sock, self._on_connected)
 
     def _on_connected(self) -> None:
@@ -167,10 +188,18 @@ class AmiLink(AsteriskLink):
         if error:
             self._failed(f"cannot connect: {errno.errorcode.get(error, error)}")
             return
-        self.state = "login"
+        self._stage("banner", "banner")
         self.loop.add_reader(self.sock, self._on_readable)
+
+    def _on_banner(self, banner: str) -> None:
+        """The server's first line: the Login (and its secret) goes to Asterisk only."""
+        if not banner.startswith(BANNER):
+            self._failed(f"not Asterisk's manager interface: its first line is "
+                         f"'{printable(banner)}'")
+            return
+        self._stage("login", "answer to the Login (with its ActionID)")
         # The secret goes on the wire, never into a log line.
-        self._login_id = f"login-{time.monotonic_ns()}"
+        self._login_id = f"login-{unique_id()}"
         self._write(format_action({"Action": "Login", "Username": self.user,
                                    "Secret": self.secret, "Events": EVENTS,
                                    "ActionID": self._login_id}))
@@ -180,6 +209,7 @@ class AmiLink(AsteriskLink):
             # Asterisk closes the connection after a failed login; so do we, and retry later.
             self._failed(f"authentication failed for {self.user} at {self.address}")
             return
+        self._stage_done()
         self.backoff = BACKOFF_FIRST
         if self.failing is not None:
             log.info("Connected to %s over AMI again (it was: %s)", self.name, self.failing)
@@ -209,19 +239,24 @@ class AmiLink(AsteriskLink):
 
     def _failed(self, why: str) -> None:
         """The connection is gone or unusable: requeue, and connect again after a backoff."""
-        if self.failing != why:
-            log.warning("%s: %s; connecting again in %g s (doubling up to %g s)", self.name, why,
-                        self.backoff, BACKOFF_MAX)
+        more = self.failures.allow(why)
+        if more is not None:
+            log.warning("%s: %s; connecting again in %g s (doubling up to %g s)%s", self.name,
+                        why, self.backoff, BACKOFF_MAX, held_back(more, "times"))
         else:
             log.debug("%s: %s again", self.name, why)
         self.failing = why
         self._drop_socket()
         self.outbox.requeue_in_flight()
+        self.outbox.fail_one_shots()
+        if self._reconnect_timer is not None:
+            self._reconnect_timer.cancel()
         self._reconnect_timer = self.loop.call_later(self.backoff, self._connect)
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def _drop_socket(self) -> None:
         self._cancel_boot_wait()
+        self._stage_done()
         if self.sock is not None:
             self.loop.remove_reader(self.sock)
             self.loop.remove_writer(self.sock)
@@ -237,11 +272,17 @@ class AmiLink(AsteriskLink):
         self._connect()
 
     # --- sending ---------------------------------------------------------------------------------
+    def _send_pending(self) -> None:
+        if self.state == "ready":
+            super()._send_pending()
+        if self.state != "ready":  # (a write may just have ended the connection)
+            # States wait for the connection, one per variable; a one-shot action (a Ping, a
+            # list, a peer's action) is answered "no answer" at once instead of waiting for it.
+            self.outbox.fail_one_shots()
+
     def _transmit(self, request: Request) -> bool:
-        if self.state != "ready":
-            return False
         self._write(format_action(request.payload()))
-        return True
+        return self.sock is not None  # (a write that failed ended the connection)
 
     def _write(self, data: bytes) -> None:
         self.outgoing += data
@@ -282,10 +323,15 @@ class AmiLink(AsteriskLink):
             self.handlers.drops.drop(self.name, str(exc), self.parser.buffer[:200])
             self._failed(f"unreadable AMI stream ({exc})")
             return
+        if self.state == "banner" and self.parser.banner is not None:
+            self._on_banner(self.parser.banner)
         self._send_pending()
 
     def _on_message(self, pairs: Pairs) -> None:
         if not pairs:
+            return
+        if self.state == "banner":  # before our Login, Asterisk sends nothing but its banner
+            self.handlers.drops.drop(self.name, "a message before the Login")
             return
         message = as_dict(pairs)
         kind = pairs[0][0]
@@ -299,16 +345,24 @@ class AmiLink(AsteriskLink):
     def _on_response(self, response: Dict[str, Any]) -> None:
         action_id = response.get("ActionID")
         if self.state == "login":
-            if action_id == self._login_id:
+            if action_id == self._login_id:  # any other answer is not the Login's
                 self._on_login(response)
             return
+        if not isinstance(action_id, str):
+            # Asterisk answers each action with its ActionID (we give every one ours): an answer
+            # without one is nobody's, never taken for the oldest request's.
+            self.handlers.drops.drop(self.name, "a response without an ActionID")
+            return
         self._answered()
-        if response.get("EventList") == "start" and isinstance(action_id, str):
+        if response.get("EventList") == "start":
             self.lists[action_id] = [response]  # its items and Complete event follow
             return
-        self.outbox.reply(action_id if isinstance(action_id, str) else None, [response])
+        self.outbox.reply(action_id, [response])
 
     def _on_event(self, event: Dict[str, Any]) -> None:
+        if self.state == "login":  # Asterisk sends no event before a session has logged in
+            self.handlers.drops.drop(self.name, "an event before the Login's answer")
+            return
         action_id = event.get("ActionID")
         gathered = self.lists.get(action_id) if isinstance(action_id, str) else None
         if gathered is not None:

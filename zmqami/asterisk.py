@@ -21,13 +21,14 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
 import zmq
 
-from .loop import EventLoop, Timer, drain, send_frames
+from .loop import EventLoop, Timer, drain, keep_alive, send_frames
 from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
-                    StateUpdate, check_module_action, decode_event, unique_id)
+                    StateUpdate, check_module_action, decode_event, longest_line_bytes,
+                    unique_id)
 from .stats import DropLog, Histogram, Throttle, held_back, printable
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connec
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
 BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
 BOOT_WINDOW = 10.0  # seconds after LoadZmq within which FullyBooted is awaited
+# What each list action lists, by the event its items are and the header naming an item.
+LISTED_IN = {"DeviceStateChange": ("DeviceStateList", "Device"),
+             "PresenceStateChange": ("PresenceStateList", "Presentity")}
 HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout (see check_health)
 LIST_RETRY_FIRST, LIST_RETRY_MAX = 1.0, 30.0  # seconds before a failed list read is tried again
 
@@ -126,7 +130,9 @@ class Outbox:
         self.refusals = Throttle()  # a server that refuses every write is logged once a minute
 
     def __len__(self) -> int:
-        return len(self.pending) + len(self.waiting) + len(self.one_shots)
+        """The states waiting to be written (one per variable at most): what a server that is
+        down will be sent when it is back.  One-shot actions are never kept for that long."""
+        return len(self.pending) + len(self.waiting)
 
     def write_state(self, update: StateUpdate, action_id: str, verb: str = "Setvar",
                     encoded: Optional[bytes] = None) -> None:
@@ -154,8 +160,11 @@ class Outbox:
         return (variable in self.busy or variable in self.pending or variable in self.waiting
                 or variable in self.unsendable)
 
-    def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback) -> None:
-        # Our own ActionID makes the reply ours to match; the caller's is put back into the reply.
+    def send_action(self, action: Dict[str, Any], on_reply: ReplyCallback,
+                    first: bool = False) -> None:
+        """Queue a one-shot action; first: ahead of every other (a health check waits for
+        nothing).  Our own ActionID makes the reply ours to match; the caller's is put back into
+        the reply."""
         # (Asterisk reads the first ActionID of any spelling: the caller's goes, whatever its case.)
         action_id = "zab-" + unique_id()
         callers = [key for key in action if key.lower() == "actionid"]
@@ -164,7 +173,17 @@ class Outbox:
         kind = "ping" if name == "ping" else "list" if name.endswith("list") else "client"
         request = Request(action_id, action=dict(own, ActionID=action_id), on_reply=on_reply,
                           caller_action_id=action[callers[0]] if callers else None, kind=kind)
-        self.one_shots.append(request)
+        if first:
+            self.one_shots.appendleft(request)
+        else:
+            self.one_shots.append(request)
+
+    def fail_one_shots(self) -> None:
+        """The server cannot be reached now: the one-shot actions not sent yet are answered
+        None (no answer) at once; nothing waits for a server that may stay down for hours."""
+        failed, self.one_shots = self.one_shots, deque()
+        for request in failed:  # (a callback may queue a new action: it is not failed here)
+            request.on_reply(None)
 
     def next_request(self) -> Optional[Request]:
         if len(self.in_flight) >= MAX_IN_FLIGHT:
@@ -358,6 +377,8 @@ class AsteriskLink:
         self.since = time.time()  # wall-clock time of the last change of up, for the status
         self._timeout_timer: Optional[Timer] = None
         self._list_retries: Dict[str, Timer] = {}  # list action -> its next try
+        self._pinging = False  # a Ping is queued or in flight
+        self.list_warnings = Throttle()  # list reads not made (list_refusal), once a minute
         self.closed = False
 
     def start(self) -> None:
@@ -378,9 +399,20 @@ class AsteriskLink:
         raise NotImplementedError
 
     # --- health ----------------------------------------------------------------------------------
-    def ping(self) -> None:
-        """A Ping: its answer (any answer) shows the server is up."""
-        self.send_action({"Action": "Ping"}, _ignore)
+    def ping(self, on_reply: Optional[ReplyCallback] = None) -> None:
+        """A Ping: its answer (any answer) shows the server is up; on_reply gets it.  One at a
+        time, ahead of everything queued: a server that is slow or down never gathers a queue of
+        health checks (while one is under way, another is not sent)."""
+        if self._pinging:
+            return
+        self._pinging = True
+
+        def answered(reply: Optional[List[Dict[str, Any]]]) -> None:
+            self._pinging = False
+            if on_reply is not None:
+                on_reply(reply)
+        self.outbox.send_action({"Action": "Ping"}, answered, first=True)
+        self._send_pending()
 
     def check_health(self, server_timeout: float) -> None:
         """Mark the server down when it answered nothing for server_timeout seconds."""
@@ -441,6 +473,15 @@ class AsteriskLink:
         pending = self._list_retries.pop(action, None)
         if pending is not None:
             pending.cancel()
+        harmful = self.list_refusal(action)
+        if harmful is not None:
+            more = self.list_warnings.allow(action)
+            if more is not None:
+                log.warning("Not reading the %s of %s: %s; going on with what its events bring, "
+                            "and trying again later%s", action, self.name, harmful,
+                            held_back(more, "reads not made"))
+            self._read_list_later(action, on_list, retry_in)
+            return
         asked_at = time.monotonic()
 
         def on_reply(reply: Optional[List[Dict[str, Any]]]) -> None:
@@ -453,9 +494,16 @@ class AsteriskLink:
             log.log(logging.WARNING if retry_in == LIST_RETRY_FIRST else logging.DEBUG,
                     "Could not read the %s of %s: %s; trying again in %g s (doubling up to "
                     "%g s)", action, self.name, why, retry_in, LIST_RETRY_MAX)
-            self._list_retries[action] = self.loop.call_later(retry_in, lambda: self.read_list(
-                action, on_list, min(2 * retry_in, LIST_RETRY_MAX)))
+            self._read_list_later(action, on_list, retry_in)
         self.send_action({"Action": action}, on_reply)
+
+    def _read_list_later(self, action: str, on_list: ListCallback, retry_in: float) -> None:
+        self._list_retries[action] = self.loop.call_later(retry_in, lambda: self.read_list(
+            action, on_list, min(2 * retry_in, LIST_RETRY_MAX)))
+
+    def list_refusal(self, action: str) -> Optional[str]:
+        """Why reading this list now could harm the server, or None."""
+        return None
 
     def _send_pending(self) -> None:
         now = time.monotonic()
@@ -515,6 +563,9 @@ class ZmqManagerLink(AsteriskLink):
         self.cmd_url = cmd_url
         self.evt_url = evt_url
         self._boot_timer: Optional[Timer] = None  # LoadZmq seen, FullyBooted awaited
+        # list action -> the items its events showed with a line too long for the module's
+        # reply-line buffer: that list is not asked for while it would hold one (list_refusal)
+        self.long_lines: Dict[str, Set[str]] = {action: set() for action, _ in LISTED_IN.values()}
         self.evt_socket: Optional[zmq.Socket] = None
         self.cmd_socket: Optional[zmq.Socket] = None
 
@@ -592,6 +643,33 @@ class ZmqManagerLink(AsteriskLink):
             return str(exc)
         return None
 
+    def list_refusal(self, action: str) -> Optional[str]:
+        # The module copies each line of a reply into a 2048-byte stack buffer without a bound: a
+        # list holding a longer line kills Asterisk.  Lines are held to half of it, as writes are.
+        items = self.long_lines.get(action)
+        if not items:
+            return None
+        return (f"its events showed {len(items)} item(s) with a line longer than the "
+                f"{MODULE_MAX_LINE_BYTES} bytes res_zmq_manager can safely list (such as "
+                f"{printable(next(iter(items)))})")
+
+    @property
+    def long_lines_known(self) -> bool:
+        return any(self.long_lines.values())
+
+    def _watch_line_lengths(self, event: Dict[str, Any], size: int) -> None:
+        """Remember which items of a list the module could not safely list, from their events
+        (size: the event's length in JSON, no shorter than any of its lines)."""
+        listed = LISTED_IN.get(event["Event"])
+        name = event.get(listed[1]) if listed is not None else None
+        if not isinstance(name, str):
+            return
+        items = self.long_lines[listed[0]]
+        if size > MODULE_MAX_LINE_BYTES and longest_line_bytes([event]) > MODULE_MAX_LINE_BYTES:
+            items.add(name)
+        else:
+            items.discard(name)
+
     def _transmit(self, request: Request) -> bool:
         if request.update is None:
             check_module_action(request.action)  # BadInput: answered with an error, never sent
@@ -639,6 +717,8 @@ class ZmqManagerLink(AsteriskLink):
         except BadInput as exc:
             self.handlers.drops.drop(self.name, str(exc), b"".join(frames))
             return
+        if len(frames[0]) > MODULE_MAX_LINE_BYTES or self.long_lines_known:
+            self._watch_line_lengths(event, len(frames[0]))
         if event["Event"] in BOOT_EVENTS:
             self._booted(event["Event"])
         self._deliver_event(event)
@@ -651,4 +731,4 @@ def encode_action(action: Dict[str, Any]) -> bytes:
 def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # IPv6 addresses as well as IPv4 ones
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    keep_alive(sock)

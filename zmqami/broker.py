@@ -55,7 +55,7 @@ class Broker:
         self.health = ""                    # the last STATUS= line sent to systemd
         self.state_file: Optional[StateFile] = None
         if config.state_file:
-            self.state_file = StateFile(config.state_file)
+            self.state_file = StateFile(config.state_file, state_file_entries(config))
             self.states.restore(self.state_file.load())
         # Without a state file, the presences of every server's first read are decided together.
         self.first_presences: Optional[Dict[str, Dict[str, str]]] = \
@@ -137,7 +137,7 @@ class Broker:
             self.timers.append(self.loop.call_every(STATISTICS_INTERVAL, self.log_statistics))
         if config.state_file:
             if self.state_file is None or self.state_file.path != config.state_file:
-                self.state_file = StateFile(config.state_file)
+                self.state_file = StateFile(config.state_file, state_file_entries(config))
             self.timers.append(self.loop.call_every(SAVE_INTERVAL, self.save_states))
         else:
             self.state_file = None
@@ -403,6 +403,11 @@ def make_link(loop: EventLoop, context: zmq.Context, server: ServerConfig, timeo
                        server.ami_secret, timeout_ms, handlers)
     return ZmqManagerLink(loop, context, server.name, server.cmd_url, server.evt_url, timeout_ms,
                           handlers)
+
+
+def state_file_entries(config: BrokerConfig) -> int:
+    """The most presences the broker may know: max_devices from each server."""
+    return config.max_devices * max(1, len(config.servers))
 
 
 def _yes_no(flag: bool) -> str:

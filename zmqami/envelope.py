@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 
 import zmq
 
+from .loop import keep_alive
 from .rules import MAX_NAME_BYTES, BadInput, decode_json_object, unique_id
 
 HUB_MAX_BYTES = 16 * 1024 * 1024  # the largest message on a hub socket (AgentStates of 100k devices)
@@ -31,7 +32,7 @@ def hub_socket(context: zmq.Context, kind: int) -> zmq.Socket:
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # IPv6 addresses as well as IPv4 ones
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    keep_alive(sock)
     sock.setsockopt(zmq.MAXMSGSIZE, HUB_MAX_BYTES)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_IVL_MS)

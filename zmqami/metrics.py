@@ -92,8 +92,9 @@ class MetricsServer:
                                 value=time.time() - self.started)
         up = GaugeMetricFamily("zmqami_server_up", "1 if the Asterisk server answers",
                                labels=["server"])
-        queue = GaugeMetricFamily("zmqami_queue_length", "States and actions waiting to be "
-                                  "sent to the server", labels=["server"])
+        queue = GaugeMetricFamily("zmqami_queue_length", "States waiting to be written on the "
+                                  "server (one per device or presence at most)",
+                                  labels=["server"])
         silence = GaugeMetricFamily("zmqami_seconds_since_last_answer",
                                     "Seconds since the server last answered", labels=["server"])
         sent = CounterMetricFamily("zmqami_actions_sent", "Other actions sent, by kind (ping, "

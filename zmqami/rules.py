@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, NamedTuple, Optional, Tuple
 
 DEVICE_STATES = frozenset({
     "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE", "RINGING", "RINGINUSE", "ONHOLD",
@@ -189,6 +189,13 @@ def safe_action(action: Any, crashing: frozenset = CRASHING_ACTIONS) -> Dict[str
 def action_bytes(action: Dict[str, str]) -> int:
     """The size of an action as the AMI text Asterisk reads (``Key: value`` lines), in bytes."""
     return sum(len(f"{key}: {value}\r\n".encode("utf-8")) for key, value in action.items()) + 2
+
+
+def longest_line_bytes(messages: Iterable[Dict[str, Any]]) -> int:
+    """The longest ``Key: value`` line of these AMI messages, in UTF-8 bytes (what the module's
+    line buffers hold)."""
+    return max((len(f"{key}: {value}".encode("utf-8")) for message in messages
+                for key, value in message.items()), default=0)
 
 
 def check_module_action(action: Dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from .config import PROJECT_DIR, setup_logging
 from .loop import READ_BATCH, EventLoop
 from .ami import AmiParser, format_action
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
-                    parse_presence_value)
+                    longest_line_bytes, parse_presence_value)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,6 @@ def asterisk_headers(pairs: Iterable[Tuple[str, str]]) -> Dict[str, str]:
     for key, value in pairs:
         headers.setdefault(key.lower(), value)
     return headers
-
-
-def _longest_line(messages: List[Dict[str, Any]]) -> int:
-    """The longest ``Key: value`` line of these AMI messages, in bytes."""
-    return max((len(f"{k}: {v}".encode("utf-8")) for message in messages
-                for k, v in message.items()), default=0)
 
 
 # Made once: it is on the path of every reply and event.
@@ -172,7 +166,7 @@ class StandinAsterisk:
     # --- the evt socket --------------------------------------------------------------------------
     def publish(self, event: Dict[str, Any]) -> None:
         # The module's hook sees every event, however caused (short events skip the count).
-        longest = _longest_line([event]) if len(str(event)) * 4 > MODULE_EVENT_LINE else 0
+        longest = longest_line_bytes([event]) if len(str(event)) * 4 > MODULE_EVENT_LINE else 0
         if longest > MODULE_EVENT_LINE:
             self._play_dead(f"an event line of {longest} bytes overflows the module's "
                             f"{MODULE_EVENT_LINE}-byte buffer")
@@ -278,7 +272,7 @@ class StandinAsterisk:
         reply = self.dispatch(headers)
         if reply is None:
             return INTERNAL_ERROR  # unknown actions, Login
-        longest = _longest_line(reply)
+        longest = longest_line_bytes(reply)
         if longest > MODULE_REPLY_LINE:
             return self._play_dead(f"a reply line of {longest} bytes overflows the module's "
                                    f"{MODULE_REPLY_LINE}-byte line buffer")
@@ -415,7 +409,8 @@ class StandinAsterisk:
                 "requests": self.request_count, "subscriptions": self.subscriptions,
                 "actions_run": self.actions_run, "crashes": self.crashes,
                 "ami_sessions": 0 if self.ami is None else sum(
-                    1 for session in self.ami.sessions.values() if session.user is not None)}
+                    1 for session in self.ami.sessions.values() if session.user is not None),
+                "ami_connections": 0 if self.ami is None else self.ami.connections}
 
     def _control_ami_raw(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Raw bytes to every logged-in AMI session (hostile input for tests)."""
@@ -423,6 +418,18 @@ class StandinAsterisk:
         for session in list(self.ami.sessions.values()):
             if session.user is not None:
                 self.ami._send(session, data)
+        return {}
+
+    def _control_ami_fault(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """New AMI connections misbehave so (AMI_FAULTS; None: not any more); the sessions open
+        now are closed, as by a restart of the manager interface, unless keep is true."""
+        fault = command.get("fault")
+        if fault is not None and fault not in AMI_FAULTS:
+            raise ValueError(f"no such fault {fault!r}: one of {', '.join(AMI_FAULTS)}")
+        self.ami.fault = fault
+        if not command.get("keep"):
+            for session in list(self.ami.sessions.values()):
+                self.ami._close(session)
         return {}
 
     def _control_requests(self, command: Dict[str, Any]) -> Dict[str, Any]:
@@ -502,6 +509,14 @@ class AmiSession:
         self.closing = False
         self.chunks: Deque[bytes] = deque()  # in chunk mode: what is still to be sent, in order
         self.outgoing = b""                  # what the kernel would not take yet
+        self.fault: Optional[str] = None     # how this connection misbehaves (AMI_FAULTS)
+
+
+# What a server on the manager port can do wrong, for tests (the control socket's ami_fault):
+# another service's banner then silence, accept and never send a byte, or answer the Login
+# without its ActionID.  (A server that stops answering is the stand-in's mode "hung".)
+AMI_FAULTS = {"banner": b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", "silent": b"",
+              "no_actionid": AMI_BANNER}
 
 
 class AmiServer:
@@ -509,7 +524,8 @@ class AmiServer:
 
     It shares the stand-in's devices, presences and actions with the res_zmq_manager side.
     chunk > 0 sends everything in pieces of that many bytes, a millisecond apart, so that a
-    client sees messages (and UTF-8 characters) split across reads.
+    client sees messages (and UTF-8 characters) split across reads.  fault (AMI_FAULTS), if set,
+    is how each new connection misbehaves.
     """
 
     def __init__(self, core: "StandinAsterisk", port: int, user: str, secret: str,
@@ -517,6 +533,8 @@ class AmiServer:
         self.core = core
         self.user, self.secret, self.chunk = user, secret, chunk
         self.sessions: Dict[socket.socket, AmiSession] = {}
+        self.fault: Optional[str] = None
+        self.connections = 0  # accepted, ever
         # events published while an action is answered, sent after its response
         self.held: Optional[List[Tuple[AmiSession, bytes]]] = None
         self.listener = socket.socket(socket.AF_INET6 if ":" in core.host else socket.AF_INET)
@@ -535,11 +553,13 @@ class AmiServer:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = AmiSession(sock)
+        session.fault = self.fault
         self.sessions[sock] = session
+        self.connections += 1
         self.core.loop.add_reader(sock, lambda: self._read(session))
         self.core.loop.call_later(AMI_AUTH_TIMEOUT,
                                   lambda: session.user is None and self._close(session))
-        self._send(session, AMI_BANNER)
+        self._send(session, AMI_BANNER if session.fault is None else AMI_FAULTS[session.fault])
 
     def _read(self, session: AmiSession) -> None:
         try:
@@ -549,6 +569,8 @@ class AmiServer:
         if not data:
             self._close(session)
             return
+        if session.fault in ("banner", "silent") or self.core.mode in ("hung", "crashed"):
+            return  # not a manager interface, or one that runs nothing: what it is sent is lost
         try:
             for pairs in session.parser.feed(data):
                 self._on_action(session, pairs)
@@ -627,6 +649,8 @@ class AmiServer:
         wanted = headers.get("events", "on").lower()
         session.classes = (set() if wanted == "off" else None if wanted == "on"
                            else {c.strip() for c in wanted.split(",")})
+        if session.fault == "no_actionid":
+            headers = {key: value for key, value in headers.items() if key != "actionid"}
         reply = [respond(headers, "Success", Message="Authentication accepted")]
         if self.core.fully_booted and (session.classes is None or "system" in session.classes):
             reply.append(dict(FULLY_BOOTED))
@@ -758,6 +782,11 @@ class StandinControl:
 
     def requests(self) -> List[str]:
         return self.call("requests")["requests"]
+
+    def ami_fault(self, fault: Optional[str], keep: bool = False) -> None:
+        """How new AMI connections misbehave (AMI_FAULTS, or None); open sessions are closed
+        unless keep."""
+        self.call("ami_fault", fault=fault, keep=keep)
 
     def boot(self) -> None:
         """Publish LoadZmq and FullyBooted now, as a (re)started server does."""
