@@ -54,6 +54,7 @@ PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
 RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then doubling up to
 # (a stream without a leader takes seconds to elect one: the states are stored soon after)
 READ_TIMEOUT = 10.0       # s: a read of the bucket that brings nothing for so long starts again
+STALE_READS_MAX = 8       # reads in a row found behind the stream's leader, read again
 WATCH_HEARTBEAT = 1.0     # s: a read of the bucket silent for twice this is started again
 STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
@@ -215,6 +216,11 @@ class NatsClient:
         self.reading: Any = None
         self.reads = 0
         self.read_progress = 0.0  # (the NATS thread's loop time) when the read last brought a key
+        # The stream's last sequence as its leader told it when the read began, and the highest
+        # the read brought: a read that ends below it came from a server still catching up.
+        self.read_target = 0
+        self.read_highest = 0
+        self.stale_reads = 0  # in a row
         self.has_read = False
         self.rereading: Optional["asyncio.Task[None]"] = None
         self.errors = Throttle()
@@ -328,7 +334,15 @@ class NatsClient:
         from nats.js.api import DeliverPolicy
         if self.reading is not None:
             await self.reading.unsubscribe()
-        self.read, self.reads = {}, self.reads + 1
+        # What a read replaced had brought stays: its keys' sequences are known already, so the
+        # new read would not bring them again.
+        self.read = {} if self.read is None else self.read
+        self.reads += 1
+        # The stream's leader answers this: a read that ends below its last sequence was served
+        # by a replica still catching up (a server just restarted) and misses changes.
+        stream = await self.js.stream_info(self.stream)
+        self.read_target = stream.state.last_seq if stream.state.messages else 0
+        self.read_highest = 0
         self.reading = reading = await self.js.subscribe(
             self.key_prefix + ">", stream=self.stream,
             cb=functools.partial(self._on_read_entry, self.reads), ordered_consumer=True,
@@ -337,10 +351,7 @@ class NatsClient:
         self.aio.call_later(READ_TIMEOUT, self._check_read, self.reads)
         info = await reading.consumer_info()
         if info.num_pending == 0 and reading.delivered == 0:
-            # An empty bucket, or a reader on a server that has not caught up yet (one just
-            # restarted): the stream's leader tells which.  The callers try again later.
-            stream = await self.js.stream_info(self.stream)
-            if stream.state.messages:
+            if self.read_target:  # the callers try again later
                 raise RuntimeError(f"the server that read it shows none of its "
                                    f"{stream.state.messages} entries yet: it is catching up")
             await self._read_done()
@@ -433,9 +444,21 @@ class NatsClient:
             return  # from a read since replaced
         self.read_progress = self.aio.time()
         age = max(0.001, time.time() - meta.timestamp.timestamp())
+        self.read_highest = max(self.read_highest, meta.sequence.stream)
         self._take_entry(msg.subject, meta.sequence.stream, msg, age)
-        if meta.num_pending == 0:
-            await self._read_done()
+        if meta.num_pending != 0:
+            return
+        if self.read_highest < self.read_target and self.stale_reads < STALE_READS_MAX:
+            # Not the newest: a replica still catching up served it.  Read again a little later
+            # (a few times at most: an administrator's purge can remove the last entry too).
+            self.stale_reads += 1
+            self._warn("read", f"The read of the NATS bucket {self.bucket} ended at sequence "
+                               f"{self.read_highest}, before its last, {self.read_target}: its "
+                               f"server is catching up; reading it again")
+            self.reads += 1  # what this read brings from now on is not the read's
+            self.aio.call_later(RETRY_WAIT[0] * self.stale_reads, self._read_again)
+            return
+        await self._read_done()
 
     async def _on_republished(self, msg: Any) -> None:
         """A change the bucket stored, republished at once (Nats-Subject: its key, and its
@@ -484,6 +507,7 @@ class NatsClient:
             log.info("Read the NATS bucket %s again: %d changes missed meanwhile",
                      self.bucket, len(entries))
         self.has_read = True
+        self.stale_reads = 0
         reading, self.reading = self.reading, None
         if reading is not None:
             await reading.unsubscribe()
