@@ -127,7 +127,7 @@ class Cluster:
         else:
             self.run("broker.py", path)
 
-    def agents(self, servers: List[Standin], nats_nodes: int = 0) -> None:
+    def agents(self, servers: List[Standin], nats_nodes: int = 0, ami: bool = False) -> None:
         """An agent per server, through a hub, or through a NATS cluster of nats_nodes."""
         if nats_nodes:
             self.nats = NatsCluster(os.path.join(self.workdir, f"nats{len(self.relays)}"),
@@ -148,6 +148,9 @@ class Cluster:
                     f"LOG_LEVEL = {LOG_LEVEL!r}\nSYSTEM_NAME = 'node{i}'\n"
                     f"ASTERISK_CMD_URL = 'tcp://127.0.0.1:{server.cmd_port}'\n"
                     f"ASTERISK_EVT_URL = 'tcp://127.0.0.1:{server.evt_port}'\n" + network +
+                    (f"ASTERISK_AMI_URL = 'tcp://127.0.0.1:{server.ami_port}'\n"
+                     f"ASTERISK_AMI_USER = {AMI_USER!r}\nASTERISK_AMI_SECRET = {AMI_SECRET!r}\n"
+                     if ami else "") +
                     # every run streams new devices: the bound on a flood must not cut them
                     "MAX_DEVICES_PER_PEER = 10000000\n" +
                     f"PID_FILE = {os.path.join(self.workdir, f'agent{i}.pid')!r}\n")
@@ -322,6 +325,47 @@ def scenario_nats_failover(context: zmq.Context, workdir: str, seconds: float) -
         cluster.close()
 
 
+def scenario_recovery(context: zmq.Context, workdir: str, trials: int,
+                      hang: float = 8.0) -> List[Row]:
+    """An AMI server hung for hang seconds (it answers nothing, the Login of each new connection
+    included), then healthy; a state changed meanwhile on another server.  Per trial, the time
+    from healthy to that state mirrored on it (default settings: what users get)."""
+    rows = []
+    for topology in ("broker", "agents"):
+        cluster = Cluster(context, workdir)
+        try:
+            source, target = cluster.standin(), cluster.standin()
+            if topology == "broker":
+                cluster.broker([source, target], ami=True)
+            else:
+                cluster.agents([source, target], ami=True)
+            cluster.wait_ready(source, [target], timeout=60)
+            times = []
+            for trial in range(trials):
+                state = ("BUSY", "INUSE")[trial % 2]
+                target.control.set_mode("hung")
+                source.control.set_device("recovery", state)
+                time.sleep(hang)  # the scenario: a server hung for this long
+                target.control.set_mode("normal")
+                healthy = time.monotonic()
+                while target.control.devices().get("Custom:recovery") != state:
+                    if time.monotonic() - healthy > 120:
+                        break
+                    time.sleep(0.01)
+                else:
+                    times.append(time.monotonic() - healthy)
+            label = {"broker": "broker", "agents": "agent"}[topology]
+            rows.append(Row(f"recovery ({label} over AMI): hung {hang:g} s, then healthy",
+                            trials, 100.0 * len(times) / trials,
+                            p50=statistics.median(times) * 1000 if times else None,
+                            worst=max(times) * 1000 if times else None,
+                            note="s from healthy to mirrored: " +
+                                 ", ".join(f"{t:.1f}" for t in times)))
+        finally:
+            cluster.close()
+    return rows
+
+
 def first_sent(source: Standin) -> float:
     return source.control.call("stream_status", times=True)["sent"][0]
 
@@ -413,6 +457,7 @@ SCENARIOS = {
     "isolation": lambda ctx, wd, quick: [
         scenario_isolation(ctx, wd, baseline=False, seconds=2 if quick else 5),
         scenario_isolation(ctx, wd, baseline=True, seconds=2 if quick else 5)],
+    "recovery": lambda ctx, wd, quick: scenario_recovery(ctx, wd, 2 if quick else 5),
     "memory": lambda ctx, wd, quick: scenario_memory_and_idle(ctx, wd,
                                                               20_000 if quick else 100_000),
 }
