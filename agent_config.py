@@ -102,6 +102,8 @@ NATS_TLS_KEY = None
 # copies: 3 in a cluster of 3), and the first token of every subject.
 NATS_BUCKET = 'zmqami'
 NATS_REPLICAS = 1
+# The most the bucket may hold, in bytes, set when it is created (a value is at most 32 KiB).
+NATS_MAX_BYTES = 268435456
 NATS_SUBJECT_PREFIX = 'zmqami'
 # Through a leaf node whose own JetStream (if any) is not the cluster's: the cluster's JetStream
 # domain (its jetstream { domain: ... }).  None: the JetStream of the servers it connects to.

@@ -12,6 +12,7 @@ from harness import (converge, custom_states, free_port, play, python_settings, 
                      run_without, setvars, start_agent, wait_until)
 from zmqami.natscluster import NatsCluster, nats_server_binary
 from zmqami.natsnet import state_key, stored_first, subject_for, token, untoken
+from zmqami.status import fetch_status
 
 nats = pytest.importorskip("nats")
 pytestmark = pytest.mark.skipif(nats_server_binary() is None,
@@ -60,15 +61,24 @@ def wait_ready(script, standin) -> None:
 
 
 async def _ask(urls, target: str, body: dict, reply_from: str, user=USER, password=PASSWORD):
-    """Publish body to target's subject as the client "Console"; the first message back."""
+    """Publish body to target's subject as the client "Console" until a message comes back
+    (in a cluster the answer is lost while the Console's subscription has not yet reached the
+    server its target is connected to: on a busy machine that took seconds); the first."""
     client = await nats.connect(urls, user=user, password=password)
+    deadline = time.monotonic() + 30
     try:
         inbox = await client.subscribe(subject_for("zmqami", "Console"))
-        await client.publish(subject_for("zmqami", target), json.dumps(body).encode())
-        while True:
-            message = json.loads((await inbox.next_msg(timeout=30)).data)
-            if message.get("origin") == reply_from:
-                return message
+        while True:  # (each try a message of its own: an agent takes a uuid once)
+            body = dict(body, uuid=uuid.uuid4().hex)
+            await client.publish(subject_for("zmqami", target), json.dumps(body).encode())
+            try:
+                while True:
+                    message = json.loads((await inbox.next_msg(timeout=1)).data)
+                    if message.get("origin") == reply_from:
+                        return message
+            except nats.errors.TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
     finally:
         await client.close()
 
@@ -395,3 +405,131 @@ def test_nats_urls_without_the_library_is_one_clear_line(tmp_path):
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "NATS_URLS: NATS needs the nats-py library: pip install " \
                "'zmq-ami-broker[nats]'" in result.stderr
+
+
+# --- each agent speaks only for itself, and the bucket heals ------------------------------------------
+
+def permissions_of(tmp_path, name):
+    """What `agent.py --nats-permissions NAME` prints for the default bucket and prefix."""
+    settings = python_settings(tmp_path / "permissions_config.py",
+                               NATS_URLS=["nats://127.0.0.1:4222"])
+    result = run_script("agent.py", "--nats-permissions", name, str(settings))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_printed_permissions_hold_no_deletion_no_foreign_put_no_republish(tmp_path):
+    permissions = permissions_of(tmp_path, "Paris 2")
+    published = permissions["publish"]
+    assert "$KV.zmqami.Paris=202.>" in published
+    assert not [s for s in published if "DELETE" in s or "PURGE" in s or "UPDATE" in s]
+    assert not [s for s in published if s.startswith(("$KV.zmqami.>", "zmqami.kv", "$JS.API.>"))]
+    assert "zmqami.node.Paris=202" in permissions["subscribe"]
+
+
+def test_a_compromised_agent_can_neither_speak_for_another_nor_delete_the_bucket(
+        standins, cluster, nats_agents, tmp_path):
+    users = {name: (f"{name}-secret", permissions_of(tmp_path, name))
+             for name in ("Rome", "Paris", "Mallory")}
+    nodes = cluster(1, users=users)
+    rome, paris = standins(2)
+    status = f"ipc://{tmp_path}/rome.status"
+    agent_rome, _ = [nats_agents([server], nodes.urls, names=[name], NATS_USER=name,
+                                 NATS_PASSWORD=f"{name}-secret", **extra, **FAST)[0]
+                     for name, server, extra in (("Rome", rome, dict(STATUS_SOCKET=status)),
+                                                 ("Paris", paris, {}))]
+    paris.control.set_device("SIP/100", "INUSE")
+    wait_until(lambda: custom_states(rome).get("Custom:SIP/100") == "INUSE")
+
+    def as_paris(msg_type, **fields):
+        return json.dumps({"msg_type": msg_type, "uuid": uuid.uuid4().hex, "origin": "Paris",
+                           "x_heartbeat": "0.3", **{"x_" + k: v for k, v in fields.items()}
+                           }).encode()
+
+    async def attack():
+        client = await nats.connect(nodes.urls, user="Mallory", password="Mallory-secret")
+        js = client.jetstream()
+        # 1. its own key, another's origin
+        await js.publish("$KV.zmqami.Mallory.device.SIP/100", as_paris(
+            "AsteriskEvent", data={"Event": "DeviceStateChange", "Device": "SIP/100",
+                                   "State": "BUSY"}))
+        # 2. states "from Paris" on a plain subject
+        await client.publish("zmqami.all", as_paris("AgentStates", events=[
+            {"Event": "DeviceStateChange", "Device": f"SIP/{200 + i}", "State": "BUSY"}
+            for i in range(200)]))
+        # 3. a heartbeat "from Paris" saying its Asterisk is down
+        await js.publish("$KV.zmqami.Mallory.heartbeat", as_paris("AgentHeartbeat",
+                                                                  asterisk="down"))
+        # 4. the whole bucket deleted: refused by the server
+        with pytest.raises(Exception):
+            await js.delete_stream("KV_zmqami")
+        info = await js.stream_info("KV_zmqami")
+        await client.close()
+        return info
+    assert asyncio.run(attack()).config.name == "KV_zmqami"
+    wait_until(lambda: fetch_status(status)["totals"]["unproven_origins"] >= 3,
+               message="the three forged states dropped by Rome")
+    paris.control.set_device("SIP/101", "RINGING")  # Paris itself still relays
+    wait_until(lambda: custom_states(rome).get("Custom:SIP/101") == "RINGING")
+    mirrors = custom_states(rome)
+    assert mirrors["Custom:SIP/100"] == "INUSE"             # not BUSY, not UNAVAILABLE
+    assert not [d for d in mirrors if d.startswith("Custom:SIP/2")]
+    peers = {peer["name"]: peer["up"] for peer in fetch_status(status)["peers"]}
+    assert peers["Paris"] is True
+    assert agent_rome.lines("origin 'Paris' in a key of 'Mallory'")  # (the others: counted,
+    # in the same line's "N more dropped" a minute later)
+
+
+@pytest.mark.parametrize("loss", ["deleted", "empty store"])
+def test_the_bucket_lost_while_agents_run_is_made_again_and_everything_heals(
+        standins, cluster, nats_agents, tmp_path, loss):
+    nodes = cluster(1)
+    x, y, z = standins(3)
+    status = f"ipc://{tmp_path}/y.status"
+    nats_agents([x, z], nodes.urls, names="XZ", **FAST)
+    nats_agents([y], nodes.urls, names="Y", STATUS_SOCKET=status, **FAST)
+    for trial in range(3):
+        state = ("BUSY", "INUSE", "RINGING")[trial]
+        if loss == "deleted":
+            async def delete():
+                client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
+                await client.jetstream().delete_stream("KV_zmqami")
+                await client.close()
+            asyncio.run(delete())
+        else:  # its only server restarted with an empty store
+            server = nodes.servers[0]
+            server.kill()
+            shutil.rmtree(tmp_path / "nats0" / server.name, ignore_errors=True)
+            server.start()
+            nodes.wait_ready()
+        x.control.set_device("SIP/1", state)
+        z.control.set_device("SIP/3", state)
+        converge(f"NATS bucket {loss}, trial {trial}: every mirror right again",
+                 lambda: custom_states(y).get("Custom:SIP/1") == state
+                 and custom_states(x).get("Custom:SIP/3") == state
+                 and stored(nodes.urls, "X.device.SIP/1") is not None)
+        wait_until(lambda: {p["name"]: p["up"] for p in fetch_status(status)["peers"]}
+                   == {"X": True, "Z": True}, message="both peers up on Y")
+
+
+def test_a_forged_republished_sequence_freezes_no_key(standins, cluster, nats_agents):
+    nodes = cluster(1)
+    x, y = standins(2)
+    nats_agents([x, y], nodes.urls, names="XY", **FAST)
+    x.control.set_device("SIP/1", "INUSE")
+    wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "INUSE")
+
+    async def forge():
+        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
+        body = json.dumps({"msg_type": "AsteriskEvent", "uuid": uuid.uuid4().hex, "origin": "X",
+                           "x_data": {"Event": "DeviceStateChange", "Device": "SIP/1",
+                                      "State": "BUSY"}}).encode()
+        await client.publish("zmqami.kv.x", body, headers={
+            "Nats-Subject": "$KV.zmqami.X.device.SIP/1", "Nats-Sequence": str(2 ** 62)})
+        await client.close()
+    asyncio.run(forge())
+    wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "BUSY")  # one shared user: taken
+    for state in ("RINGING", "NOT_INUSE"):  # but the real phone is followed again
+        x.control.set_device("SIP/1", state)
+        wait_until(lambda: custom_states(y).get("Custom:SIP/1") == state,
+                   message=f"the real {state} after a forged sequence")

@@ -18,6 +18,7 @@ original agent ignores them, as it ignores every msg_type and field it does not 
 - ``AgentStates`` to ``[<requester>]`` (or ``[*]``), ``x_events``: the sender's own states, as the
   x_data of AsteriskEvent messages, read from its Asterisk's lists.
 """
+import json
 import logging
 import os
 import sys
@@ -43,7 +44,7 @@ from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back
 from .status import StatusServer, link_status, serve_status, when
 from .metrics import MetricsServer, link_snapshot, serve_metrics
-from .natsnet import NatsNetwork
+from .natsnet import NatsNetwork, carries_state, nats_permissions
 from .network import HubNetwork
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .systemd import Notifier
@@ -95,6 +96,7 @@ AGENT_SETTINGS = {
     "NATS_REPLICAS": Setting(1, is_whole_number(1, 5, "replicas")),
     "NATS_SUBJECT_PREFIX": Setting("zmqami", is_name_token("subject prefix", dots=True)),
     "NATS_JS_DOMAIN": Setting(None, is_name_token("JetStream domain", none=True)),
+    "NATS_MAX_BYTES": Setting(256 * 1024 * 1024, is_whole_number(1024 * 1024, 2 ** 50, "bytes")),
     **COMMON_SETTINGS,
 }
 # What a SIGHUP cannot change: who the agent is and how it reaches the hubs.
@@ -149,6 +151,7 @@ class Agent:
         self.clash_warnings = Throttle()
         self.state_requesters: Set[str] = set()
         self.received = 0
+        self.forged = 0  # NATS: values whose origin their key does not prove
         self.context = context
         self.config_path = ""
         self.timers: List[Timer] = []
@@ -244,6 +247,8 @@ class Agent:
                     "reloads": ("counter", "Settings reloads (SIGHUP) applied", self.reloads),
                     "name_clashes": ("counter", "Messages from another agent with its name",
                                      self.name_clashes),
+                    "unproven_origins": ("counter", "NATS: states dropped because their key "
+                                         "or subject does not prove their origin", self.forged),
                     "hub_input_dropped": ("counter", "Invalid input from the hubs dropped",
                                           self.drops.counts[self.hub_source])}}
 
@@ -254,6 +259,7 @@ class Agent:
                           for name, peer in sorted(self.peers.items())],
                 "totals": {"hub_messages": self.received, "known_states": len(self.states.entries),
                            "messages_from_another_agent_with_my_name": self.name_clashes,
+                           "unproven_origins": self.forged,
                            "input_dropped": sum(self.drops.counts.values()),
                            **self.network.status()}}
 
@@ -370,8 +376,10 @@ class Agent:
             self.read_own_states(repair=True, requester=ALL)
 
     # --- the hubs -> its Asterisk -----------------------------------------------------------------
-    def on_hub_message(self, frames: List[bytes], age: float = 0.0) -> None:
-        """A message from the network; age > 0: one its sender stored that long ago (NATS)."""
+    def on_hub_message(self, frames: List[bytes], age: float = 0.0,
+                       owner: Optional[str] = None) -> None:
+        """A message from the network; from a NATS bucket (owner: whose key it was in), age: how
+        long ago its sender stored it."""
         self.received += 1
         if self.received % COUNTER_EVERY == 0:
             log.info("Message counter: %s", self.received)
@@ -391,8 +399,28 @@ class Agent:
         if handler is None:
             log.debug("Ignoring %s from %s.", message.msg_type, message.origin)
             return
+        if self.network.proves_origin:
+            if not self.origin_proven(message, owner):
+                return
+            if owner is None:  # a plain subject: it says nothing of a peer's health
+                handler(message)
+                return
         self.saw_peer(message)
         handler(message)
+
+    def origin_proven(self, message: Envelope, owner: Optional[str]) -> bool:
+        """Over NATS a peer is who its bucket key says (only that peer may put under its name),
+        never what a body claims: a value whose origin is not its key's owner, or a state on a
+        subject anyone may publish on, is dropped and counted."""
+        if owner is not None and message.origin != owner:
+            why = f"origin {message.origin!r} in a key of {owner!r}"
+        elif owner is None and carries_state(message):
+            why = "a state on a plain subject: over NATS states come from the bucket only"
+        else:
+            return True
+        self.forged += 1
+        self.drop_from_peer(message, why)
+        return False
 
     def drop_from_peer(self, message: Envelope, why: str, raw: bytes = b"") -> None:
         """Bad input in a peer's message.  Counted and rate-limited as the hub's, the origin
@@ -519,6 +547,13 @@ class Agent:
             self.peer_down(message.origin, "its Asterisk is down")
         elif not asterisk_down and not peer.up:
             peer.up = True
+            if self.network.proves_origin:  # over NATS its states came from the bucket
+                variables = self.states.set_up(message.origin)
+                for variable in variables:
+                    self.write_mirror(variable)
+                log.info("Peer %s is up again: %d of its devices show their states again.",
+                         message.origin, len(variables))
+                return
             log.info("Peer %s is up again: asking for its states.", message.origin)
             self.send(message.origin, "AgentStateRequest")
 
@@ -600,10 +635,27 @@ def _text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+COMMANDS = [("--nats-permissions", dict(
+    metavar="NAME", help="print, as JSON, the NATS permissions the user of agent NAME needs "
+                         "(for the bucket and subject prefix of this settings file)"))]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     return run_settings_script("agent.py",
                                "The zmq-ami-broker agent for one Asterisk host.",
-                               "agent_config.py", AGENT_SETTINGS, log, argv, run_agent)
+                               "agent_config.py", AGENT_SETTINGS, log, argv, run_agent,
+                               COMMANDS, run_command)
+
+
+def run_command(args: Any, config_path: str, settings: Dict[str, Any]) -> Optional[int]:
+    if args.nats_permissions is not None:
+        if not is_node_name(args.nats_permissions):
+            print(f"--nats-permissions: {args.nats_permissions!r} is not an agent's name",
+                  file=sys.stderr)
+            return 2
+        print(json.dumps(nats_permissions(settings, args.nats_permissions), indent=2))
+        return 0
+    return None
 
 
 def run_agent(config_path: str, settings: Dict[str, Any]) -> int:

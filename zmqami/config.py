@@ -14,7 +14,7 @@ import re
 import runpy
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .rules import DEVICE_STATES
 
@@ -566,8 +566,10 @@ def load_script_settings(path: str, schema: Dict[str, Setting], log: logging.Log
 
 
 def script_arguments(script: str, description: str, default_name: str,
-                     argv: Optional[List[str]]) -> argparse.Namespace:
-    """The command line of server.py and agent.py: [CONFIG] --check-config --status --version."""
+                     argv: Optional[List[str]],
+                     extra: Sequence[Tuple[str, Dict[str, Any]]] = ()) -> argparse.Namespace:
+    """The command line of server.py and agent.py: [CONFIG] --check-config --status --version,
+    and the script's own options (extra: flag, add_argument's keywords)."""
     from . import __version__
     parser = argparse.ArgumentParser(prog=program_name(script), description=description)
     parser.add_argument("config", nargs="?", default=default_settings_path(default_name),
@@ -579,24 +581,38 @@ def script_arguments(script: str, description: str, default_name: str,
     parser.add_argument("--status", action="store_true",
                         help="print the status of the process running with these settings")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+
+Command = Callable[[argparse.Namespace, str, Dict[str, Any]], Optional[int]]
 
 
 def run_settings_script(script: str, description: str, default_name: str,
                         schema: Dict[str, Setting], log: logging.Logger,
                         argv: Optional[List[str]],
-                        run: Callable[[str, Dict[str, Any]], int]) -> int:
-    """main() of server.py and agent.py: the options every script has, then run(path, settings)."""
+                        run: Callable[[str, Dict[str, Any]], int],
+                        extra: Sequence[Tuple[str, Dict[str, Any]]] = (),
+                        command: Optional[Command] = None) -> int:
+    """main() of server.py and agent.py: the options every script has, the script's own (extra,
+    done by command: its exit status, or None to run), then run(path, settings)."""
     from .status import print_status
-    args = script_arguments(script, description, default_name, argv)
+    args = script_arguments(script, description, default_name, argv, extra)
     if args.check_config:
         return check_settings(args.config, schema)
+    quiet = args.status or any(getattr(args, flag.lstrip("-").replace("-", "_")) is not None
+                               for flag, _ in extra)
     try:
-        settings = load_script_settings(args.config, schema, log, quiet=args.status)
+        settings = load_script_settings(args.config, schema, log, quiet=quiet)
     except ConfigError as exc:
         return exc.report()
     if args.status:
         return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
+    if command is not None:
+        status = command(args, args.config, settings)
+        if status is not None:
+            return status
     return run(args.config, settings)
 
 

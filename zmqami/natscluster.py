@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 READY_TIMEOUT = 30.0  # s for a server (and its cluster's JetStream) to be ready
 
@@ -63,11 +63,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError(f"no free port on {host} from {_PORTS_START} to {_PORTS_END}")
 
 
+def _user_entry(user: str, password: Any) -> str:
+    """A user of the config: password, or (password, permissions as --nats-permissions prints)."""
+    if isinstance(password, str):
+        return f'{{user: "{user}", password: "{password}"}}'
+    password, permissions = password
+    return f'{{user: "{user}", password: "{password}", permissions: {json.dumps(permissions)}}}'
+
+
 class NatsServer:
     """One nats-server process; kill() is kill -9, start() runs it again on the same ports."""
 
     def __init__(self, name: str, workdir: str, routes: List[int], cluster_port: Optional[int],
-                 users: Dict[str, str], port: int = 0, leaf_remotes: Sequence[str] = (),
+                 users: Dict[str, Any], port: int = 0, leaf_remotes: Sequence[str] = (),
                  tls: Optional[Tuple[str, str]] = None) -> None:
         self.name = name
         self.port, self.monitor_port = port or free_port(), free_port()
@@ -95,8 +103,7 @@ class NatsServer:
         if tls:  # clients must use TLS: (certificate file, key file)
             lines.append(f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}')
         if users:  # in an account of their own: JetStream in $G does not reach leaf nodes
-            entries = ", ".join(f'{{user: "{user}", password: "{password}"}}'
-                                for user, password in users.items())
+            entries = ", ".join(_user_entry(user, password) for user, password in users.items())
             jetstream = "" if leaf_remotes else ", jetstream: enabled"
             lines.append(f"accounts {{ AGENTS: {{ users: [{entries}]{jetstream} }} }}")
         with open(self.config, "w") as handle:
@@ -156,7 +163,7 @@ class NatsCluster:
     given), JetStream domain "hub"; users: name -> password (none: no authorization), in an
     account AGENTS; tls: (certificate, key) files for the client connections."""
 
-    def __init__(self, workdir: str, count: int = 1, users: Optional[Dict[str, str]] = None,
+    def __init__(self, workdir: str, count: int = 1, users: Optional[Dict[str, Any]] = None,
                  ports: Optional[List[int]] = None, tls: Optional[Tuple[str, str]] = None) -> None:
         os.makedirs(workdir, exist_ok=True)
         cluster_ports = [free_port() for _ in range(count)] if count > 1 else [None]

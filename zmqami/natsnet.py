@@ -44,7 +44,7 @@ from .config import ConfigError
 from .envelope import ALL, STATS, build, topic
 from .loop import NOBLOCK, EventLoop, drain
 from .network import OnMessage, as_list
-from .stats import Throttle, held_back
+from .stats import Throttle, held_back, printable
 
 log = logging.getLogger("asterisk_agent")
 
@@ -55,6 +55,11 @@ RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then do
 # (a stream without a leader takes seconds to elect one: the states are stored soon after)
 READ_TIMEOUT = 10.0       # s: a read of the bucket that brings nothing for so long starts again
 STALE_READS_MAX = 8       # reads in a row found behind the stream's leader, read again
+BUCKET_CHECK_INTERVAL = 3.0  # s between checks that the bucket is there and the same one
+# The largest value an agent stores: a presence of the largest valid subtype and message (4000
+# bytes of UTF-8 each, escaped up to 3 times in JSON), in its envelope.  Larger values are
+# neither stored by the bucket nor kept by an agent.
+MAX_VALUE_BYTES = 32 * 1024
 WATCH_HEARTBEAT = 1.0     # s: a read of the bucket silent for twice this is started again
 STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
@@ -100,6 +105,42 @@ def state_key(origin: str, data: Any) -> Optional[str]:
     return f"{token(origin)}.{kind}.{token(name)}" if isinstance(name, str) and name else None
 
 
+def nats_permissions(settings: Dict[str, Any], name: str) -> Dict[str, List[str]]:
+    """The least a NATS user needs to be agent name (nats-server's permissions block): its own
+    subjects, puts under its own keys only, reading the bucket; no deletion or purge of the
+    stream or its consumers, no update of the stream, no publishing on the republish subjects
+    (only the bucket itself does).  It may create the bucket when it is missing."""
+    prefix, bucket = settings["NATS_SUBJECT_PREFIX"], settings["NATS_BUCKET"]
+    domain = settings["NATS_JS_DOMAIN"]
+    api = f"$JS.{domain}.API" if domain else "$JS.API"
+    stream = f"KV_{bucket}"
+    puts = f"$KV.{bucket}.{token(name)}.>"
+    return {
+        "publish": [f"{prefix}.all", f"{prefix}.node.>", f"{prefix}.stats",
+                    f"{api}.{puts}" if domain else puts,
+                    f"{api}.INFO", f"{api}.STREAM.INFO.{stream}",
+                    f"{api}.STREAM.CREATE.{stream}",
+                    f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
+                    f"{api}.CONSUMER.INFO.{stream}.>", f"$JS.FC.{stream}.>"],
+        "subscribe": [f"{prefix}.all", f"{prefix}.node.{token(name)}", f"{prefix}.kv.>",
+                      "_INBOX.>"]}
+
+
+def key_owner(key: str) -> str:
+    """Whose key it is: the name in its first token (only that agent may put there)."""
+    return untoken(key.split(".", 1)[0])
+
+
+def carries_state(message: Any) -> bool:
+    """True for a message that says what a peer's devices, presences or health are: over NATS
+    these come from the bucket only, where each agent may put under its own name only."""
+    if message.msg_type in ("AgentStates", "AgentHeartbeat"):
+        return True
+    data = message.field("data")
+    return message.msg_type == "AsteriskEvent" and isinstance(data, dict) and \
+        data.get("Event") in STATE_EVENTS
+
+
 def stored_first(entries: List[Tuple[str, bytes, float]]) -> List[Tuple[str, bytes, float]]:
     """A bucket's contents as an agent takes them at start: every heartbeat first, so that each
     peer is known up or down before its states are."""
@@ -136,6 +177,9 @@ class NatsNetwork:
                  name: str, on_message: OnMessage, on_connected: Callable[[], None]) -> None:
         self.loop = loop
         self.on_message = on_message  # (a NATS connection needs no state request: the bucket)
+        # Who sent a state is proven by the bucket key it came from (per-agent permissions), not
+        # by the body: the agent checks origins against the key's owner.
+        self.proves_origin = True
         self.source = "NATS at " + ", ".join(as_list(settings["NATS_URLS"]))  # for drop counts
         address = f"inproc://nats-{id(self)}"
         self.inbox = context.socket(zmq.PAIR)
@@ -166,8 +210,12 @@ class NatsNetwork:
         self.client.start()
 
     def _deliver(self, frames: List[bytes]) -> None:
-        # A third frame: the message came from the bucket, stored that many seconds ago.
-        self.on_message(frames[:2], float(frames[2]) if len(frames) == 3 else 0.0)
+        # Four frames: the message came from the bucket, stored that many seconds ago (0: just
+        # now), under a key of that agent's.
+        if len(frames) == 4:
+            self.on_message(frames[:2], float(frames[2]), frames[3].decode("utf-8"))
+        else:
+            self.on_message(frames[:2])
 
     def send(self, frames: List[bytes]) -> None:
         self.client.submit(frames)
@@ -208,7 +256,7 @@ class NatsClient:
         self.wake_pending = False
         self.connected_url: Optional[str] = None
         self.unstored: Dict[str, Tuple[bytes, Any]] = {}  # key -> (body, x_data) to put
-        self.stored: Dict[str, Any] = {}                  # key -> x_data the bucket has
+        self.stored: Dict[str, Tuple[bytes, Any]] = {}  # key -> (body, x_data) the bucket has
         self.sequences: Dict[str, int] = {}  # key -> the bucket's sequence of its value known
         # A read of the bucket under way: key -> (sequence, body, age in s), handed over at once
         # when it is done; its subscription, and how many reads were started.
@@ -233,6 +281,12 @@ class NatsClient:
         self.retry_wait = RETRY_WAIT[0]
         self.bucket_open = False
         self.stopping: Optional[asyncio.Event] = None
+        # The bucket's stream as last seen: when it was created (a new one means the bucket
+        # was lost and made again), and its last sequence (no true value is beyond it).
+        self.stream_created: Any = None
+        self.stream_last_seq = 0
+        self.per_owner: Dict[str, int] = {}  # keys known per peer, bounded (MAX_DEVICES_PER_PEER)
+        self.max_keys = settings["MAX_DEVICES_PER_PEER"] + 1  # its states and its heartbeat
 
     # --- the agent's thread ----------------------------------------------------------------------
     def start(self) -> None:
@@ -312,6 +366,7 @@ class NatsClient:
         await self._open_bucket()
         self.bucket_open = True
         self._put_unstored()  # what the agent sent before the bucket was open
+        self.aio.create_task(self._watch_bucket())
 
     async def _open_bucket(self) -> None:
         """Find or create the bucket (republishing each change), then read it; tried again
@@ -397,17 +452,78 @@ class NatsClient:
         try:
             info = await self.js.stream_info(self.stream)
         except NotFoundError:
-            await self.js.create_key_value(bucket=self.bucket, history=1, republish=republish,
-                                           replicas=self.settings["NATS_REPLICAS"])
-            log.info("Created the NATS bucket %s (replicas: %d)", self.bucket,
-                     self.settings["NATS_REPLICAS"])
-            return
+            await self.js.create_key_value(
+                bucket=self.bucket, history=1, republish=republish,
+                replicas=self.settings["NATS_REPLICAS"], max_value_size=MAX_VALUE_BYTES,
+                max_bytes=self.settings["NATS_MAX_BYTES"])
+            log.info("Created the NATS bucket %s (replicas: %d, at most %d bytes)", self.bucket,
+                     self.settings["NATS_REPLICAS"], self.settings["NATS_MAX_BYTES"])
+            info = await self.js.stream_info(self.stream)
+        self._seen_stream(info)
         current = info.config.republish
         if current is None or (current.src, current.dest) != (republish.src, republish.dest):
             info.config.republish = republish
             await self.js.update_stream(info.config)
             log.info("The NATS bucket %s now republishes its changes on %s", self.bucket,
                      republish.dest)
+
+    def _seen_stream(self, info: Any) -> None:
+        if self.stream_created is None:
+            self.stream_created = info.created
+        self.stream_last_seq = max(self.stream_last_seq, info.state.last_seq)
+
+    async def _watch_bucket(self) -> None:
+        """Every BUCKET_CHECK_INTERVAL: is the bucket there, and the same one?  One that was lost
+        (deleted, or its only server restarted with an empty store) is made again if this agent
+        may, else waited for; a new one (sequences start again at 1) makes this agent forget
+        the sequences it held, read it again and put its own states again.  Sequences beyond the
+        stream's last one were never the bucket's (a forged republished header): forgotten."""
+        from nats.js.errors import NotFoundError
+        while True:
+            await asyncio.sleep(BUCKET_CHECK_INTERVAL)
+            if self.nc is None or not self.nc.is_connected:
+                continue
+            try:
+                info = await self.js.stream_info(self.stream)
+            except NotFoundError:
+                self._warn("lost", f"The NATS bucket {self.bucket} is gone: making it again "
+                                   "(or waiting for it)")
+                try:
+                    await self._bucket_republishing()
+                except Exception as exc:  # no permission: another agent or an admin makes it
+                    self._warn("lost", f"Cannot make the NATS bucket {self.bucket} ({_why(exc)})"
+                                       "; waiting for it")
+                continue
+            except Exception as exc:  # no leader yet, a timeout: the next check
+                log.debug("NATS bucket check: %s", _why(exc))
+                continue
+            if info.created != self.stream_created:
+                self._bucket_replaced(info)
+                continue
+            self.stream_last_seq = max(self.stream_last_seq, info.state.last_seq)
+            forged = [key for key, sequence in self.sequences.items()
+                      if sequence > info.state.last_seq]
+            if forged:
+                for key in forged:
+                    del self.sequences[key]
+                self._warn("forged", f"{len(forged)} keys of the NATS bucket had a sequence "
+                                     f"beyond its last ({info.state.last_seq}), such as "
+                                     f"{printable(forged[0])}: not from the bucket; reading it "
+                                     "again")
+                self._read_again()
+
+    def _bucket_replaced(self, info: Any) -> None:
+        """The bucket was made again: what this agent knew of the old one no longer holds."""
+        log.warning("The NATS bucket %s was made again (it was lost): reading it again and "
+                    "storing this agent's states again", self.bucket)
+        self.stream_created, self.stream_last_seq = info.created, info.state.last_seq
+        self.sequences.clear()
+        self.per_owner.clear()
+        for key, value in self.stored.items():
+            self.unstored.setdefault(key, value)
+        self.stored.clear()
+        self._put_unstored()
+        self._read_again()
 
     async def _on_connected(self) -> None:
         url = self.nc.connected_url
@@ -480,7 +596,14 @@ class NatsClient:
         if not subject.startswith(self.key_prefix):
             return
         key = subject[len(self.key_prefix):]
-        if sequence <= self.sequences.get(key, 0) or key.startswith(self.own_keys):
+        known = self.sequences.get(key)
+        if known is not None and sequence <= known or key.startswith(self.own_keys):
+            return
+        if len(msg.data) > MAX_VALUE_BYTES:
+            self._warn("input", f"Ignored a value of {len(msg.data)} bytes in the NATS bucket "
+                                f"({printable(key)}): more than {MAX_VALUE_BYTES}")
+            return
+        if known is None and not self._room_for(key):
             return
         self.sequences[key] = sequence
         if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
@@ -488,7 +611,34 @@ class NatsClient:
         if self.read is not None and (age is not None or not self.has_read):
             self.read[key] = (sequence, msg.data, age or 0.001)
         else:
-            self.outbox.send_multipart([ALL_TOPIC, msg.data], NOBLOCK)
+            self._hand_over(key, msg.data, 0.0)
+
+    def _room_for(self, key: str) -> bool:
+        """A new key is kept (its sequence, its value) only within the bounds on peers and on
+        each peer's keys: what a peer puts in the bucket cannot exhaust this agent's memory."""
+        owner = key.split(".", 1)[0]
+        count = self.per_owner.get(owner)
+        if count is None and len(self.per_owner) > self.settings["MAX_PEERS"]:
+            self._warn("input", f"Ignored the NATS bucket's keys of {printable(owner)}: more "
+                                f"than {self.settings['MAX_PEERS']} peers (MAX_PEERS)")
+            return False
+        if (count or 0) >= self.max_keys:
+            self._warn("input", f"Ignored keys of {printable(owner)} in the NATS bucket: more "
+                                f"than {self.max_keys - 1} states (MAX_DEVICES_PER_PEER)")
+            return False
+        try:
+            untoken(owner)
+        except (ValueError, UnicodeDecodeError):
+            self._warn("input", f"Ignored a key of the NATS bucket that no agent writes: "
+                                f"{printable(key)}")
+            return False
+        self.per_owner[owner] = (count or 0) + 1
+        return True
+
+    def _hand_over(self, key: str, body: bytes, age: float) -> None:
+        """A value of the bucket to the agent, with its age and the owner of its key."""
+        self.outbox.send_multipart([ALL_TOPIC, body, f"{age:.3f}".encode(),
+                                    key_owner(key).encode("utf-8")], NOBLOCK)
 
     async def _read_done(self) -> None:
         """The read has caught up: hand over what it brought (heartbeats first, so that each
@@ -498,8 +648,8 @@ class NatsClient:
         entries = stored_first([(key, body, age) for key, (sequence, body, age) in
                                 self.read.items() if self.sequences[key] == sequence])
         self.read = None
-        for _, body, age in entries:
-            self.outbox.send_multipart([ALL_TOPIC, body, f"{age:.3f}".encode()], NOBLOCK)
+        for key, body, age in entries:
+            self._hand_over(key, body, age)
         if not self.has_read:
             log.info("Read %d states and heartbeats of the peers from the NATS bucket %s",
                      len(entries), self.bucket)
@@ -521,17 +671,20 @@ class NatsClient:
 
     def _route(self, target: bytes, body: bytes) -> None:
         """States and heartbeats to the bucket, everything else to its subject."""
+        message = json.loads(body)
+        kind = message.get("msg_type")
+        if kind == "AgentStates":
+            # To everyone or to one peer: the states go to the bucket, never onto a subject
+            # that any client may publish on (peers take states from the bucket only).
+            self._store_snapshot(message)
+            return
         if target == ALL_TOPIC:
-            message = json.loads(body)
-            kind = message.get("msg_type")
             key = (f"{token(self.name)}.{HEARTBEAT_KEY}" if kind == "AgentHeartbeat" else
                    state_key(self.name, message.get("x_data")) if kind == "AsteriskEvent" else
                    None)
             if key is not None:
                 self._store(key, body, message.get("x_data"))
                 return
-            if kind == "AgentStates":
-                self._store_snapshot(message)
         if self.nc is None or self.nc.is_closed:
             return  # not connected yet: nothing but states is kept (they are in the bucket)
         self.aio.create_task(self._publish(
@@ -549,7 +702,7 @@ class NatsClient:
         events = message.get("x_events")
         for event in events if isinstance(events, list) else []:
             key = state_key(self.name, event)
-            if key is not None and self.stored.get(key) != event:
+            if key is not None and self.stored.get(key, (b"", None))[1] != event:
                 self._store(key, build(ALL, "AsteriskEvent", self.name,
                                        heartbeat=message.get("x_heartbeat"), data=event)[1], event)
 
@@ -575,7 +728,7 @@ class NatsClient:
             return  # sent on a connection since lost: already put again on the new one
         del self.putting[key]
         if failure is None:
-            self.stored[key] = data
+            self.stored[key] = (body, data)
             if self.retry is None and self.retry_wait > RETRY_WAIT[0]:
                 self.retry_wait = RETRY_WAIT[0]
                 log.info("NATS stores states again")

@@ -20,7 +20,8 @@ from .stats import DropLog
 
 log = logging.getLogger("asterisk_agent")
 
-OnMessage = Callable[..., None]  # (frames[, age]): age > 0 for a stored message (NATS)
+# (frames[, age, owner]): from a NATS bucket, how long ago it was stored and whose key it was in
+OnMessage = Callable[..., None]
 
 
 def as_list(value: Any) -> List[str]:
@@ -33,6 +34,7 @@ class HubNetwork:
         self.loop = loop
         self.settings = settings
         self.on_message = on_message
+        self.proves_origin = False  # the hub (with CURVE) checks origins itself
         self.on_connected = on_connected
         self.push_urls = as_list(settings["ZMQ_PUB_URL"])
         self.sub_urls = as_list(settings["ZMQ_SUB_URL"])

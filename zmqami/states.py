@@ -275,6 +275,17 @@ class StateTable:
                 newly_down.append(variable)
         return newly_down
 
+    def set_up(self, source: str) -> List[str]:
+        """The source is up again and what it last reported still holds (NATS: the bucket
+        brings each change): the variables whose share shows its report again."""
+        back = []
+        for variable, reports in self.entries.items():
+            entry = reports.get(source)
+            if entry is not None and entry.down:
+                entry.down = False
+                back.append(variable)
+        return back
+
     def remove_source(self, source: str) -> List[str]:
         """The source is gone for good (removed from the config): the variables whose mirrors
         change.  Its devices show down_state one last time where nobody else reports them (left
