@@ -127,9 +127,14 @@ class Cluster:
         else:
             self.run("broker.py", path)
 
-    def agents(self, servers: List[Standin], nats_nodes: int = 0, ami: bool = False) -> None:
-        """An agent per server, through a hub, or through a NATS cluster of nats_nodes."""
-        if nats_nodes:
+    def agents(self, servers: List[Standin], nats_nodes: int = 0, ami: bool = False,
+               nats_urls: Optional[List[str]] = None, first_index: int = 0,
+               max_devices: int = 10_000_000, log_level: str = LOG_LEVEL) -> None:
+        """An agent per server, through a hub, or through a NATS cluster of nats_nodes (or the
+        NATS servers at nats_urls)."""
+        if nats_urls:
+            network = f"NATS_URLS = {nats_urls!r}\n"
+        elif nats_nodes:
             self.nats = NatsCluster(os.path.join(self.workdir, f"nats{len(self.relays)}"),
                                     nats_nodes)
             network = f"NATS_URLS = {self.nats.urls!r}\nNATS_REPLICAS = {nats_nodes}\n"
@@ -141,18 +146,18 @@ class Cluster:
                              f"SUB_BIND_URL = {pull!r}\n")
             self.run("server.py", hub_config)
             network = f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\n"
-        for i, server in enumerate(servers):
+        for i, server in enumerate(servers, first_index):
             config = os.path.join(self.workdir, f"agent{len(self.relays)}.py")
             with open(config, "w") as handle:
                 handle.write(
-                    f"LOG_LEVEL = {LOG_LEVEL!r}\nSYSTEM_NAME = 'node{i}'\n"
+                    f"LOG_LEVEL = {log_level!r}\nSYSTEM_NAME = 'node{i}'\n"
                     f"ASTERISK_CMD_URL = 'tcp://127.0.0.1:{server.cmd_port}'\n"
                     f"ASTERISK_EVT_URL = 'tcp://127.0.0.1:{server.evt_port}'\n" + network +
                     (f"ASTERISK_AMI_URL = 'tcp://127.0.0.1:{server.ami_port}'\n"
                      f"ASTERISK_AMI_USER = {AMI_USER!r}\nASTERISK_AMI_SECRET = {AMI_SECRET!r}\n"
                      if ami else "") +
                     # every run streams new devices: the bound on a flood must not cut them
-                    "MAX_DEVICES_PER_PEER = 10000000\n" +
+                    f"MAX_DEVICES_PER_PEER = {max_devices}\n" +
                     f"PID_FILE = {os.path.join(self.workdir, f'agent{i}.pid')!r}\n")
             self.run("agent.py", config)
 
@@ -366,6 +371,70 @@ def scenario_recovery(context: zmq.Context, workdir: str, trials: int,
     return rows
 
 
+def scenario_nats_hostile(context: zmq.Context, workdir: str, small: int, large: int) -> Row:
+    """A compromised agent fills the bucket within its own keys: small states, then values of
+    about 1 MB, in a bucket made without limits (as before issue 23).  Peak RSS of an agent
+    running meanwhile and of one starting afterwards."""
+    import asyncio
+    import nats
+    from nats.js.api import RePublish
+    cluster = Cluster(context, workdir)
+    try:
+        cluster.nats = NatsCluster(os.path.join(cluster.workdir, "nats"), 1)
+        url = cluster.nats.urls[0]
+
+        async def make_bucket() -> None:
+            client = await nats.connect(url)
+            await client.jetstream().create_key_value(bucket="zmqami", history=1, republish=(
+                RePublish(src="$KV.zmqami.>", dest="zmqami.kv.>")))
+            await client.close()
+
+        def agent_ready() -> float:
+            """Start an agent, wait until it has read the bucket; its pid."""
+            cluster.agents([cluster.standin()], nats_urls=[url], first_index=len(cluster.relays),
+                           max_devices=10_000, log_level="info")  # the default bound
+            log = os.path.join(cluster.workdir, f"agent.py-{len(cluster.relays) - 1}.log")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and b"from the NATS bucket" not in \
+                    open(log, "rb").read():
+                time.sleep(0.2)
+            return cluster.relays[-1].pid
+
+        async def fill() -> float:
+            client = await nats.connect(url)
+            js = client.jetstream()
+            pending = []
+            for i in range(small):
+                body = json.dumps({"msg_type": "AsteriskEvent", "uuid": f"{i:032x}",
+                                   "origin": "Mallory", "x_heartbeat": "30", "x_data": {
+                                       "Event": "DeviceStateChange", "Device": f"SIP/{i}",
+                                       "State": "BUSY"}}).encode()
+                pending.append(await js.publish_async(f"$KV.zmqami.Mallory.device.SIP/{i}", body))
+                if len(pending) >= 2000:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+            for i in range(large):
+                await js.publish(f"$KV.zmqami.Mallory.presence.p{i}", b"x" * 1_000_000)
+            stored = (await js.stream_info("KV_zmqami")).state.bytes
+            await client.close()
+            return stored / 1e6
+        asyncio.run(make_bucket())
+        running_pid = agent_ready()
+        megabytes = asyncio.run(fill())
+        time.sleep(5)  # (what it was sent is taken in by now)
+        running = process_peak_rss_mb(running_pid)
+        starting_pid = agent_ready()
+        time.sleep(5)
+        starting = process_peak_rss_mb(starting_pid)
+        return Row(f"NATS: a hostile {megabytes:.0f} MB bucket ({small} states, {large} values of "
+                   "1 MB)", small + large, 100.0, rss=max(running, starting),
+                   note=f"peak RSS of the running agent {running:.1f} MB, of an agent "
+                        f"starting then {starting:.1f} MB")
+    finally:
+        cluster.close()
+
+
 def first_sent(source: Standin) -> float:
     return source.control.call("stream_status", times=True)["sent"][0]
 
@@ -457,6 +526,8 @@ SCENARIOS = {
     "isolation": lambda ctx, wd, quick: [
         scenario_isolation(ctx, wd, baseline=False, seconds=2 if quick else 5),
         scenario_isolation(ctx, wd, baseline=True, seconds=2 if quick else 5)],
+    "nats-hostile": lambda ctx, wd, quick: [
+        scenario_nats_hostile(ctx, wd, 20_000 if quick else 100_000, 30 if quick else 150)],
     "recovery": lambda ctx, wd, quick: scenario_recovery(ctx, wd, 2 if quick else 5),
     "memory": lambda ctx, wd, quick: scenario_memory_and_idle(ctx, wd,
                                                               20_000 if quick else 100_000),

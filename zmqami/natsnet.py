@@ -281,10 +281,11 @@ class NatsClient:
         self.retry_wait = RETRY_WAIT[0]
         self.bucket_open = False
         self.stopping: Optional[asyncio.Event] = None
-        # The bucket's stream as last seen: when it was created (a new one means the bucket
-        # was lost and made again), and its last sequence (no true value is beyond it).
+        # When the bucket's stream was created: a new one means the bucket was lost and made
+        # again.  No value of the bucket has a sequence beyond its last (_forged_sequences).
         self.stream_created: Any = None
-        self.stream_last_seq = 0
+        self.highest_sequence = 0  # of every value taken
+        self.suspects: Dict[str, int] = {}  # keys beyond the stream's last sequence at a check
         self.per_owner: Dict[str, int] = {}  # keys known per peer, bounded (MAX_DEVICES_PER_PEER)
         self.max_keys = settings["MAX_DEVICES_PER_PEER"] + 1  # its states and its heartbeat
 
@@ -459,18 +460,14 @@ class NatsClient:
             log.info("Created the NATS bucket %s (replicas: %d, at most %d bytes)", self.bucket,
                      self.settings["NATS_REPLICAS"], self.settings["NATS_MAX_BYTES"])
             info = await self.js.stream_info(self.stream)
-        self._seen_stream(info)
+        if self.stream_created is None:  # (a bucket made again is noticed by _watch_bucket)
+            self.stream_created = info.created
         current = info.config.republish
         if current is None or (current.src, current.dest) != (republish.src, republish.dest):
             info.config.republish = republish
             await self.js.update_stream(info.config)
             log.info("The NATS bucket %s now republishes its changes on %s", self.bucket,
                      republish.dest)
-
-    def _seen_stream(self, info: Any) -> None:
-        if self.stream_created is None:
-            self.stream_created = info.created
-        self.stream_last_seq = max(self.stream_last_seq, info.state.last_seq)
 
     async def _watch_bucket(self) -> None:
         """Every BUCKET_CHECK_INTERVAL: is the bucket there, and the same one?  One that was lost
@@ -500,24 +497,36 @@ class NatsClient:
             if info.created != self.stream_created:
                 self._bucket_replaced(info)
                 continue
-            self.stream_last_seq = max(self.stream_last_seq, info.state.last_seq)
-            forged = [key for key, sequence in self.sequences.items()
-                      if sequence > info.state.last_seq]
+            forged = self._forged_sequences(info.state.last_seq)
             if forged:
                 for key in forged:
                     del self.sequences[key]
+                self.highest_sequence = max(self.sequences.values(), default=0)
                 self._warn("forged", f"{len(forged)} keys of the NATS bucket had a sequence "
                                      f"beyond its last ({info.state.last_seq}), such as "
                                      f"{printable(forged[0])}: not from the bucket; reading it "
                                      "again")
                 self._read_again()
 
+    def _forged_sequences(self, last: int) -> List[str]:
+        """The keys whose sequence was beyond the stream's last one at the previous check and
+        still is: never the bucket's.  (Beyond it at one check only is normal: a change may
+        be republished to us before the answer that tells the last sequence.)"""
+        suspects, self.suspects = self.suspects, {}
+        if self.highest_sequence <= last:
+            return []
+        self.suspects = {key: sequence for key, sequence in self.sequences.items()
+                         if sequence > last}
+        return [key for key, sequence in suspects.items() if self.suspects.get(key) == sequence]
+
     def _bucket_replaced(self, info: Any) -> None:
         """The bucket was made again: what this agent knew of the old one no longer holds."""
         log.warning("The NATS bucket %s was made again (it was lost): reading it again and "
                     "storing this agent's states again", self.bucket)
-        self.stream_created, self.stream_last_seq = info.created, info.state.last_seq
+        self.stream_created = info.created
         self.sequences.clear()
+        self.suspects.clear()
+        self.highest_sequence = 0
         self.per_owner.clear()
         for key, value in self.stored.items():
             self.unstored.setdefault(key, value)
@@ -606,6 +615,8 @@ class NatsClient:
         if known is None and not self._room_for(key):
             return
         self.sequences[key] = sequence
+        if sequence > self.highest_sequence:
+            self.highest_sequence = sequence
         if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
             return  # an administrator's purge: nothing to mirror
         if self.read is not None and (age is not None or not self.has_read):
