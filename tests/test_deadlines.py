@@ -42,33 +42,24 @@ def mirrored(server, device, state):
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_misbehaving_ami_server_is_mirrored_again_by_the_broker(standins, broker, fault):
-    a, = standins(1, ami_port=0)
-    b, = standins(1)
-    script = broker([a, b], ami=(0,), ping_interval="0.5", server_timeout="2")
+@pytest.mark.parametrize("relay", ["broker", "agent"])
+def test_a_misbehaving_ami_server_is_mirrored_again(standins, request, relay, fault):
+    a, b = standins(2, ami_port=0)
+    start = request.getfixturevalue("broker" if relay == "broker" else "agents")
+    if relay == "broker":
+        script = start([a, b], ami=(0,), ping_interval="0.5", server_timeout="2")
+    else:
+        script = start([a, b], ami=(0,), KEEP_ALIVE_INTERVAL=0.5, ASTERISK_TIMEOUT=1000)[0]
     b.control.set_device("SIP/1", "INUSE")
     wait_until(mirrored(a, "SIP/1", "INUSE"))
     before = misbehave(a, fault)
     b.control.set_device("SIP/1", "BUSY")
     wait_until(reconnected(a, before), message=f"a connection that misbehaves ({fault})")
     heal(a, fault)
-    converge(f"broker, AMI server back after '{fault}'", mirrored(a, "SIP/1", "BUSY"))
+    converge(f"{relay}, AMI server back after '{fault}'", mirrored(a, "SIP/1", "BUSY"))
     assert script.proc.poll() is None
     if fault == "banner":  # the other service's greeting is shown, the secret never sent to it
         assert script.lines("not Asterisk's manager interface: its first line is 'SSH-2.0-")
-
-
-@pytest.mark.parametrize("fault", FAULTS)
-def test_a_misbehaving_ami_server_is_mirrored_again_by_its_agent(standins, agents, fault):
-    x, y = standins(2, ami_port=0)
-    agents([x, y], ami=(0,), KEEP_ALIVE_INTERVAL=0.5, ASTERISK_TIMEOUT=1000)
-    y.control.set_device("SIP/1", "INUSE")
-    wait_until(mirrored(x, "SIP/1", "INUSE"))
-    before = misbehave(x, fault)
-    y.control.set_device("SIP/1", "BUSY")
-    wait_until(reconnected(x, before), message=f"a connection that misbehaves ({fault})")
-    heal(x, fault)
-    converge(f"agent, AMI server back after '{fault}'", mirrored(x, "SIP/1", "BUSY"))
 
 
 def test_a_down_servers_queue_holds_one_state_per_variable_and_no_health_checks(

@@ -533,3 +533,48 @@ def test_a_forged_republished_sequence_freezes_no_key(standins, cluster, nats_ag
         x.control.set_device("SIP/1", state)
         wait_until(lambda: custom_states(y).get("Custom:SIP/1") == state,
                    message=f"the real {state} after a forged sequence")
+
+
+def peak_rss_mb(script) -> float:
+    with open(f"/proc/{script.proc.pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+
+
+def test_a_bucket_filled_by_a_hostile_agent_cannot_exhaust_an_agents_memory(
+        standins, cluster, nats_agents, tmp_path):
+    from nats.js.api import RePublish
+    nodes = cluster(1)
+    status = f"ipc://{tmp_path}/x.status"
+
+    async def make_bucket():  # without limits, as buckets were made before
+        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
+        await client.jetstream().create_key_value(bucket="zmqami", history=1, republish=(
+            RePublish(src="$KV.zmqami.>", dest="zmqami.kv.>")))
+        await client.close()
+    asyncio.run(make_bucket())
+    x, y = standins(2)
+    agent_x, = nats_agents([x], nodes.urls, names="X", STATUS_SOCKET=status, **FAST)
+
+    async def fill():  # Mallory, within its own keys: 100,000 states, 150 values of 1 MB
+        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
+        js, pending = client.jetstream(), []
+        for i in range(100_000):
+            body = json.dumps({"msg_type": "AsteriskEvent", "uuid": f"{i:032x}",
+                               "origin": "Mallory", "x_heartbeat": "30", "x_data": {
+                                   "Event": "DeviceStateChange", "Device": f"SIP/{i}",
+                                   "State": "BUSY"}}).encode()
+            pending.append(await js.publish_async(f"$KV.zmqami.Mallory.device.SIP/{i}", body))
+            if len(pending) >= 2000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+        for i in range(150):
+            await js.publish(f"$KV.zmqami.Mallory.presence.p{i}", b"x" * 1_000_000)
+        await client.close()
+    asyncio.run(fill())
+    # X took Mallory's first 10,000 states (MAX_DEVICES_PER_PEER), and no more
+    wait_until(lambda: fetch_status(status)["totals"]["hub_messages"] >= 10_000, timeout=60)
+    agent_y, = nats_agents([y], nodes.urls, names="Y", **FAST)
+    wait_until(lambda: len(custom_states(y)) >= 10_000, timeout=60,
+               message="Mallory's first 10,000 states on Y")
+    assert peak_rss_mb(agent_x) < 100 and peak_rss_mb(agent_y) < 100

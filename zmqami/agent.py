@@ -151,7 +151,7 @@ class Agent:
         self.clash_warnings = Throttle()
         self.state_requesters: Set[str] = set()
         self.received = 0
-        self.forged = 0  # NATS: values whose origin their key does not prove
+        self.unproven_origins = 0  # NATS: values whose origin their key does not prove
         self.context = context
         self.config_path = ""
         self.timers: List[Timer] = []
@@ -248,7 +248,8 @@ class Agent:
                     "name_clashes": ("counter", "Messages from another agent with its name",
                                      self.name_clashes),
                     "unproven_origins": ("counter", "NATS: states dropped because their key "
-                                         "or subject does not prove their origin", self.forged),
+                                         "or subject does not prove their origin",
+                                         self.unproven_origins),
                     "hub_input_dropped": ("counter", "Invalid input from the hubs dropped",
                                           self.drops.counts[self.hub_source])}}
 
@@ -259,7 +260,7 @@ class Agent:
                           for name, peer in sorted(self.peers.items())],
                 "totals": {"hub_messages": self.received, "known_states": len(self.states.entries),
                            "messages_from_another_agent_with_my_name": self.name_clashes,
-                           "unproven_origins": self.forged,
+                           "unproven_origins": self.unproven_origins,
                            "input_dropped": sum(self.drops.counts.values()),
                            **self.network.status()}}
 
@@ -418,7 +419,7 @@ class Agent:
             why = "a state on a plain subject: over NATS states come from the bucket only"
         else:
             return True
-        self.forged += 1
+        self.unproven_origins += 1
         self.drop_from_peer(message, why)
         return False
 
