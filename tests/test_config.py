@@ -95,3 +95,59 @@ def test_the_broker_prints_one_line_and_exits_with_status_2(tmp_path, text, expe
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and expected in result.stderr
     assert str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+# --- a typo never passes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, expected", [
+    (("presence = no", "presense = yes"),
+     "[general] presense: not a known key (did you mean presence?)"),
+    (("log_level = info", "log_level = info\nping_intervall = 5"),
+     "[general] ping_intervall: not a known key (did you mean ping_interval?)"),
+    (("[servers]", "[generl]\nlog_level = debug\n\n[servers]"),
+     "[generl]: not a known section (neither general, servers nor one listed in [servers] "
+     "sections) (did you mean general?)"),
+    (("ami_trace = no", "ami_trace = no\nami_prot = 5038"),
+     "[server-1] ami_prot: not a known key (did you mean ami_port?)"),
+    (("sections = server-1, server-2", "sections = server-1"),
+     "[server-2]: a server section that [servers] sections does not list"),
+])
+@pytest.mark.parametrize("how", ["--check-config", "start"])
+def test_an_unknown_key_or_section_is_an_error_at_check_and_start(tmp_path, change, expected,
+                                                                   how):
+    path = write(tmp_path, GOOD.replace(*change))
+    result = run_script("broker.py", *(["--check-config"] if how == "--check-config" else []),
+                        path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and f"{path}: {expected}" in result.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("nats_urls = ['nats://127.0.0.1:4222']\n",
+     "nats_urls: not a known setting (did you mean NATS_URLS?)"),
+    ("Peer_Timeout = 3\n", "Peer_Timeout: not a known setting (did you mean PEER_TIMEOUT?)"),
+    ("log_level = 'debug'\n", "log_level: not a known setting (did you mean LOG_LEVEL?)"),
+    ("raise SystemExit(0)\n", "the settings file exits (sys.exit(0)) instead of setting values"),
+    ("import sys\nsys.exit(3)\n", "the settings file exits (sys.exit(3))"),
+])
+@pytest.mark.parametrize("script", ["agent.py", "server.py"])
+def test_a_settings_file_with_an_unknown_name_or_an_exit_is_an_error(tmp_path, text, expected,
+                                                                     script):
+    path = tmp_path / "settings.py"
+    path.write_text(f"import os\n_mine = 1\n{text}")  # (modules and _names are allowed)
+    if script == "server.py":  # (the hub's settings have no NATS_URLS or PEER_TIMEOUT)
+        expected = expected.split(" (did you mean")[0] if "URLS" in expected or "PEER" in \
+            expected else expected
+    for args in (["--check-config", str(path)], [str(path)]):
+        result = run_script(script, *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and f"{path}: {expected}" in result.stderr
+
+
+def test_check_config_warns_of_a_secret_left_at_the_examples_placeholder():
+    result = run_script("broker.py", "--check-config", "example_config.ini")
+    assert result.returncode == 0
+    assert "[server-1] ami_secret: warning: still the example's placeholder 'change-me'" \
+        in result.stdout
+    result = run_script("agent.py", "--check-config", "agent_config.py")
+    assert "ASTERISK_AMI_SECRET: warning: still the example's placeholder" in result.stdout

@@ -644,7 +644,7 @@ COMMANDS = [("--nats-permissions", dict(
 def main(argv: Optional[List[str]] = None) -> int:
     return run_settings_script("agent.py",
                                "The zmq-ami-broker agent for one Asterisk host.",
-                               "agent_config.py", AGENT_SETTINGS, log, argv, run_agent,
+                               "agent_config.py", AGENT_SETTINGS, argv, run_agent,
                                COMMANDS, run_command)
 
 

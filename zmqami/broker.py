@@ -16,7 +16,7 @@ from . import __version__
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, program_name,
-                     load_broker_config, setup_logging)
+                     load_broker_config, placeholder_secrets, setup_logging)
 from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import BadInput, StateUpdate, presence_update, relayed_update, unique_id
 from .states import ListReading, StateTable, decide_first_presences, list_items
@@ -445,6 +445,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         return exc.report()
     if args.check_config:
+        for warning in placeholder_secrets(config):
+            print(warning)
         print(f"{args.config}: OK ({len(config.servers)} servers)")
         return 0
     if args.status:

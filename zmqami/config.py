@@ -5,6 +5,8 @@ administrator can fix it without reading code.  Loaders collect every error they
 ConfigError holding them all; the scripts print them and exit with status 2.
 """
 import argparse
+import difflib
+import inspect
 import configparser
 import ipaddress
 import logging
@@ -396,9 +398,60 @@ def load_broker_config(path: str) -> BrokerConfig:
         ))
     _check_server_names(ini, config.servers)
     _check_server_addresses(ini, config.servers)
+    _check_names(ini, sections)
     if ini.errors:
         raise ConfigError(ini.errors)
     return config
+
+
+GENERAL_KEYS = ("device_state", "presence", "log_level", "request_timeout", "count_messages",
+                "verbose_messages", "ping_interval", "server_timeout", "resync_interval",
+                "max_devices", "down_state", "log_file", "state_file", "metrics_port",
+                "metrics_address", "log_syslog", "status_socket")
+SERVER_KEYS = ("name", "addr", "cmd_port", "evt_port", "ami_trace", "ami_user", "ami_secret",
+               "ami_port")
+PLACEHOLDER_SECRETS = ("change-me",)  # example_config.ini's
+
+
+def _check_names(ini: _IniReader, servers: List[str]) -> None:
+    """Every section and key must be one the broker reads: a typo (presense = yes) would
+    otherwise pass unnoticed, and what it meant to set would silently not be."""
+    parser = ini.parser
+    known = {"general": GENERAL_KEYS, "servers": ("sections",),
+             **{section: SERVER_KEYS for section in servers}}
+    defaults = list(parser.defaults())
+    for key in [key for key in defaults if key not in GENERAL_KEYS + SERVER_KEYS]:
+        ini.error("DEFAULT", key, "not a known key" + _did_you_mean(key, GENERAL_KEYS +
+                                                                    SERVER_KEYS))
+    for section in parser.sections():
+        if section not in known and not servers:
+            continue  # (sections names none: that error says it)
+        if section not in known and set(parser[section]) <= set(SERVER_KEYS + tuple(defaults)):
+            ini.error(section, None, "a server section that [servers] sections does not list "
+                      "(add it there, or remove it)")
+            continue
+        if section not in known:
+            ini.error(section, None, "not a known section (neither general, servers nor one "
+                      f"listed in [servers] sections){_did_you_mean(section, list(known))}")
+            continue
+        for key in parser[section]:
+            if key not in known[section] and key not in defaults:
+                ini.error(section, key, "not a known key" + _did_you_mean(key, known[section]))
+
+
+def _did_you_mean(name: str, names: Sequence[str]) -> str:
+    """A known name close to a misspelt one (in any case), as a hint."""
+    spelt = {known.lower(): known for known in names}
+    close = difflib.get_close_matches(name.lower(), list(spelt), n=1, cutoff=0.6)
+    return f" (did you mean {spelt[close[0]]}?)" if close else ""
+
+
+def placeholder_secrets(config: "BrokerConfig") -> List[str]:
+    """Warnings for secrets left at the example's placeholder (for --check-config)."""
+    return [f"{config.path}: [{server.section}] ami_secret: warning: still the example's "
+            f"placeholder {server.ami_secret!r}: set the secret of the manager.conf user "
+            f"{server.ami_user}" for server in config.servers
+            if server.ami_user and server.ami_secret in PLACEHOLDER_SECRETS]
 
 
 def _check_server_addresses(ini: _IniReader, servers: List[ServerConfig]) -> None:
@@ -510,11 +563,12 @@ def is_log_level(value: Any) -> Optional[str]:
     return None if ok else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
-def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any], List[str]]:
+def load_settings(path: str, schema: Dict[str, Setting]) -> Dict[str, Any]:
     """Run a Python settings file (as the original's ``import agent_config`` did) and check it.
 
-    Returns every setting of the schema, from the file or its default, and the upper-case names the
-    schema does not know (most often a misspelt setting: the caller warns about them).
+    Returns every setting of the schema, from the file or its default.  Any other public name
+    (most often a misspelt setting) is an error, as is anything the file raises; a name that
+    starts with _ and an imported module are allowed.
     """
     if not os.path.isfile(path):
         raise ConfigError([f"{path}: cannot read the file: No such file"])
@@ -522,9 +576,14 @@ def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any]
         namespace = runpy.run_path(path)
     except SyntaxError as exc:
         raise ConfigError([f"{path}: line {exc.lineno}: {exc.msg}"]) from None
+    except SystemExit as exc:  # (not an Exception): a settings file must not end the program
+        raise ConfigError([f"{path}: the settings file exits (sys.exit({exc.code!r})) instead "
+                           "of setting values"]) from None
     except Exception as exc:  # the settings file is code: report whatever it raised, in one line
         raise ConfigError([f"{path}: {type(exc).__name__}: {exc}"]) from None
-    errors = []
+    errors = [f"{path}: {key}: not a known setting{_did_you_mean(key, list(schema))}"
+              for key, value in namespace.items()
+              if not key.startswith("_") and key not in schema and not inspect.ismodule(value)]
     settings = {}
     for key, setting in schema.items():
         value = namespace.get(key, setting.default)
@@ -534,8 +593,7 @@ def load_settings(path: str, schema: Dict[str, Setting]) -> Tuple[Dict[str, Any]
         settings[key] = value
     if errors:
         raise ConfigError(errors)
-    unknown = [key for key in namespace if key.isupper() and key not in schema]
-    return settings, unknown
+    return settings
 
 
 # Settings every Python settings file has (server_config.py, agent_config.py).
@@ -548,11 +606,10 @@ COMMON_SETTINGS = {
 }
 
 
-def load_script_settings(path: str, schema: Dict[str, Setting], log: logging.Logger,
+def load_script_settings(path: str, schema: Dict[str, Setting],
                          quiet: bool = False) -> Dict[str, Any]:
-    """load_settings for a script: also sets up logging at LOG_LEVEL (unless quiet: --status)
-    and warns of unknown names."""
-    settings, unknown = load_settings(path, schema)
+    """load_settings for a script: also sets up logging at LOG_LEVEL (unless quiet: --status)."""
+    settings = load_settings(path, schema)
     if quiet:
         return settings
     try:
@@ -560,8 +617,6 @@ def load_script_settings(path: str, schema: Dict[str, Setting], log: logging.Log
                       settings["LOG_SYSLOG"])
     except OSError as exc:
         raise ConfigError([f"{path}: LOG_FILE: {exc}"]) from None
-    for key in unknown:
-        log.warning("%s: %s is not a known setting; ignored", path, key)
     return settings
 
 
@@ -590,8 +645,7 @@ Command = Callable[[argparse.Namespace, str, Dict[str, Any]], Optional[int]]
 
 
 def run_settings_script(script: str, description: str, default_name: str,
-                        schema: Dict[str, Setting], log: logging.Logger,
-                        argv: Optional[List[str]],
+                        schema: Dict[str, Setting], argv: Optional[List[str]],
                         run: Callable[[str, Dict[str, Any]], int],
                         extra: Sequence[Tuple[str, Dict[str, Any]]] = (),
                         command: Optional[Command] = None) -> int:
@@ -604,7 +658,7 @@ def run_settings_script(script: str, description: str, default_name: str,
     quiet = args.status or any(getattr(args, flag.lstrip("-").replace("-", "_")) is not None
                                for flag, _ in extra)
     try:
-        settings = load_script_settings(args.config, schema, log, quiet=quiet)
+        settings = load_script_settings(args.config, schema, quiet=quiet)
     except ConfigError as exc:
         return exc.report()
     if args.status:
@@ -619,11 +673,12 @@ def run_settings_script(script: str, description: str, default_name: str,
 def check_settings(path: str, schema: Dict[str, Setting]) -> int:
     """--check-config for a Python settings file."""
     try:
-        _, unknown = load_settings(path, schema)
+        settings = load_settings(path, schema)
     except ConfigError as exc:
         return exc.report()
-    for key in unknown:
-        print(f"{path}: {key}: not a known setting (ignored)")
+    for key, value in settings.items():
+        if key.endswith(("_SECRET", "_PASSWORD")) and value in PLACEHOLDER_SECRETS:
+            print(f"{path}: {key}: warning: still the example's placeholder {value!r}")
     print(f"{path}: OK")
     return 0
 
@@ -635,7 +690,7 @@ def reload_settings(path: str, schema: Dict[str, Setting], running: Dict[str, An
     Settings that only a restart can change keep their running value, with a warning.
     """
     try:
-        settings, _ = load_settings(path, schema)
+        settings = load_settings(path, schema)
         setup_logging(LOG_LEVELS[settings["LOG_LEVEL"].lower()], settings["LOG_FILE"],
                       settings["LOG_SYSLOG"])
     except ConfigError as exc:

@@ -176,7 +176,7 @@ class Hub:
 
 def main(argv: Optional[List[str]] = None) -> int:
     return run_settings_script("server.py", "The hub between zmq-ami-broker agents.",
-                               "server_config.py", HUB_SETTINGS, log, argv, run_hub)
+                               "server_config.py", HUB_SETTINGS, argv, run_hub)
 
 
 def run_hub(config_path: str, settings: dict) -> int:
