@@ -483,11 +483,15 @@ def test_a_compromised_agent_can_neither_speak_for_another_nor_delete_the_bucket
 @pytest.mark.parametrize("loss", ["deleted", "empty store"])
 def test_the_bucket_lost_while_agents_run_is_made_again_and_everything_heals(
         standins, cluster, nats_agents, tmp_path, loss):
-    nodes = cluster(1)
+    # Each agent under the permissions --nats-permissions prints; USER, with every right, is the
+    # administrator who deletes the bucket.
+    users = {name: (f"{name}-secret", permissions_of(tmp_path, name)) for name in "XYZ"}
+    nodes = cluster(1, users=dict(users, **{USER: PASSWORD}))
     x, y, z = standins(3)
     status = f"ipc://{tmp_path}/y.status"
-    nats_agents([x, z], nodes.urls, names="XZ", **FAST)
-    nats_agents([y], nodes.urls, names="Y", STATUS_SOCKET=status, **FAST)
+    for name, server, extra in (("X", x, {}), ("Z", z, {}), ("Y", y, dict(STATUS_SOCKET=status))):
+        nats_agents([server], nodes.urls, names=name, NATS_USER=name,
+                    NATS_PASSWORD=f"{name}-secret", **extra, **FAST)
     for trial in range(3):
         state = ("BUSY", "INUSE", "RINGING")[trial]
         if loss == "deleted":
