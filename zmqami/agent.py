@@ -237,7 +237,10 @@ class Agent:
             self.asterisk.ping()
 
     def metrics_snapshot(self) -> Dict[str, Any]:
-        return {"links": [link_snapshot(self.asterisk, self.drops.counts["Asterisk"])],
+        # (its Asterisk under the agent's own name: one label value per Asterisk in a scrape)
+        asterisk = dict(link_snapshot(self.asterisk, self.drops.counts["Asterisk"]),
+                        name=self.name)
+        return {"links": [asterisk],
                 "peers": [{"name": name, "up": peer.up} for name, peer in self.peers.items()],
                 "totals": {
                     "hub_messages_received": ("counter", "Messages received from the hubs",

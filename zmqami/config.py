@@ -132,8 +132,8 @@ def metrics_library_missing() -> Optional[str]:
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
-        return ("metrics need the prometheus-client library: pip install "
-                "'zmq-ami-broker[metrics]' (or prometheus-client)")
+        return ("metrics need the prometheus-client library: pip install prometheus-client "
+                "(or install this program with its extra: pip install '<checkout>[metrics]')")
     return None
 
 
@@ -142,8 +142,8 @@ def nats_library_missing() -> Optional[str]:
     try:
         import nats  # noqa: F401
     except ImportError:
-        return ("NATS needs the nats-py library: pip install 'zmq-ami-broker[nats]' "
-                "(or nats-py)")
+        return ("NATS needs the nats-py library: pip install nats-py (or install this "
+                "program with its extra: pip install '<checkout>[nats]')")
     return None
 
 

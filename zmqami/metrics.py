@@ -1,4 +1,4 @@
-"""Prometheus metrics on /metrics (optional: ``pip install 'zmq-ami-broker[metrics]'``).
+"""Prometheus metrics on /metrics (optional: ``pip install prometheus-client``).
 
 The official client library serves HTTP in a thread of its own.  That thread never touches the
 program's live objects: the event loop takes a snapshot of plain values every REFRESH seconds
@@ -40,7 +40,8 @@ def link_snapshot(link: Any, dropped: int) -> Dict[str, Any]:
             "dropped": dropped, "queued": len(link.outbox),
             "actions_sent": dict(stats.actions_sent),
             "actions_answered": dict(stats.actions_answered),
-            "since_answer": time.monotonic() - link.last_answer,
+            # wall clock: Prometheus subtracts it from time() (exporters name no durations)
+            "last_answer": time.time() - (time.monotonic() - link.last_answer),
             "latency": (list(stats.latency.counts), stats.latency.sum)}
 
 
@@ -50,14 +51,14 @@ class MetricsServer:
     def __init__(self, program: str, take: Callable[[], Snapshot]) -> None:
         self.program = program
         self.take = take
-        self.started = time.time()
         self.snapshot: Snapshot = {}
         self.server: Any = None
 
     def start(self, loop: EventLoop, address: str, port: int, where: str) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
         registry = CollectorRegistry(auto_describe=True)
         registry.register(self)
+        ProcessCollector(registry=registry)  # process_start_time_seconds, CPU, memory, files
         self.refresh()
         try:
             started = start_http_server(port, addr=address, registry=registry)
@@ -80,23 +81,38 @@ class MetricsServer:
     def collect(self) -> Iterator[Any]:
         """prometheus_client's collector protocol (runs in the HTTP thread)."""
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily, InfoMetricFamily)
+                                            InfoMetricFamily)
         snapshot = self.snapshot
         links: List[Dict[str, Any]] = snapshot.get("links", [])
         info = InfoMetricFamily("zmqami_build", "Program and version")
         info.add_metric([], {"program": self.program, "version": __version__})
         yield info
-        yield GaugeMetricFamily("zmqami_start_time_seconds", "Start time, Unix seconds",
-                                value=self.started)
-        yield GaugeMetricFamily("zmqami_uptime_seconds", "Seconds since start",
-                                value=time.time() - self.started)
+        if links:  # (the hub has no Asterisk: no per-server family, not even an empty one)
+            yield from self.server_families(links)
+        peers = snapshot.get("peers")
+        if peers:
+            peer_up = GaugeMetricFamily("zmqami_peer_up", "1 if the peer agent is up",
+                                        labels=["peer"])
+            for peer in peers:
+                peer_up.add_metric([peer["name"]], 1 if peer["up"] else 0)
+            yield peer_up
+        for name, (kind, text, value) in snapshot.get("totals", {}).items():
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"zmqami_{name}", text, value=value)
+
+    @staticmethod
+    def server_families(links: List[Dict[str, Any]]) -> Iterator[Any]:
+        """The families with a server label: one sample per Asterisk server."""
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
         up = GaugeMetricFamily("zmqami_server_up", "1 if the Asterisk server answers",
                                labels=["server"])
         queue = GaugeMetricFamily("zmqami_queue_length", "States waiting to be written on the "
                                   "server (one per device or presence at most)",
                                   labels=["server"])
-        silence = GaugeMetricFamily("zmqami_seconds_since_last_answer",
-                                    "Seconds since the server last answered", labels=["server"])
+        answer = GaugeMetricFamily("zmqami_last_answer_timestamp_seconds",
+                                   "When the server last answered, Unix seconds",
+                                   labels=["server"])
         sent = CounterMetricFamily("zmqami_actions_sent", "Other actions sent, by kind (ping, "
                                    "list, client)", labels=["server", "kind"])
         answered = CounterMetricFamily("zmqami_actions_answered", "Other actions answered, by "
@@ -110,7 +126,7 @@ class MetricsServer:
             name = link["name"]
             up.add_metric([name], 1 if link["up"] else 0)
             queue.add_metric([name], link["queued"])
-            silence.add_metric([name], link["since_answer"])
+            answer.add_metric([name], link["last_answer"])
             for metric, _, key in LINK_COUNTERS:
                 counters[metric].add_metric([name], link[key])
             for kind, count in link["actions_sent"].items():
@@ -123,17 +139,7 @@ class MetricsServer:
                 cumulative += count
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric([name], buckets, total)
-        yield from [up, queue, silence, sent, answered, *counters.values(), latency]
-        peers = snapshot.get("peers")
-        if peers is not None:
-            peer_up = GaugeMetricFamily("zmqami_peer_up", "1 if the peer agent is up",
-                                        labels=["peer"])
-            for peer in peers:
-                peer_up.add_metric([peer["name"]], 1 if peer["up"] else 0)
-            yield peer_up
-        for name, (kind, text, value) in snapshot.get("totals", {}).items():
-            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(f"zmqami_{name}", text, value=value)
+        yield from [up, queue, answer, sent, answered, *counters.values(), latency]
 
 
 def _bound(bound: float) -> str:

@@ -202,7 +202,7 @@ class NatsNetwork:
                                    f"{exc.strerror}"]) from None
             except ImportError:
                 raise ConfigError([f"{config_path}: NATS_CREDS_FILE: a credentials file needs "
-                                   "the nkeys library: pip install 'zmq-ami-broker[nats]'"]) \
+                                   "the nkeys library: pip install nkeys"]) \
                     from None
 
     def start(self) -> None:
