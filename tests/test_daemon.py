@@ -1,4 +1,5 @@
 """Running as a daemon: live status, SIGHUP reload, log files, --check-config, systemd units."""
+import re
 import shutil
 import signal
 import subprocess
@@ -175,3 +176,15 @@ def test_systemd_units_verify(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", *map(str, tmp_path.glob("*.service"))],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    for unit in tmp_path.glob("*.service"):
+        # Hardened (8.5, EXPOSED, before issue 26), with notify, watchdog and reload kept; the
+        # log folder made for it; the run folder shared by the units and never removed by one.
+        security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                                  capture_output=True, text=True, timeout=60)
+        score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
+        assert score and float(score.group(1)) <= 3.0, security.stdout[-2000:]
+        text = unit.read_text()
+        for line in ("Type=notify", "WatchdogSec=", "ExecReload=", "LogsDirectory=zmq-ami",
+                     "RuntimeDirectory=zmq-ami", "RuntimeDirectoryPreserve=yes",
+                     "MemoryDenyWriteExecute=yes", "LimitNOFILE="):
+            assert line in text, (unit.name, line)
