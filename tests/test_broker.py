@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from harness import run_script, setvars, wait_until
+from harness import ROOT, run_script, setvars, wait_until
 
 
 def mirrored(standin, device, state):
@@ -158,3 +158,22 @@ def test_demo_runs_and_ends_by_itself():
     result = run_script("broker.py", "--demo", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Every change reached every other server." in result.stdout
+    # It shows the config it ran with, not the path of a file removed at its end.
+    assert "[servers]\n    sections = asterisk-1, asterisk-2, asterisk-3" in result.stdout
+    assert "demo_config.ini" not in result.stdout
+
+
+def test_demo_takes_no_config_file_check_or_status():
+    for extra in (["--check-config"], ["example_config.ini"], ["--status"]):
+        result = run_script("broker.py", "--demo", *extra)
+        assert result.returncode == 2 and "--demo runs the broker on stand-in servers of its " \
+            "own" in result.stderr, result.stderr
+
+
+def test_counts_read_as_english(tmp_path):
+    text = (ROOT / "example_config.ini").read_text().replace(
+        "sections = server-1, server-2", "sections = server-1")
+    text = text[:text.index("[server-2]")]
+    (tmp_path / "one.ini").write_text(text)
+    result = run_script("broker.py", "--check-config", str(tmp_path / "one.ini"))
+    assert result.returncode == 0 and "OK (1 server)" in result.stdout, result.stderr

@@ -39,7 +39,7 @@ def test_down_state_while_a_server_is_dead_then_truth_after_its_restart(
         converge("broker, kill -9 of a server: its phones UNAVAILABLE on the others "
                  "(server_timeout 1 s)",
                  lambda: custom_states(standin).get("Custom:SIP/100") == "UNAVAILABLE")
-    script.wait_for_output("1 devices of server-1 now show UNAVAILABLE")
+    script.wait_for_output("1 device of server-1: now UNAVAILABLE")
     c.control.set_device("SIP/300", "NOT_INUSE")      # a change a dead server misses
     b.control.set_device("SIP/200", "BUSY")
     traffic = play(b, 100, 20, prefix="T/")           # and traffic while it is down

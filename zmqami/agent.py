@@ -41,7 +41,7 @@ from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import BadInput, StateUpdate, event_for, relayed_update, safe_action, unique_id
 from .states import ListReading, StateTable, list_items
 from .statefile import SAVE_INTERVAL, StateFile
-from .stats import DropLog, Throttle, held_back
+from .stats import DropLog, Throttle, held_back, plural
 from .status import StatusServer, link_status, serve_status, when
 from .metrics import MetricsServer, link_snapshot, serve_metrics
 from .natsnet import NatsNetwork, carries_state, nats_permissions
@@ -361,9 +361,9 @@ class Agent:
             self.send(ALL, "AsteriskEvent", data=event_for(StateUpdate(variable,
                                                                        self.states.down_state)))
         if reading.gone:
-            log.warning("%d devices of Asterisk that its list no longer shows after its restart "
-                        "now show %s on the peers, until they report again", len(reading.gone),
-                        self.states.down_state)
+            log.warning("%s of Asterisk that its list no longer shows after its restart: now "
+                        "%s on the peers, until they report again",
+                        plural(len(reading.gone), "device"), self.states.down_state)
         return reading
 
     def answer_state_requests(self, readings: List[ListReading]) -> None:

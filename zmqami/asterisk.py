@@ -537,9 +537,9 @@ class AsteriskLink:
 
     def _on_timeout(self) -> None:
         self.stats.timeouts += 1
-        if self.answering is not False:
-            log.error(self.NO_ANSWER + ": reconnecting, and sending again until it answers",
-                      self.name, self.outbox.timeout * 1000)
+        if self.answering is not False:  # (a warning, as a server down is)
+            log.warning(self.NO_ANSWER + ": reconnecting, and sending again until it answers",
+                        self.name, self.outbox.timeout * 1000)
         else:
             log.debug("Still no answer from %s: reconnecting", self.name)
         self.answering = False

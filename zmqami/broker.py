@@ -21,7 +21,7 @@ from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import BadInput, StateUpdate, presence_update, relayed_update, unique_id
 from .states import ListReading, StateTable, decide_first_presences, list_items
 from .statefile import SAVE_INTERVAL, StateFile
-from .stats import DropLog, printable
+from .stats import DropLog, plural, printable
 from .metrics import MetricsServer, link_snapshot, serve_metrics
 from .systemd import Notifier
 from .status import StatusServer, link_status, print_status, serve_status
@@ -66,8 +66,8 @@ class Broker:
         """Relay until SIGTERM or Ctrl-C; SIGHUP reloads the config file."""
         self.loop.stop_on_signals()
         self.loop.reload_on_sighup(self.reload)
-        log.info("Broker %s starting with %d servers (device_state %s, presence %s)", __version__,
-                 len(self.config.servers), _yes_no(self.config.device_state),
+        log.info("Broker %s starting with %s (device_state %s, presence %s)", __version__,
+                 plural(len(self.config.servers), "server"), _yes_no(self.config.device_state),
                  _yes_no(self.config.presence))
         self.apply(self.config)
         if self.first_presences is not None:
@@ -169,7 +169,8 @@ class Broker:
         self.apply(config)
         self.reloads += 1
         after = set(self.servers)
-        log.info("Reloaded %s: %d servers (%d added, %d removed)", config.path, len(after),
+        log.info("Reloaded %s: %s (%d added, %d removed)", config.path,
+                 plural(len(after), "server"),
                  len(after - before), len(before - after))
 
     def metrics_snapshot(self) -> Dict[str, Any]:
@@ -260,8 +261,8 @@ class Broker:
         for variable in variables:
             self.relay(StateUpdate(variable, self.config.down_state))
         if variables:
-            log.warning("%d devices of %s now show %s on the other servers", len(variables),
-                        link.name, self.config.down_state)
+            log.warning("%s of %s: now %s on the other servers",
+                        plural(len(variables), "device"), link.name, self.config.down_state)
 
     def forget(self, link: AsteriskLink) -> None:
         """A server removed from the config: its devices show down_state on the others one last
@@ -371,9 +372,9 @@ class Broker:
             log.info("Read the %s of %s: %d states relayed, %d mirrors repaired", what,
                      link.name, len(reading.changed), len(reading.repairs))
         if reading.gone:
-            log.warning("%d devices of %s that its list no longer shows after its restart now "
-                        "show %s on the other servers, until they report again",
-                        len(reading.gone), link.name, self.config.down_state)
+            log.warning("%s of %s that its list no longer shows after its restart: now %s "
+                        "on the other servers, until they report again",
+                        plural(len(reading.gone), "device"), link.name, self.config.down_state)
 
     def _bad_item(self, link: AsteriskLink):
         return lambda item, exc: self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
@@ -429,6 +430,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="print the status of the broker running with this config file")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     args = parser.parse_args(argv)
+    if args.demo and (args.config or args.check_config or args.status):
+        parser.error("--demo runs the broker on stand-in servers of its own: it takes no "
+                     "config file, --check-config or --status")
     if not args.demo and not args.config:
         parser.print_usage(sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
@@ -447,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check_config:
         for warning in placeholder_secrets(config):
             print(warning)
-        print(f"{args.config}: OK ({len(config.servers)} servers)")
+        print(f"{args.config}: OK ({plural(len(config.servers), 'server')})")
         return 0
     if args.status:
         return print_status(config.path, "[general] status_socket", config.status_socket)

@@ -133,8 +133,11 @@ def run_demo() -> int:
         handle.write(_config_text(standins))
 
     print("zmq-ami-broker demo: three stand-in Asterisk servers on 127.0.0.1, "
-          "and the broker between them")
-    print(f"    {program_name('broker.py')} {config_path}")
+          "and the broker between them, as")
+    print(f"    {program_name('broker.py')} config.ini")
+    # (the file itself is temporary, removed at exit: its text, to start from)
+    print("with this config.ini (example_config.ini explains each key):\n")
+    print("".join(f"    {line}\n" for line in _config_text(standins).splitlines() if line))
     broker = subprocess.Popen([sys.executable, "-m", "zmqami.broker", config_path],
                               cwd=PROJECT_DIR)  # (from a checkout; installed, from anywhere)
     # Ctrl-C reaches the broker too (same process group) and stops it; here it is KeyboardInterrupt.

@@ -62,6 +62,11 @@ class Throttle:
         return self._held.pop(key, 0)
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 device', '2 devices': counts in log lines and messages read as English."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def held_back(count: int, what: str) -> str:
     return f" ({count} more {what} since the last warning)" if count else ""
 
