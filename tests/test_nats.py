@@ -582,3 +582,22 @@ def test_a_bucket_filled_by_a_hostile_agent_cannot_exhaust_an_agents_memory(
     wait_until(lambda: len(custom_states(y)) >= 10_000, timeout=60,
                message="Mallory's first 10,000 states on Y")
     assert peak_rss_mb(agent_x) < 100 and peak_rss_mb(agent_y) < 100
+
+
+def test_an_administrator_lists_the_bucket_without_the_nats_cli(standins, cluster, nats_agents,
+                                                                tmp_path):
+    nodes = cluster(1)
+    x, = standins(1)
+    nats_agents([x], nodes.urls, names="X", **FAST)
+    x.control.set_device("SIP/100", "INUSE")
+    wait_until(lambda: stored(nodes.urls, "X.device.SIP/100"), message="X's state stored")
+    settings = python_settings(tmp_path / "ls_config.py", NATS_URLS=nodes.urls, NATS_USER=USER,
+                               NATS_PASSWORD=PASSWORD)
+    result = run_script("agent.py", "--nats-ls", str(settings))
+    assert result.returncode == 0, result.stderr
+    assert "X.device.SIP/100  (revision " in result.stdout and "State=INUSE" in result.stdout
+    assert "X.heartbeat" in result.stdout and "its Asterisk is up" in result.stdout
+    wrong = python_settings(tmp_path / "ls_wrong.py", NATS_URLS=nodes.urls, NATS_USER=USER,
+                            NATS_PASSWORD="wrong")
+    result = run_script("agent.py", "--nats-ls", str(wrong))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr

@@ -44,7 +44,7 @@ from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back, plural
 from .status import StatusServer, link_status, serve_status, when
 from .metrics import MetricsServer, link_snapshot, serve_metrics
-from .natsnet import NatsNetwork, carries_state, nats_permissions
+from .natsnet import NatsNetwork, carries_state, nats_permissions, print_bucket
 from .network import HubNetwork
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .systemd import Notifier
@@ -641,7 +641,9 @@ def _text(value: Any) -> Optional[str]:
 
 COMMANDS = [("--nats-permissions", dict(
     metavar="NAME", help="print, as JSON, the NATS permissions the user of agent NAME needs "
-                         "(for the bucket and subject prefix of this settings file)"))]
+                         "(for the bucket and subject prefix of this settings file)")),
+            ("--nats-ls", dict(action="store_const", const=True, help="print every key of the "
+                               "NATS bucket and its value (no nats CLI needed)"))]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -659,6 +661,12 @@ def run_command(args: Any, config_path: str, settings: Dict[str, Any]) -> Option
             return 2
         print(json.dumps(nats_permissions(settings, args.nats_permissions), indent=2))
         return 0
+    if args.nats_ls:
+        if not settings["NATS_URLS"]:
+            print(f"{config_path}: NATS_URLS: not set: this agent uses a hub, not NATS",
+                  file=sys.stderr)
+            return 2
+        return print_bucket(config_path, settings)
     return None
 
 

@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -124,6 +125,72 @@ def nats_permissions(settings: Dict[str, Any], name: str) -> Dict[str, List[str]
                     f"{api}.CONSUMER.INFO.{stream}.>", f"$JS.FC.{stream}.>"],
         "subscribe": [f"{prefix}.all", f"{prefix}.node.{token(name)}", f"{prefix}.kv.>",
                       "_INBOX.>"]}
+
+
+LIST_TIMEOUT = 30.0  # s for --nats-ls to connect and read the whole bucket
+
+
+def print_bucket(config_path: str, settings: Dict[str, Any]) -> int:
+    """--nats-ls: every key of the bucket, when it was stored and its value, as NATS holds them
+    (for administrators without the nats CLI, which neither PyPI nor Debian 12 has)."""
+    import nats
+    from nats.js.errors import NoKeysError, NotFoundError
+
+    async def read() -> List[Tuple[str, float, bytes]]:
+        client = await nats.connect(
+            servers=as_list(settings["NATS_URLS"]), name="zmq-ami --nats-ls",
+            user=settings["NATS_USER"], password=settings["NATS_PASSWORD"],
+            user_credentials=settings["NATS_CREDS_FILE"], tls=tls_context(config_path, settings),
+            connect_timeout=CONNECT_TIMEOUT, max_reconnect_attempts=0, allow_reconnect=False,
+            error_cb=_no_report)  # (what fails is said once, below)
+        try:
+            bucket = await client.jetstream(domain=settings["NATS_JS_DOMAIN"]).key_value(
+                settings["NATS_BUCKET"])
+            try:
+                keys = await bucket.keys()
+            except NoKeysError:
+                return []
+            entries = []
+            for key in sorted(keys):
+                entry = await bucket.get(key)
+                entries.append((key, entry.revision or 0, entry.value or b""))
+            return entries
+        finally:
+            await client.close()
+    try:
+        entries = asyncio.run(asyncio.wait_for(read(), LIST_TIMEOUT))
+    except NotFoundError:
+        print(f"{config_path}: NATS_BUCKET: no bucket {settings['NATS_BUCKET']} on "
+              f"{', '.join(as_list(settings['NATS_URLS']))}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # cannot connect, no permission, a timeout: one line, as any error
+        print(f"{config_path}: NATS_URLS: cannot read the bucket {settings['NATS_BUCKET']}: "
+              f"{_why(exc) if not isinstance(exc, asyncio.TimeoutError) else 'no answer within '}"
+              f"{f'{LIST_TIMEOUT:g} s' if isinstance(exc, asyncio.TimeoutError) else ''}",
+              file=sys.stderr)
+        return 1
+    for key, revision, value in entries:
+        print(f"{key}  (revision {revision})  {_stored_value(value)}")
+    print(f"{len(entries)} keys in the bucket {settings['NATS_BUCKET']}")
+    return 0
+
+
+async def _no_report(exc: Exception) -> None:
+    pass
+
+
+def _stored_value(raw: bytes) -> str:
+    """What a value of the bucket says, in one line: its state, or its sender's health."""
+    try:
+        message = json.loads(raw)
+        if message.get("msg_type") == "AgentHeartbeat":
+            return f"heartbeat of {printable(message.get('origin'))}: its Asterisk is " \
+                   f"{printable(message.get('x_asterisk'))}"
+        data = message["x_data"]
+        return f"{printable(message.get('origin'))}: " + ", ".join(
+            f"{key}={printable(value)}" for key, value in data.items() if key != "Event")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return printable(raw.decode("utf-8", "replace"))
 
 
 def key_owner(key: str) -> str:
