@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 
 import zmq
 
-from zmqami.natscluster import NatsCluster, free_port
+from zmqami.natscluster import (NatsCluster, fill_bucket_as_mallory, free_port,
+                                 make_unlimited_bucket)
 from zmqami.standin import AMI_SECRET, AMI_USER, Standin, start_standin_process
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -376,18 +377,10 @@ def scenario_nats_hostile(context: zmq.Context, workdir: str, small: int, large:
     about 1 MB, in a bucket made without limits (as before issue 23).  Peak RSS of an agent
     running meanwhile and of one starting afterwards."""
     import asyncio
-    import nats
-    from nats.js.api import RePublish
     cluster = Cluster(context, workdir)
     try:
         cluster.nats = NatsCluster(os.path.join(cluster.workdir, "nats"), 1)
         url = cluster.nats.urls[0]
-
-        async def make_bucket() -> None:
-            client = await nats.connect(url)
-            await client.jetstream().create_key_value(bucket="zmqami", history=1, republish=(
-                RePublish(src="$KV.zmqami.>", dest="zmqami.kv.>")))
-            await client.close()
 
         def agent_ready() -> float:
             """Start an agent, wait until it has read the bucket; its pid."""
@@ -400,28 +393,9 @@ def scenario_nats_hostile(context: zmq.Context, workdir: str, small: int, large:
                 time.sleep(0.2)
             return cluster.relays[-1].pid
 
-        async def fill() -> float:
-            client = await nats.connect(url)
-            js = client.jetstream()
-            pending = []
-            for i in range(small):
-                body = json.dumps({"msg_type": "AsteriskEvent", "uuid": f"{i:032x}",
-                                   "origin": "Mallory", "x_heartbeat": "30", "x_data": {
-                                       "Event": "DeviceStateChange", "Device": f"SIP/{i}",
-                                       "State": "BUSY"}}).encode()
-                pending.append(await js.publish_async(f"$KV.zmqami.Mallory.device.SIP/{i}", body))
-                if len(pending) >= 2000:
-                    await asyncio.gather(*pending)
-                    pending = []
-            await asyncio.gather(*pending)
-            for i in range(large):
-                await js.publish(f"$KV.zmqami.Mallory.presence.p{i}", b"x" * 1_000_000)
-            stored = (await js.stream_info("KV_zmqami")).state.bytes
-            await client.close()
-            return stored / 1e6
-        asyncio.run(make_bucket())
+        asyncio.run(make_unlimited_bucket([url]))
         running_pid = agent_ready()
-        megabytes = asyncio.run(fill())
+        megabytes = asyncio.run(fill_bucket_as_mallory([url], small, large))
         time.sleep(5)  # (what it was sent is taken in by now)
         running = process_peak_rss_mb(running_pid)
         starting_pid = agent_ready()

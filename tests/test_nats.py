@@ -10,7 +10,8 @@ import pytest
 
 from harness import (converge, custom_states, free_port, play, python_settings, run_script,
                      run_without, setvars, start_agent, wait_until)
-from zmqami.natscluster import NatsCluster, nats_server_binary
+from zmqami.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
+                                 nats_server_binary)
 from zmqami.natsnet import state_key, stored_first, subject_for, token, untoken
 from zmqami.status import fetch_status
 
@@ -546,36 +547,14 @@ def peak_rss_mb(script) -> float:
 
 def test_a_bucket_filled_by_a_hostile_agent_cannot_exhaust_an_agents_memory(
         standins, cluster, nats_agents, tmp_path):
-    from nats.js.api import RePublish
     nodes = cluster(1)
     status = f"ipc://{tmp_path}/x.status"
-
-    async def make_bucket():  # without limits, as buckets were made before
-        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
-        await client.jetstream().create_key_value(bucket="zmqami", history=1, republish=(
-            RePublish(src="$KV.zmqami.>", dest="zmqami.kv.>")))
-        await client.close()
-    asyncio.run(make_bucket())
+    credentials = dict(user=USER, password=PASSWORD)
+    asyncio.run(make_unlimited_bucket(nodes.urls, **credentials))  # as buckets were made before
     x, y = standins(2)
     agent_x, = nats_agents([x], nodes.urls, names="X", STATUS_SOCKET=status, **FAST)
-
-    async def fill():  # Mallory, within its own keys: 100,000 states, 150 values of 1 MB
-        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
-        js, pending = client.jetstream(), []
-        for i in range(100_000):
-            body = json.dumps({"msg_type": "AsteriskEvent", "uuid": f"{i:032x}",
-                               "origin": "Mallory", "x_heartbeat": "30", "x_data": {
-                                   "Event": "DeviceStateChange", "Device": f"SIP/{i}",
-                                   "State": "BUSY"}}).encode()
-            pending.append(await js.publish_async(f"$KV.zmqami.Mallory.device.SIP/{i}", body))
-            if len(pending) >= 2000:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
-        for i in range(150):
-            await js.publish(f"$KV.zmqami.Mallory.presence.p{i}", b"x" * 1_000_000)
-        await client.close()
-    asyncio.run(fill())
+    # Mallory, within its own keys: 100,000 states, 150 values of 1 MB
+    asyncio.run(fill_bucket_as_mallory(nodes.urls, 100_000, 150, **credentials))
     # X took Mallory's first 10,000 states (MAX_DEVICES_PER_PEER), and no more
     wait_until(lambda: fetch_status(status)["totals"]["hub_messages"] >= 10_000, timeout=60)
     agent_y, = nats_agents([y], nodes.urls, names="Y", **FAST)

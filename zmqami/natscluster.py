@@ -5,6 +5,7 @@ it beside the Python interpreter; one on the PATH does too.  Each server of a cl
 JetStream on, its own store in a work folder, a client port, a cluster port and a monitoring port
 (its /healthz says when JetStream is ready), all chosen free at start.
 """
+import asyncio
 import itertools
 import json
 import os
@@ -212,3 +213,37 @@ class NatsCluster:
     def close(self) -> None:
         for server in self.servers:
             server.kill()
+
+
+async def make_unlimited_bucket(urls: List[str], **credentials: Any) -> None:
+    """The agents' bucket as it was made before issue 23: no value-size or byte limit."""
+    import nats
+    from nats.js.api import RePublish
+    client = await nats.connect(urls, **credentials)
+    await client.jetstream().create_key_value(bucket="zmqami", history=1, republish=RePublish(
+        src="$KV.zmqami.>", dest="zmqami.kv.>"))
+    await client.close()
+
+
+async def fill_bucket_as_mallory(urls: List[str], small: int, large: int,
+                                 **credentials: Any) -> float:
+    """A compromised agent, Mallory, fills the bucket within its own keys: small states, then
+    values of about 1 MB.  Returns the megabytes the bucket holds then."""
+    import nats
+    client = await nats.connect(urls, **credentials)
+    js, pending = client.jetstream(), []
+    for i in range(small):
+        body = json.dumps({"msg_type": "AsteriskEvent", "uuid": f"{i:032x}", "origin": "Mallory",
+                           "x_heartbeat": "30", "x_data": {"Event": "DeviceStateChange",
+                                                           "Device": f"SIP/{i}",
+                                                           "State": "BUSY"}}).encode()
+        pending.append(await js.publish_async(f"$KV.zmqami.Mallory.device.SIP/{i}", body))
+        if len(pending) >= 2000:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+    for i in range(large):
+        await js.publish(f"$KV.zmqami.Mallory.presence.p{i}", b"x" * 1_000_000)
+    stored = (await js.stream_info("KV_zmqami")).state.bytes
+    await client.close()
+    return stored / 1e6
