@@ -188,3 +188,14 @@ def test_systemd_units_verify(tmp_path):
                      "RuntimeDirectory=zmq-ami", "RuntimeDirectoryPreserve=yes",
                      "MemoryDenyWriteExecute=yes", "LimitNOFILE="):
             assert line in text, (unit.name, line)
+
+
+def test_each_line_of_the_log_names_its_program(standins, broker, agents, hub):
+    a, b = standins(2)
+    script = broker([a, b])
+    agent, = agents([a])
+    for program, output in (("broker", script), ("agent", agent), ("hub", hub.script)):
+        output.wait_for_output(f" - {program} - INFO - ")
+        lines = [line for line in output.output().splitlines() if " - INFO - " in line
+                 or " - WARNING - " in line]
+        assert lines and all(f" - {program} - " in line for line in lines), lines[:3]

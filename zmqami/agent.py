@@ -49,7 +49,7 @@ from .network import HubNetwork
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .systemd import Notifier
 
-log = logging.getLogger("asterisk_agent")
+log = logging.getLogger("agent")
 
 
 # Actions a client may have an agent run: read-only ones.  Others (Originate, Setvar, Command, ...)

@@ -456,7 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.status:
         return print_status(config.path, "[general] status_socket", config.status_socket)
     try:
-        setup_logging(config.log_level, config.log_file, config.log_syslog)
+        setup_logging(config.log_level, config.log_file, config.log_syslog, "broker")
     except OSError as exc:
         return ConfigError([f"{config.path}: [general] log_file: {exc}"]).report()
     context = zmq.Context()

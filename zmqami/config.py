@@ -39,7 +39,10 @@ def program_name(script: str) -> str:
     """How the user ran it: ``python agent.py`` from a checkout, ``zmq-ami-agent`` installed."""
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return f"python {script}" if not called or called.endswith(".py") else called
-LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+# The original's format, with the program's name (broker, hub, agent) where it had its loggers'
+# names (asterisk_agent, esb_server, ...): every line of a process says which program wrote it.
+LOG_FORMAT = "%(asctime)s - {program} - %(levelname)s - %(message)s"
+PROGRAMS = {"broker.py": "broker", "server.py": "hub", "agent.py": "agent"}
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
               "warning": logging.WARNING, "error": logging.ERROR}
 CONFIG_ERROR_EXIT = 2
@@ -59,23 +62,29 @@ class ConfigError(Exception):
         return CONFIG_ERROR_EXIT
 
 
-def setup_logging(level: int, log_file: Optional[str] = None, syslog: bool = False) -> None:
+_logging_program = ["zmq-ami"]  # the program's name, kept for a reload's set-up
+
+
+def setup_logging(level: int, log_file: Optional[str] = None, syslog: bool = False,
+                  program: str = "") -> None:
     """Log in the original project's format: to stderr (the journal picks it up), and to a file
     and to syslog when asked.
 
     The file is reopened when logrotate renames it (WatchedFileHandler), so neither copytruncate
     nor a signal is needed.  Called again (a reload), it replaces the handlers it set up before.
     """
+    program = program or _logging_program[0]
+    _logging_program[0] = program
     handlers: List[logging.Handler] = [logging.StreamHandler()]
     if log_file:
         handlers.append(logging.handlers.WatchedFileHandler(log_file, encoding="utf-8"))
     if syslog:
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
         syslog_handler = logging.handlers.SysLogHandler(address=address)
-        syslog_handler.setFormatter(logging.Formatter("zmq-ami: %(name)s - %(levelname)s - "
+        syslog_handler.setFormatter(logging.Formatter(f"zmq-ami: {program} - %(levelname)s - "
                                                       "%(message)s"))
         handlers.append(syslog_handler)
-    formatter = logging.Formatter(LOG_FORMAT)
+    formatter = logging.Formatter(LOG_FORMAT.format(program=program))
     for handler in handlers[:2]:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=handlers, force=True)
@@ -606,15 +615,15 @@ COMMON_SETTINGS = {
 }
 
 
-def load_script_settings(path: str, schema: Dict[str, Setting],
-                         quiet: bool = False) -> Dict[str, Any]:
+def load_script_settings(path: str, schema: Dict[str, Setting], quiet: bool = False,
+                         program: str = "") -> Dict[str, Any]:
     """load_settings for a script: also sets up logging at LOG_LEVEL (unless quiet: --status)."""
     settings = load_settings(path, schema)
     if quiet:
         return settings
     try:
         setup_logging(LOG_LEVELS[settings["LOG_LEVEL"].lower()], settings["LOG_FILE"],
-                      settings["LOG_SYSLOG"])
+                      settings["LOG_SYSLOG"], program)
     except OSError as exc:
         raise ConfigError([f"{path}: LOG_FILE: {exc}"]) from None
     return settings
@@ -658,7 +667,7 @@ def run_settings_script(script: str, description: str, default_name: str,
     quiet = args.status or any(getattr(args, flag.lstrip("-").replace("-", "_")) is not None
                                for flag, _ in extra)
     try:
-        settings = load_script_settings(args.config, schema, quiet=quiet)
+        settings = load_script_settings(args.config, schema, quiet, PROGRAMS.get(script, ""))
     except ConfigError as exc:
         return exc.report()
     if args.status:

@@ -24,7 +24,7 @@ from .status import StatusServer, serve_status
 from .metrics import MetricsServer, serve_metrics
 from .systemd import Notifier
 
-log = logging.getLogger("esb_server")
+log = logging.getLogger("hub")
 
 HUB_SETTINGS = {
     "LOG_LEVEL": Setting("info", is_log_level),

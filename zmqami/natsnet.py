@@ -47,7 +47,7 @@ from .loop import NOBLOCK, EventLoop, drain
 from .network import OnMessage, as_list
 from .stats import Throttle, held_back, printable
 
-log = logging.getLogger("asterisk_agent")
+log = logging.getLogger("agent")
 
 CONNECT_TIMEOUT = 2.0     # s for each connection attempt
 RECONNECT_WAIT = 1.0      # s between two attempts on the same server

@@ -18,7 +18,7 @@ from .envelope import ALL, hub_socket
 from .loop import EventLoop, drain, send_frames
 from .stats import DropLog
 
-log = logging.getLogger("asterisk_agent")
+log = logging.getLogger("agent")
 
 # (frames[, age, owner]): from a NATS bucket, how long ago it was stored and whose key it was in
 OnMessage = Callable[..., None]

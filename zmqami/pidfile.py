@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 
-log = logging.getLogger("asterisk_agent")
+log = logging.getLogger("agent")
 
 
 class PidFileBusy(Exception):

@@ -897,7 +897,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--boot-on-command", action="store_true",
                         help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
-    setup_logging(logging.INFO)
+    setup_logging(logging.INFO, program="standin")
     server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port,
                              state_file=args.state_file, ami_port=args.ami_port,
                              ami_user=args.ami_user, ami_secret=args.ami_secret,
