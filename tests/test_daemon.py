@@ -1,4 +1,5 @@
 """Running as a daemon: live status, SIGHUP reload, log files, --check-config, systemd units."""
+import json
 import re
 import shutil
 import signal
@@ -38,6 +39,10 @@ def test_status_shows_a_server_that_is_down(standins, tmp_path):
         assert "server-1  up" in table and "server-2  up" in table
         # (relayed from the event, or from the first read of server-1's states: either way known)
         assert "known states: 1" in table and table.startswith("broker ")
+        raw = run_script("broker.py", "--status", "--json", str(config))  # for scripts
+        status = json.loads(raw.stdout)
+        assert [server["up"] for server in status["servers"]] == [True, True, False]
+        assert status["program"] == "broker" and status["totals"]["known_states"] == 1
     finally:
         script.kill()
 

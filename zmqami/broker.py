@@ -428,6 +428,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="check the config file, print every error, exit 0 or 2")
     parser.add_argument("--status", action="store_true",
                         help="print the status of the broker running with this config file")
+    parser.add_argument("--json", action="store_true", help="with --status: as JSON")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     args = parser.parse_args(argv)
     if args.demo and (args.config or args.check_config or args.status):
@@ -454,7 +455,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{args.config}: OK ({plural(len(config.servers), 'server')})")
         return 0
     if args.status:
-        return print_status(config.path, "[general] status_socket", config.status_socket)
+        return print_status(config.path, "[general] status_socket", config.status_socket,
+                            args.json)
     try:
         setup_logging(config.log_level, config.log_file, config.log_syslog, "broker")
     except OSError as exc:

@@ -644,6 +644,7 @@ def script_arguments(script: str, description: str, default_name: str,
                         help="check the settings file, print every error, exit 0 or 2")
     parser.add_argument("--status", action="store_true",
                         help="print the status of the process running with these settings")
+    parser.add_argument("--json", action="store_true", help="with --status: as JSON")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     for flag, options in extra:
         parser.add_argument(flag, **options)
@@ -671,7 +672,7 @@ def run_settings_script(script: str, description: str, default_name: str,
     except ConfigError as exc:
         return exc.report()
     if args.status:
-        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"])
+        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"], args.json)
     if command is not None:
         status = command(args, args.config, settings)
         if status is not None:

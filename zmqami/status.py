@@ -140,13 +140,16 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
                    for row in [header] + rows]
 
 
-def print_status(config_path: str, key: str, address: Optional[str]) -> int:
-    """--status: ask the running process on its status socket, print a table."""
+def print_status(config_path: str, key: str, address: Optional[str],
+                 as_json: bool = False) -> int:
+    """--status: ask the running process on its status socket, print a table (as_json: the
+    status itself, for scripts)."""
     if not address:
         print(f"{config_path}: {key}: not set, so there is no status to ask for", file=sys.stderr)
         return 2
     try:
-        print(render(fetch_status(address)))
+        status = fetch_status(address)
+        print(json.dumps(status, indent=2) if as_json else render(status))
     except TimeoutError as exc:
         print(f"{config_path}: {exc}", file=sys.stderr)
         return 1
