@@ -101,6 +101,15 @@ def test_the_wheel_installs_and_its_commands_run(tmp_path):
     for command in ("zmq-ami-hub", "zmq-ami-agent"):
         help_text = run(str(bin_dir / command), "--help").stdout
         assert f"usage: {command}" in help_text and "/etc/zmq-ami/" in help_text
+    # The wheel carries no config file: each command prints its commented example, which passes.
+    for command, name in (("zmq-ami-broker", "example_config.ini"),
+                          ("zmq-ami-hub", "server_config.py"),
+                          ("zmq-ami-agent", "agent_config.py")):
+        example = run(str(bin_dir / command), "--example-config")
+        assert example.returncode == 0 and example.stdout == (ROOT / name).read_text()
+        written = tmp_path / name
+        written.write_text(example.stdout)
+        assert run(str(bin_dir / command), "--check-config", str(written)).returncode == 0
 
 
 def scrape(port: int) -> dict:

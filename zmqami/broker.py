@@ -15,8 +15,8 @@ import zmq
 from . import __version__
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, program_name,
-                     load_broker_config, placeholder_secrets, setup_logging)
+from .config import (CONFIG_ERROR_EXIT, BrokerConfig, ConfigError, ServerConfig, example_text,
+                     load_broker_config, placeholder_secrets, program_name, setup_logging)
 from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import BadInput, StateUpdate, presence_update, relayed_update, unique_id
 from .states import ListReading, StateTable, decide_first_presences, list_items
@@ -429,12 +429,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--status", action="store_true",
                         help="print the status of the broker running with this config file")
     parser.add_argument("--json", action="store_true", help="with --status: as JSON")
+    parser.add_argument("--example-config", action="store_true",
+                        help="print a commented example config.ini to start from")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     args = parser.parse_args(argv)
     if args.demo and (args.config or args.check_config or args.status):
         parser.error("--demo runs the broker on stand-in servers of its own: it takes no "
                      "config file, --check-config or --status")
-    if not args.demo and not args.config:
+    if not args.demo and not args.config and not args.example_config:
         parser.print_usage(sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
     return args
@@ -442,6 +444,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.example_config:
+        print(example_text("config.ini"), end="")
+        return 0
     if args.demo:
         from .demo import run_demo
         return run_demo()

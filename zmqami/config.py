@@ -629,6 +629,13 @@ def load_script_settings(path: str, schema: Dict[str, Setting], quiet: bool = Fa
     return settings
 
 
+def example_text(name: str) -> str:
+    """A commented example settings file (config.ini, server_config.py or agent_config.py), as
+    the package carries it (zmqami/examples: in a checkout, links to the files at its root)."""
+    from importlib import resources
+    return resources.files("zmqami").joinpath("examples", name).read_text(encoding="utf-8")
+
+
 def script_arguments(script: str, description: str, default_name: str,
                      argv: Optional[List[str]],
                      extra: Sequence[Tuple[str, Dict[str, Any]]] = ()) -> argparse.Namespace:
@@ -645,6 +652,8 @@ def script_arguments(script: str, description: str, default_name: str,
     parser.add_argument("--status", action="store_true",
                         help="print the status of the process running with these settings")
     parser.add_argument("--json", action="store_true", help="with --status: as JSON")
+    parser.add_argument("--example-config", action="store_true",
+                        help=f"print a commented example {default_name} to start from")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     for flag, options in extra:
         parser.add_argument(flag, **options)
@@ -663,6 +672,9 @@ def run_settings_script(script: str, description: str, default_name: str,
     done by command: its exit status, or None to run), then run(path, settings)."""
     from .status import print_status
     args = script_arguments(script, description, default_name, argv, extra)
+    if args.example_config:
+        print(example_text(default_name), end="")
+        return 0
     if args.check_config:
         return check_settings(args.config, schema)
     quiet = args.status or any(getattr(args, flag.lstrip("-").replace("-", "_")) is not None
