@@ -445,7 +445,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.example_config:
-        print(example_text("config.ini"), end="")
+        print(example_text("example_config.ini"), end="")
         return 0
     if args.demo:
         from .demo import run_demo
