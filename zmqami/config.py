@@ -630,8 +630,9 @@ def load_script_settings(path: str, schema: Dict[str, Setting], quiet: bool = Fa
 
 
 def example_text(name: str) -> str:
-    """A commented example settings file (example_config.ini, server_config.py, agent_config.py), as
-    the package carries it (zmqami/examples: in a checkout, links to the files at its root)."""
+    """A commented example settings file (example_config.ini, server_config.py or
+    agent_config.py), as the package carries it (zmqami/examples: in a checkout, links to the
+    files at its root)."""
     from importlib import resources
     return resources.files("zmqami").joinpath("examples", name).read_text(encoding="utf-8")
 
