@@ -258,6 +258,25 @@ def test_without_a_state_file_a_tie_is_logged_and_left_alone(standins, broker):
     wait_until(lambda: shows([a, b, c], ["away", "", "out"]))
 
 
+def test_anti_entropy_before_every_first_read_is_in_takes_no_side(standins, broker):
+    """A server slow to answer its first read: the others' anti-entropy reads, answered
+    meanwhile, must not take their presences for changes (they were relayed as such, and the
+    tie was decided by which server answered first: found on a busy machine)."""
+    a, b, c = standins(3)
+    values = (LUNCH, BACK, ["dnd", "", "meeting"])
+    for server, value in zip((a, b, c), values):
+        set_everywhere([server], value)
+    b.control.set_mode("slow", delay_ms=600)  # its first read is the last one in
+    script = broker([a, b, c], presence="yes", resync_interval="0.2", request_timeout="5000")
+    script.wait_for_output("1 presences differ between the servers")
+    b.control.set_mode("normal")
+    for server in (a, b, c):  # a few rounds of anti-entropy later, still each its own
+        reads = server.control.state()["actions_run"].get("presencestatelist", 0)
+        wait_until(lambda: server.control.state()["actions_run"].get("presencestatelist", 0)
+                   >= reads + 2)
+    assert [s.control.presences()["CustomPresence:5"] for s in (a, b, c)] == list(values)
+
+
 def test_a_broken_state_file_does_not_stop_the_start(standins, broker, tmp_path):
     a, b = standins(2)
     state_file = tmp_path / "broker.state"

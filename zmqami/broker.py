@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from typing import Any, Dict, List, Optional, Set
 
 import zmq
@@ -302,20 +301,24 @@ class Broker:
         if self.config.device_state:
             link.read_list("DeviceStateList", lambda reply, asked_at: self.on_device_list(
                 link, reply, asked_at, repair))
-        if not self.config.presence:
-            return
-        if first and self.first_presences is not None:
-            link.read_list("PresenceStateList", lambda reply, asked_at: self.gather_presences(
-                link, reply))
-        else:  # at the first contact, a difference from the saved presence is news
-            link.read_list("PresenceStateList", lambda reply, asked_at: self.on_presence_list(
+        if self.config.presence:
+            link.read_list("PresenceStateList", lambda reply, asked_at: self.on_presences_read(
                 link, reply, asked_at, repair or first))
+
+    def on_presences_read(self, link: AsteriskLink, reply: List[Dict[str, Any]], asked_at: float,
+                          repair: bool) -> None:
+        """While the first presences are decided together (no state file), every list read is
+        one of them, whenever it was asked for: an anti-entropy read answered before a server's
+        first one (a short resync_interval, a busy machine) must not take its value for a change
+        over the others'.  Afterwards, at the first contact, a difference from the saved
+        presence is news (repair)."""
+        if self.first_presences is not None:
+            self.gather_presences(link, reply)
+        else:
+            self.on_presence_list(link, reply, asked_at, repair)
 
     def gather_presences(self, link: AsteriskLink, reply: List[Dict[str, Any]]) -> None:
         """A server's first presence list, without a state file: kept until every server's is in."""
-        if self.first_presences is None:  # decided already: this one is read as usual
-            self.on_presence_list(link, reply, time.monotonic(), repair=True)
-            return
         values = {}
         for item in list_items(reply, "PresenceStateChange"):
             try:
