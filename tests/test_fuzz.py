@@ -4,7 +4,7 @@ import random
 import socket
 
 import zmq
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from harness import HubClient, custom_states, wait_until
@@ -62,6 +62,7 @@ ini_lines = st.lists(st.one_of(
 
 
 @given(ini_lines)
+@example("[servers]\nsections = server-1\n\x0c0")  # a continuation line: a name with a newline
 def test_ini_loader_raises_only_config_errors(tmp_path, text):
     path = tmp_path / "fuzz.ini"
     path.write_text(text, encoding="utf-8", errors="surrogateescape")

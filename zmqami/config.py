@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .rules import DEVICE_STATES
+from .stats import printable
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts' folder
 SETTINGS_DIR = "/etc/zmq-ami"  # where installed commands look for their settings files
@@ -280,7 +281,8 @@ class _IniReader:
         self.errors: List[str] = []
 
     def error(self, section: str, key: Optional[str], message: str) -> None:
-        where = f"[{section}] {key}" if key else f"[{section}]"
+        # (names from the file, escaped: a section listed as "a\n\x0cb" keeps the error one line)
+        where = f"[{printable(section)}] {printable(key)}" if key else f"[{printable(section)}]"
         self.errors.append(f"{self.path}: {where}: {message}")
 
     def raw(self, section: str, key: str, default: Optional[str] = None) -> Optional[str]:
