@@ -330,3 +330,28 @@ def test_a_change_made_while_an_agent_was_stopped_wins(standins, agents, hub, co
             wait_until(lambda: len(peer.lines("states from Z")) > before)
         for other in (x, y):  # and did not bring lunch back anywhere
             assert other.control.presences()["CustomPresence:5"] == BACK
+
+
+def test_an_asterisk_restarted_with_a_stale_presence_does_not_spread_it(standins, agents, hub,
+                                                                        context):
+    """Its Asterisk (not the agent) restarts and lists a presence otherwise than it last
+    reported (a database older than its last change): the list after a restart is not news,
+    as at the broker.  (Agent.read_own_states lost its caller's first flag, so every read
+    after a restart was taken for anti-entropy and the old value went to every peer.)"""
+    x, y, z = standins(3)
+    agents([x, y, z], names="XYZ", PRESENCE=True, RESYNC_INTERVAL=0)  # no anti-entropy
+    listener = HubClient(context, hub, name="listener", topics=["[*]"])
+    z.control.set_presence("CustomPresence:5", *LUNCH)  # read once: not the first read any more
+    wait_until(lambda: shows([x, y, z], LUNCH), message="lunch everywhere")
+    z.control.set_presence("CustomPresence:5", *BACK, publish=False)  # its database, restored
+    listener.find("AgentStates", "Z")
+    listener.received.clear()
+    z.control.boot()
+    states = listener.wait_for("AgentStates", "Z")["x_events"]  # what Z read after the restart
+    assert [(e["Status"], e["Subtype"], e["Message"]) for e in states
+            if e.get("Presentity") == "CustomPresence:5"] == [tuple(LUNCH)]
+    z.control.set_presence("CustomPresence:sentinel", "dnd")  # relayed after the AgentStates
+    wait_until(lambda: all(s.control.presences().get("CustomPresence:sentinel") == ["dnd", "", ""]
+                           for s in (x, y)), message="the sentinel on the peers")
+    assert [s.control.presences()["CustomPresence:5"] for s in (x, y)] == [LUNCH, LUNCH]
+    listener.close()

@@ -318,10 +318,10 @@ class Agent:
 
     def read_own_states(self, repair: bool, requester: str, first: bool = False) -> None:
         """Read its Asterisk's lists and send its own states to requester (a peer or everyone)."""
-        first = not self.state_requesters
+        under_way = bool(self.state_requesters)
         self.state_requesters.add(requester)
-        if not first:
-            return  # a read is under way: its answer goes to this requester too
+        if under_way:
+            return  # its answer goes to this requester too
         readings: List[ListReading] = []
         wanted = int(self.settings["DEVICE_STATE"]) + int(self.settings["PRESENCE"])
 
