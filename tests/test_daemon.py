@@ -19,8 +19,8 @@ def start_broker(tmp_path, servers, **general):
     return config, script
 
 
-def status_of(script_name, config):
-    result = run_script(script_name, "--status", str(config))
+def status_of(script_name, config, *query):
+    result = run_script(script_name, "--status", str(config), *query)
     return result.stdout if result.returncode == 0 else ""
 
 
@@ -43,6 +43,19 @@ def test_status_shows_a_server_that_is_down(standins, tmp_path):
         status = json.loads(raw.stdout)
         assert [server["up"] for server in status["servers"]] == [True, True, False]
         assert status["program"] == "broker" and status["totals"]["known_states"] == 1
+        # What each server reports for SIP/1, what its mirror should show, what was written.
+        wait_until(lambda: "INUSE at " in status_of("broker.py", config, "devices", "sip/"))
+        table = status_of("broker.py", config, "devices", "sip/")
+        assert table.startswith("SIP/1\n") and re.search(r"server-1 +INUSE since .* +- +-", table)
+        assert re.search(r"server-3 +- +INUSE +not yet \(writing\)", table)  # down: queued for it
+        raw = run_script("broker.py", "--status", str(config), "devices", "--json")
+        rows = {row["server"]: row for row in json.loads(raw.stdout)[0]["servers"]}
+        assert rows["server-2"]["mirror"] == rows["server-2"]["written"] == "INUSE"
+        assert rows["server-1"]["reports"] == "INUSE" and rows["server-1"]["mirror"] is None
+        nothing = run_script("broker.py", "--status", str(config), "devices", "^PJSIP/")
+        assert nothing.returncode == 1 and "No known device or presence matches" in nothing.stderr
+        bad = run_script("broker.py", "--status", str(config), "devices", "(")
+        assert bad.returncode == 2 and "is not a regular expression" in bad.stderr
     finally:
         script.kill()
 
@@ -146,6 +159,9 @@ def test_hub_and_agent_status_and_reload(standins, agents, hub, context, tmp_pat
     script, = agents([x], STATUS_SOCKET=address, KEEP_ALIVE_INTERVAL=0.3)
     config = tmp_path / "agent_X.py"
     wait_until(lambda: "Asterisk  up" in status_of("agent.py", config))
+    x.control.set_device("PJSIP/7", "BUSY")  # its own device: reported by X, mirrored nowhere
+    wait_until(lambda: re.search(r"X +BUSY since .* +- +-",
+                                 status_of("agent.py", config, "devices", "pjsip/7$")))
     # ALLOWED_ACTIONS changed by a reload, without a restart.
     client = HubClient(context, hub, name="Console")
     client.ping_until_pong("X")

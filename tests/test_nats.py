@@ -235,6 +235,7 @@ def test_a_stopped_agents_states_in_the_bucket_show_down_state_at_once(standins,
     x.control.set_device("SIP/100", "INUSE")
     wait_until(lambda: stored(nodes.urls, "X.device.SIP/100"), message="X's state in the bucket")
     assert agent_x.stop() == 0
+    assert "NATS messages" in agent_x.lines("Exiting")[-1]  # (not "hub": there is none)
     wait_until(lambda: stored(nodes.urls, "X.heartbeat")[1] > FAST["PEER_TIMEOUT"],
                message="X's last heartbeat to be older than PEER_TIMEOUT")
     agent_y, = nats_agents([y], nodes.urls, names="Y", **FAST)
@@ -560,7 +561,7 @@ def test_a_bucket_filled_by_a_hostile_agent_cannot_exhaust_an_agents_memory(
     # Mallory, within its own keys: 100,000 states, 150 values of 1 MB
     asyncio.run(fill_bucket_as_mallory(nodes.urls, 100_000, 150, **credentials))
     # X took Mallory's first 10,000 states (MAX_DEVICES_PER_PEER), and no more
-    wait_until(lambda: fetch_status(status)["totals"]["hub_messages"] >= 10_000, timeout=60)
+    wait_until(lambda: fetch_status(status)["totals"]["NATS_messages"] >= 10_000, timeout=60)
     agent_y, = nats_agents([y], nodes.urls, names="Y", **FAST)
     wait_until(lambda: len(custom_states(y)) >= 10_000, timeout=60,
                message="Mallory's first 10,000 states on Y")

@@ -42,7 +42,8 @@ from .rules import BadInput, StateUpdate, event_for, relayed_update, safe_action
 from .states import ListReading, StateTable, list_items
 from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, Throttle, held_back, plural
-from .status import StatusServer, link_status, serve_status, when
+from .status import (StatusServer, describe_states, known_names, link_status, serve_status,
+                     when)
 from .metrics import MetricsServer, link_snapshot, serve_metrics
 from .natsnet import NatsNetwork, carries_state, nats_permissions, print_bucket
 from .network import HubNetwork
@@ -177,7 +178,7 @@ class Agent:
         self.schedule()
         self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"],
                                    "agent " + self.name, self.status_report,
-                                   f"{config_path}: STATUS_SOCKET")
+                                   f"{config_path}: STATUS_SOCKET", self.describe_devices)
         self.metrics = serve_metrics(self.loop, "agent", self.metrics_snapshot,
                                      self.settings["METRICS_ADDRESS"],
                                      self.settings["METRICS_PORT"], f"{config_path}: METRICS_PORT")
@@ -190,8 +191,8 @@ class Agent:
             self.systemd.close()
             if self.metrics is not None:
                 self.metrics.close()
-            log.info("Received %s: %d hub messages, %d dropped. Exiting.",
-                     self.loop.stop_signal or "stop", self.received,
+            log.info("Received %s: %d %s messages, %d dropped. Exiting.",
+                     self.loop.stop_signal or "stop", self.received, self.network.kind,
                      sum(self.drops.counts.values()))
             self.save_states()
             self.asterisk.close()
@@ -243,7 +244,8 @@ class Agent:
         return {"links": [asterisk],
                 "peers": [{"name": name, "up": peer.up} for name, peer in self.peers.items()],
                 "totals": {
-                    "hub_messages_received": ("counter", "Messages received from the hubs",
+                    "hub_messages_received": ("counter", "Messages received from the hubs "
+                                              "or NATS",
                                               self.received),
                     "known_states": ("gauge", "States known", len(self.states.entries)),
                     "resyncs": ("counter", "Times its Asterisk was resynchronised", self.resyncs),
@@ -253,7 +255,8 @@ class Agent:
                     "unproven_origins": ("counter", "NATS: states dropped because their key "
                                          "or subject does not prove their origin",
                                          self.unproven_origins),
-                    "hub_input_dropped": ("counter", "Invalid input from the hubs dropped",
+                    "hub_input_dropped": ("counter", "Invalid input from the hubs or NATS "
+                                          "dropped",
                                           self.drops.counts[self.hub_source])}}
 
     def status_report(self) -> Dict[str, Any]:
@@ -261,11 +264,18 @@ class Agent:
                 "peers": [{"name": name, "up": peer.up,
                            "last_seen": when(time.time() - (time.monotonic() - peer.last_seen))}
                           for name, peer in sorted(self.peers.items())],
-                "totals": {"hub_messages": self.received, "known_states": len(self.states.entries),
+                "totals": {f"{self.network.kind}_messages": self.received,
+                           "known_states": len(self.states.entries),
                            "messages_from_another_agent_with_my_name": self.name_clashes,
                            "unproven_origins": self.unproven_origins,
                            "input_dropped": sum(self.drops.counts.values()),
                            **self.network.status()}}
+
+    def describe_devices(self, names: Optional[List[str]]) -> Dict[str, Any]:
+        """--status devices: the names known (None), or what is known of these."""
+        if names is None:
+            return known_names(self.states)
+        return describe_states(names, self.states, {self.name: self.asterisk})
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         uuid = unique_id()

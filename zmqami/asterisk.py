@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
@@ -47,6 +47,9 @@ LISTED_IN = {"DeviceStateChange": ("DeviceStateList", "Device"),
              "PresenceStateChange": ("PresenceStateList", "Presentity")}
 HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout (see check_health)
 LIST_RETRY_FIRST, LIST_RETRY_MAX = 1.0, 30.0  # seconds before a failed list read is tried again
+# The last acknowledged write of each variable, for --status devices: the newest this many per
+# server (at 100,000 devices a full record would add a fifth to the broker's memory).
+WRITTEN_KEPT = 10_000
 
 # res_zmq_manager's compact JSON.  A Custom: device's event is the echo of a mirror we wrote (two in
 # three events on a busy relay): never relayed, so not decoded.  Inside a JSON string the quotes
@@ -128,6 +131,7 @@ class Outbox:
         self.unsendable: Dict[str, str] = {}     # variable -> its newest state, too large to send
         self.echoes = PresenceEchoFilter()       # presence writes sent, until their echo
         self.refusals = Throttle()  # a server that refuses every write is logged once a minute
+        self.written: Dict[str, Tuple[str, float]] = {}  # variable -> (value, wall), newest last
 
     def __len__(self) -> int:
         """The states waiting to be written (one per variable at most): what a server that is
@@ -278,8 +282,13 @@ class Outbox:
                         held_back(more, "refused"))
 
     def _succeeded(self, request: Request) -> None:
+        now = self.stats.last_ack = time.time()
         self.stats.acknowledged += 1
-        self.stats.last_ack = time.time()
+        written, variable = self.written, request.update.variable
+        written.pop(variable, None)
+        written[variable] = (request.update.value, now)
+        if len(written) > WRITTEN_KEPT:
+            del written[next(iter(written))]
         self.stats.latency.observe(time.monotonic() - request.queued_at)
 
     def refuse(self, request: Request, why: str) -> None:

@@ -23,7 +23,8 @@ from .statefile import SAVE_INTERVAL, StateFile
 from .stats import DropLog, plural, printable
 from .metrics import MetricsServer, link_snapshot, serve_metrics
 from .systemd import Notifier
-from .status import StatusServer, link_status, print_status, serve_status
+from .status import (StatusServer, describe_states, known_names, link_status, print_status,
+                     serve_status)
 
 log = logging.getLogger("broker")
 
@@ -148,7 +149,8 @@ class Broker:
         if self.status is None:
             self.status = serve_status(self.loop, self.context, config.status_socket, "broker",
                                        self.status_report,
-                                       f"{config.path}: [general] status_socket")
+                                       f"{config.path}: [general] status_socket",
+                                       self.describe_devices)
 
     def reload(self) -> None:
         """SIGHUP: read the config file again; a broken one is logged and the running one kept."""
@@ -188,6 +190,12 @@ class Broker:
                 "totals": {"events_relayed": self.events_relayed,
                            "known_states": len(self.states.entries),
                            "input_dropped": sum(self.drops.counts.values())}}
+
+    def describe_devices(self, names: Optional[List[str]]) -> Dict[str, Any]:
+        """--status devices: the names known (None), or what is known of these."""
+        if names is None:
+            return known_names(self.states)
+        return describe_states(names, self.states, {link.name: link for link in self.links})
 
     # --- events ----------------------------------------------------------------------------------
     def on_event(self, source: AsteriskLink, event: Dict[str, Any]) -> None:
@@ -432,6 +440,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--status", action="store_true",
                         help="print the status of the broker running with this config file")
     parser.add_argument("--json", action="store_true", help="with --status: as JSON")
+    parser.add_argument("query", nargs="*", metavar="devices [REGEX]",
+                        help="with --status: what each server reports for each device and "
+                             "presence whose name REGEX matches, and what was written where")
     parser.add_argument("--example-config", action="store_true",
                         help="print a commented example config.ini to start from")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
@@ -439,6 +450,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.demo and (args.config or args.check_config or args.status):
         parser.error("--demo runs the broker on stand-in servers of its own: it takes no "
                      "config file, --check-config or --status")
+    if args.query and not args.status:
+        parser.error(f"{' '.join(args.query)}: only --status takes more than the config file")
     if not args.demo and not args.config and not args.example_config:
         parser.print_usage(sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
@@ -464,7 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.status:
         return print_status(config.path, "[general] status_socket", config.status_socket,
-                            args.json)
+                            args.json, args.query)
     try:
         setup_logging(config.log_level, config.log_file, config.log_syslog, "broker")
     except OSError as exc:

@@ -655,12 +655,22 @@ def script_arguments(script: str, description: str, default_name: str,
     parser.add_argument("--status", action="store_true",
                         help="print the status of the process running with these settings")
     parser.add_argument("--json", action="store_true", help="with --status: as JSON")
+    parser.add_argument("query", nargs="*", metavar="devices [REGEX]",
+                        help="with --status: what each source reports for each device and "
+                             "presence whose name REGEX matches, and what was written here")
     parser.add_argument("--example-config", action="store_true",
                         help=f"print a commented example {default_name} to start from")
     parser.add_argument("--version", action="version", version=f"zmq-ami-broker {__version__}")
     for flag, options in extra:
         parser.add_argument(flag, **options)
-    return parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.status:
+        from .status import split_status_query
+        args.config, args.query = split_status_query(args.config, args.query,
+                                                     default_settings_path(default_name))
+    elif args.query:
+        parser.error(f"{' '.join(args.query)}: only --status takes more than the settings file")
+    return args
 
 
 Command = Callable[[argparse.Namespace, str, Dict[str, Any]], Optional[int]]
@@ -687,7 +697,8 @@ def run_settings_script(script: str, description: str, default_name: str,
     except ConfigError as exc:
         return exc.report()
     if args.status:
-        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"], args.json)
+        return print_status(args.config, "STATUS_SOCKET", settings["STATUS_SOCKET"], args.json,
+                            args.query)
     if command is not None:
         status = command(args, args.config, settings)
         if status is not None:

@@ -247,6 +247,7 @@ class NatsNetwork:
         # Who sent a state is proven by the bucket key it came from (per-agent permissions), not
         # by the body: the agent checks origins against the key's owner.
         self.proves_origin = True
+        self.kind = "NATS"  # in logs and the status
         self.source = "NATS at " + ", ".join(as_list(settings["NATS_URLS"]))  # for drop counts
         address = f"inproc://nats-{id(self)}"
         self.inbox = context.socket(zmq.PAIR)

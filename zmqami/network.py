@@ -35,6 +35,7 @@ class HubNetwork:
         self.settings = settings
         self.on_message = on_message
         self.proves_origin = False  # the hub (with CURVE) checks origins itself
+        self.kind = "hub"  # in logs and the status
         self.on_connected = on_connected
         self.push_urls = as_list(settings["ZMQ_PUB_URL"])
         self.sub_urls = as_list(settings["ZMQ_SUB_URL"])

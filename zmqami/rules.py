@@ -307,6 +307,20 @@ def presence_update(event: Dict[str, Any]) -> Optional[StateUpdate]:
     return StateUpdate(f"PRESENCE_STATE({presentity})", presence_value(status, subtype, message))
 
 
+def state_name(variable: str) -> str:
+    """What an administrator calls a variable's state: the device (PJSIP/100) or the presentity
+    (CustomPresence:100) whose mirror it is."""
+    argument = variable[variable.index("(") + 1:-1]
+    return argument[len(CUSTOM_DEVICE):] if variable.startswith("DEVICE_STATE(") else argument
+
+
+def state_variable(name: str) -> str:
+    """The reverse of state_name."""
+    if name.startswith(CUSTOM_PRESENCE):
+        return f"PRESENCE_STATE({name})"
+    return f"DEVICE_STATE({CUSTOM_DEVICE}{name})"
+
+
 def event_for(update: StateUpdate) -> Dict[str, str]:
     """The event that relayed_update turns into this update: how agents send a state."""
     name, argument = update.variable[:-1].split("(", 1)
