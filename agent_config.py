@@ -9,7 +9,7 @@ LOG_LEVEL = 'info'
 SYSTEM_NAME = 'Moscow'
 
 # This host's Asterisk over its own manager interface (plain AMI, the recommended way): the
-# manager interface (manager.conf) and a manager user for the agent (README: "Plain AMI").  The
+# manager interface (manager.conf) and a manager user for the agent (docs/asterisk.md: "Plain AMI").  The
 # agent runs on the Asterisk host: keep 127.0.0.1.  The secret is never written to the logs.
 ASTERISK_AMI_URL = 'tcp://127.0.0.1:5038'
 ASTERISK_AMI_USER = 'zmq-ami'
@@ -17,7 +17,7 @@ ASTERISK_AMI_SECRET = 'change-me'
 
 # Or, with ASTERISK_AMI_USER = None, through res_zmq_manager's sockets (addr_cmd and addr_evt of
 # /etc/asterisk/zmq_manager.conf), as the original agent did.  The module crashes Asterisk 15+
-# during normal relaying (README: "res_zmq_manager on Asterisk 15+").
+# during normal relaying (docs/asterisk.md: "res_zmq_manager on Asterisk 15+").
 ASTERISK_CMD_URL = 'tcp://127.0.0.1:1967'
 ASTERISK_EVT_URL = 'tcp://127.0.0.1:1968'
 
@@ -69,7 +69,7 @@ ALLOWED_ACTIONS = ['Ping', 'CoreStatus', 'CoreSettings', 'CoreShowChannels', 'De
                    'QueueStatus', 'QueueSummary', 'Mailboxcount', 'MailboxStatus']
 
 # Keep the presences known here, so that a change made on this Asterisk while the agent was
-# stopped wins at its next start (README: "The right final state"); None: no file.
+# stopped wins at its next start (docs/broker.md: "The right final state"); None: no file.
 # E.g. '/var/lib/zmq-ami/agent.state'.
 STATE_FILE = None
 
@@ -78,16 +78,16 @@ STATE_FILE = None
 MAX_PEERS = 1000
 MAX_DEVICES_PER_PEER = 10000
 
-# CURVE towards the hub (README: Security); off while None.  Set both or neither:
+# CURVE towards the hub (docs/security.md); off while None.  Set both or neither:
 # the hub's public key (its .key file) and this agent's own key pair (its .key_secret file).
 # The hub knows this agent by its key's file name: <SYSTEM_NAME>.key in its CURVE_CLIENTS_DIR.
 CURVE_SERVER_KEY_FILE = None
 CURVE_SECRET_KEY_FILE = None
 
-# Over NATS instead of the hub (README: "Agents over NATS"): the NATS servers of the cluster, or
+# Over NATS instead of the hub (docs/nats.md): the NATS servers of the cluster, or
 # of this office's leaf node, e.g. ['nats://<nats 1>:4222', 'nats://<nats 2>:4222'] (tls:// for
 # TLS).  With NATS_URLS set, ZMQ_PUB_URL, ZMQ_SUB_URL and CURVE_* are not used.  None: the hub.
-# Needs pip install 'zmq-ami-broker[nats]'.  Every agent of a network uses the same transport.
+# Needs nats-py (pip install nats-py).  Every agent of a network uses the same transport.
 NATS_URLS = None
 # Credentials: a user and password, or a credentials file (.creds, from nsc).
 NATS_USER = None
@@ -118,7 +118,7 @@ LOG_SYSLOG = False
 # an ipc:// path or a tcp://127.0.0.1 port, e.g. 'ipc:///run/zmq-ami/agent.status'.  Off: None.
 STATUS_SOCKET = None
 
-# Prometheus metrics on http://<METRICS_ADDRESS>:<METRICS_PORT>/metrics (README: "Metrics");
-# needs pip install 'zmq-ami-broker[metrics]'.  Off: None.
+# Prometheus metrics on http://<METRICS_ADDRESS>:<METRICS_PORT>/metrics (docs/operations.md);
+# needs prometheus-client (pip install prometheus-client).  Off: None.
 METRICS_PORT = None
 METRICS_ADDRESS = '127.0.0.1'

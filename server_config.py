@@ -16,7 +16,7 @@ PUB_CONNECT_URL = 'tcp://127.0.0.1:55555'
 # the same way as PUB_BIND_URL.
 SUB_BIND_URL = 'tcp://127.0.0.1:55556'
 
-# CURVE encryption and authentication of both sockets (README: Security).  Off while None.
+# CURVE encryption and authentication of both sockets (docs/security.md).  Off while None.
 # The hub's own key pair: the .key_secret file written by zmq.auth.create_certificates.
 CURVE_SECRET_KEY_FILE = None
 
@@ -35,7 +35,7 @@ LOG_SYSLOG = False
 # an ipc:// path or a tcp://127.0.0.1 port, e.g. 'ipc:///run/zmq-ami/hub.status'.  Off: None.
 STATUS_SOCKET = None
 
-# Prometheus metrics on http://<METRICS_ADDRESS>:<METRICS_PORT>/metrics (README: "Metrics");
-# needs pip install 'zmq-ami-broker[metrics]'.  Off: None.
+# Prometheus metrics on http://<METRICS_ADDRESS>:<METRICS_PORT>/metrics (docs/operations.md);
+# needs prometheus-client (pip install prometheus-client).  Off: None.
 METRICS_PORT = None
 METRICS_ADDRESS = '127.0.0.1'

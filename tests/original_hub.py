@@ -1,7 +1,7 @@
 """A hub that treats messages as the original Python 2 server.py did, for the compatibility test.
 
 The original formatted every message for its debug line, calling len() on each value of the body
-that is not false (PROTOCOL.md section 3, issue 12): a number there raised TypeError and the hub
+that is not false (docs/protocol.md, section 4; issue 12): a number there raised TypeError and the hub
 died, which stopped the whole network.  This one applies the same rule, dies the same way, and
 prints each msg_type the first time it relays one.
 

@@ -1,6 +1,6 @@
 """Plain AMI over TCP: Asterisk's own manager interface (port 5038), no C module needed.
 
-The framing (PROTOCOL.md section 4, ../shared/ami-captures): a banner line on connect, then
+The framing (docs/protocol.md, section 1; tests/captures): a banner line on connect, then
 messages of ``Key: Value`` lines ending with an empty line.  TCP splits and joins messages
 anywhere, so bytes are buffered until ``\\r\\n\\r\\n`` and each whole message is decoded once (a
 UTF-8 character split across two reads survives).  Keys repeat (``Output``, ``Variable``): all are

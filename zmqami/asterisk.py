@@ -581,7 +581,7 @@ class ZmqManagerLink(AsteriskLink):
     # --- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         log.warning("%s is reached through res_zmq_manager, which crashes Asterisk 15+ during "
-                    "normal relaying: use plain AMI, or the fix in the README (section "
+                    "normal relaying: use plain AMI, or the fix in docs/asterisk.md (section "
                     "\"res_zmq_manager on Asterisk 15+\")", self.name)
         self.evt_socket = self.context.socket(zmq.SUB)
         _common_options(self.evt_socket)

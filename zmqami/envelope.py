@@ -52,7 +52,7 @@ def heartbeat(interval: float) -> str:
     """The x_heartbeat field: the sender's KEEP_ALIVE_INTERVAL, as a string.
 
     Every field a new agent adds must survive the original hub, which calls len() on each value
-    it logs: a number there killed it (PROTOCOL.md section 3).
+    it logs: a number there killed it (docs/protocol.md, section 4).
     """
     return f"{interval:g}"
 

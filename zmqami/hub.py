@@ -65,7 +65,7 @@ class Hub:
             for key in ("SUB_BIND_URL", "PUB_BIND_URL"):
                 if security.binds_beyond_loopback(self.settings[key]):
                     log.warning("%s binds %s without CURVE: anyone who reaches it can read every "
-                                "phone's state and have agents run actions (README: Security)",
+                                "phone's state and have agents run actions (docs/security.md)",
                                 key, self.settings[key])
             return
         keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)

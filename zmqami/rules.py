@@ -4,7 +4,7 @@ Which Asterisk events are relayed, how a relayed state becomes an AMI action, an
 value passes before anything is sent to Asterisk.  Nothing here touches a socket, so every rule can
 be tested on its own (tests/test_rules.py).
 
-Asterisk's rules behind them (PROTOCOL.md section 1):
+Asterisk's rules behind them (docs/protocol.md):
 - only ``Custom:<name>`` devices are writable, with ``DEVICE_STATE(Custom:<name>)``; UNKNOWN is refused;
 - only ``CustomPresence:<name>`` presences are writable, with ``PRESENCE_STATE(...)`` and the value
   ``status,subtype,message[,e]``; option ``e`` means subtype and message are base64;
@@ -36,11 +36,11 @@ MAX_NAME_BYTES = 200
 MAX_TEXT_BYTES = 4000    # a presence subtype or message, any header value of a client's action
 MAX_ACTION_BYTES = 8192  # a client's action, as AMI text
 
-# res_zmq_manager copies into fixed stack buffers without a bound (PROTOCOL.md): the action it is
-# given (10240 bytes), each line of an event it publishes (4096) and each line of a reply it
-# parses (2048).  What is sent to it stays within half of those: each line of an action within
-# half the smallest (a presence message written comes back in events and in list replies, and
-# is never longer than the line that wrote it), the whole action within half of its buffer.
+# res_zmq_manager copies into fixed stack buffers without a bound (docs/protocol.md 2): the
+# action it is given (10240 bytes), each line of an event it publishes (4096) and each line of a
+# reply it parses (2048).  What is sent to it stays within half of those: each line of an action
+# within half the smallest (a presence message written comes back in events and in list replies,
+# and is never longer than the line that wrote it), the whole action within half of its buffer.
 MODULE_MAX_LINE_BYTES = 1024
 MODULE_MAX_ACTION_BYTES = 5120
 
@@ -155,8 +155,8 @@ def safe_action(action: Any, crashing: frozenset = CRASHING_ACTIONS) -> Dict[str
 
     Raises BadInput for anything that would crash Asterisk (crashing: the actions that do so the
     way it is reached), inject AMI headers or overflow a buffer.  Asterisk runs the first
-    ``Action`` header of any case (PROTOCOL.md), so two keys that are one header to Asterisk are
-    refused, and the one action checked is written first, as ``Action`` (the only spelling
+    ``Action`` header of any case (docs/protocol.md 1), so two keys that are one header to
+    Asterisk are refused, and the one action checked is written first, as ``Action`` (the only spelling
     res_zmq_manager takes).  Originate is always made asynchronous: a synchronous one holds the
     module's only command thread (or the AMI session) until the call is answered.
     """

@@ -1,6 +1,6 @@
 """A stand-in Asterisk 20 with res_zmq_manager, for the tests, the demo and the benchmarks.
 
-It answers like the captures of two real Asterisk 20 servers (../shared/asterisk-captures):
+It answers like the captures of two real Asterisk 20 servers (tests/captures; docs/protocol.md):
 - cmd socket (REP): one JSON object in, one JSON array out; the module's two-object error for
   anything it cannot hand to Asterisk; Ping, Setvar of DEVICE_STATE(Custom:...) and
   PRESENCE_STATE(CustomPresence:...), DeviceStateList, PresenceStateList, ExtensionStateList,
@@ -58,7 +58,8 @@ FULLY_BOOTED = {"Event": "FullyBooted", "Privilege": "system,all", "Uptime": "1"
                 "LastReload": "1", "Status": "Fully Booted"}
 # What modules provide: unknown (list actions) or refused (function writes) before they load.
 MODULE_ACTIONS = ("devicestatelist", "presencestatelist", "extensionstatelist", "setvar")
-# res_zmq_manager's unbounded copies into stack buffers (PROTOCOL.md): past these, Asterisk dies.
+# res_zmq_manager's unbounded copies into stack buffers (docs/protocol.md 2): past these,
+# Asterisk dies.
 MODULE_ACTION_BUFFER = 10240
 MODULE_EVENT_LINE = 4096
 MODULE_REPLY_LINE = 2048
@@ -279,7 +280,7 @@ class StandinAsterisk:
         return reply
 
     def _play_dead(self, why: str) -> None:
-        """What kills a real Asterisk (PROTOCOL.md) makes the stand-in stop answering."""
+        """What kills a real Asterisk (docs/protocol.md) makes the stand-in stop answering."""
         log.warning("Stand-in Asterisk: %s; playing dead", why)
         self.mode = "crashed"
         self.crashes.append(why)
@@ -520,7 +521,7 @@ AMI_FAULTS = {"banner": b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", "silent":
 
 
 class AmiServer:
-    """The stand-in's manager interface over TCP, as Asterisk 20's (../shared/ami-captures).
+    """The stand-in's manager interface over TCP, as Asterisk 20's (docs/protocol.md 1).
 
     It shares the stand-in's devices, presences and actions with the res_zmq_manager side.
     chunk > 0 sends everything in pieces of that many bytes, a millisecond apart, so that a
