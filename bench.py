@@ -23,9 +23,10 @@ from typing import Dict, List, Optional
 
 import zmq
 
-from zmqami.natscluster import (NatsCluster, fill_bucket_as_mallory, free_port,
+from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, free_port,
                                  make_unlimited_bucket)
-from zmqami.standin import AMI_SECRET, AMI_USER, Standin, start_standin_process
+from testing.standins import start_standin_process
+from zmqami.standin import AMI_SECRET, AMI_USER, Standin
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "warning")  # of the agents

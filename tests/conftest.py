@@ -1,17 +1,13 @@
-import sys
-from pathlib import Path
 from typing import Callable, List
 
 import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (HubClient, Script, broker_config, free_port, kill_all_scripts,  # noqa: E402
+from harness import (HubClient, Script, broker_config, free_port, kill_all_scripts,
                      python_settings, start_agent, wait_until)
-from zmqami.standin import Standin, start_standin, start_standin_process  # noqa: E402
+from testing.standins import start_standin_process
+from zmqami.standin import Standin, start_standin
 
 # The suite runs on busy, shared machines: Hypothesis keeps its number of examples but never fails
 # a test for being slow (no deadline, no too_slow or data-size health checks).

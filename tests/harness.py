@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from testing.natscluster import free_port  # noqa: F401  (one for tests, bench and NATS)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from zmqami.natscluster import free_port  # noqa: E402,F401  (one for tests, bench and NATS)
 DEADLINE = 30.0  # seconds: generous, so that a busy CI machine never fails a test by timing
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from harness import (converge, custom_states, free_port, play, python_settings, run_script,
                      run_without, setvars, start_agent, wait_until)
-from zmqami.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
+from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
                                  nats_server_binary)
 from zmqami.natsnet import state_key, stored_first, subject_for, token, untoken
 from zmqami.status import fetch_status

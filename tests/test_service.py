@@ -1,9 +1,11 @@
 """Running under systemd (Type=notify) and being watched: the notify protocol, the package."""
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -80,6 +82,11 @@ def test_the_wheel_installs_and_its_commands_run(tmp_path):
                 "--disable-pip-version-check", "-q", "-w", str(dist), str(source))
     assert built.returncode == 0, built.stderr
     wheel, = dist.glob("zmq_ami_broker-*.whl")
+    with zipfile.ZipFile(wheel) as archive:  # the product only: no test code
+        assert not [name for name in archive.namelist()
+                    if re.search(r"natscluster|testing/|tests/|PYTEST", name)]
+        assert not [name for name in archive.namelist() if name.endswith(".py")
+                    and b"PYTEST_XDIST" in archive.read(name)]
     assert run(sys.executable, "-m", "venv", str(venv)).returncode == 0
     python = venv / "bin" / "python"
     installed = run(str(python), "-m", "pip", "install", "--no-deps", "-q",

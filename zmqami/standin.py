@@ -36,7 +36,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 import zmq
 
-from .config import PROJECT_DIR, setup_logging
+from .config import setup_logging
 from .loop import READ_BATCH, EventLoop
 from .ami import AmiParser, format_action
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
@@ -112,7 +112,6 @@ class StandinAsterisk:
         self.delay = 0.0          # seconds, in slow mode
         self.stuck = False        # a request was read and never answered
         self.written_at: Dict[str, Tuple[str, float]] = {}  # Custom: device -> (state, when)
-        self.stream: Optional[Dict[str, Any]] = None        # a paced stream of events (benchmarks)
         self.cmd = self._bind(zmq.REP, cmd_port)
         self.evt = self._bind(zmq.XPUB, evt_port)
         self.evt.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -445,35 +444,6 @@ class StandinAsterisk:
             # gone, ZeroMQ drops the answer) so that the socket reads again.
             self._send_reply(INTERNAL_ERROR, resume=True)
         return {}
-
-    def _control_stream(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        """Publish count DeviceStateChange events at rate per second, over devices devices."""
-        self.stream = dict(command, start=time.monotonic(), sent=[], timer=None)
-        self.stream["timer"] = self.loop.call_every(0.001, self._stream_tick)
-        self._stream_tick()
-        return {}
-
-    def _stream_tick(self) -> None:
-        stream = self.stream
-        sent, count = stream["sent"], stream["count"]
-        due = min(count, int((time.monotonic() - stream["start"]) * stream["rate"]) + 1)
-        states = stream.get("states", ["INUSE", "NOT_INUSE"])
-        while len(sent) < due:
-            i = len(sent)
-            device = f"{stream['prefix']}{i % stream['devices']}"
-            state = states[(i // stream["devices"]) % len(states)]
-            self.devices[device] = state
-            self.publish({"Event": "DeviceStateChange", "Privilege": "call,all",
-                          "Device": device, "State": state})
-            sent.append(time.monotonic())
-        if len(sent) == count:
-            stream["timer"].cancel()
-
-    def _control_stream_status(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        stream = self.stream
-        done = stream is not None and len(stream["sent"]) == stream["count"]
-        return {"done": done, "sent": stream["sent"] if done and command.get("times") else [],
-                "count": len(stream["sent"]) if stream else 0}
 
     def _control_writes(self, command: Dict[str, Any]) -> Dict[str, Any]:
         prefix = CUSTOM_DEVICE + command["prefix"]
@@ -844,37 +814,9 @@ def start_standin(context: zmq.Context, **options: Any) -> Standin:
                    ami_port=server.ports.get("ami_port"))
 
 
-def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int = 0,
-                          control_port: int = 0, state_file: Optional[str] = None,
-                          mode: str = "normal", delay_ms: int = 0,
-                          ami_port: Optional[int] = None, ami_chunk: int = 0,
-                          loadzmq_delay: Optional[float] = LOADZMQ_DELAY,
-                          modules_delay: float = 0.0) -> Standin:
-    """Start a stand-in Asterisk in its own process (python -m zmqami.standin)."""
-    command = [sys.executable, "-m", "zmqami.standin", "--cmd-port", str(cmd_port),
-               "--evt-port", str(evt_port), "--control-port", str(control_port),
-               "--mode", mode, "--delay-ms", str(delay_ms), "--ami-chunk", str(ami_chunk),
-               "--modules-delay", str(modules_delay)]
-    if loadzmq_delay is not None:
-        command += ["--loadzmq-delay", str(loadzmq_delay)]
-    else:
-        command += ["--boot-on-command"]
-    if state_file:
-        command += ["--state-file", state_file]
-    if ami_port is not None:
-        command += ["--ami-port", str(ami_port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=PROJECT_DIR)
-    line = process.stdout.readline()
-    if not line:
-        process.wait(5)
-        raise RuntimeError(f"the stand-in Asterisk did not start (status {process.returncode})")
-    ports = json.loads(line)
-    return Standin(ports["cmd_port"], ports["evt_port"],
-                   StandinControl(context, ports["control_port"]), process=process,
-                   ami_port=ports.get("ami_port"))
-
-
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, server_class: Optional[type] = None) -> int:
+    """python -m zmqami.standin: a stand-in in its own process; it prints its ports, as JSON,
+    on its first line (server_class: StandinAsterisk, or one that can do more, for tests)."""
     parser = argparse.ArgumentParser(
         prog="python -m zmqami.standin",
         description="A stand-in Asterisk with res_zmq_manager, on 127.0.0.1 (for tests and demos).")
@@ -899,12 +841,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
     setup_logging(logging.INFO, program="standin")
-    server = StandinAsterisk(args.cmd_port, args.evt_port, args.control_port,
-                             state_file=args.state_file, ami_port=args.ami_port,
-                             ami_user=args.ami_user, ami_secret=args.ami_secret,
-                             ami_chunk=args.ami_chunk,
-                             loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay,
-                             modules_delay=args.modules_delay)
+    server = (server_class or StandinAsterisk)(
+        args.cmd_port, args.evt_port, args.control_port, state_file=args.state_file,
+        ami_port=args.ami_port, ami_user=args.ami_user, ami_secret=args.ami_secret,
+        ami_chunk=args.ami_chunk, modules_delay=args.modules_delay,
+        loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
     print(json.dumps(server.ports), flush=True)

