@@ -114,34 +114,42 @@ class ClientKeys:
         return key in self.names
 
 
+REFUSED_KEPT = 1000  # refused (address, key) pairs remembered, so as to log each once
+
+
 class Authenticator(ThreadAuthenticator):
-    """pyzmq's authenticator thread, logging each refused peer once, with its address."""
+    """pyzmq's authenticator thread, through its documented hooks: the credentials provider says
+    which keys may connect (and logs each refused peer once, with its address), and
+    curve_user_id names an admitted client by its key file (the hub checks origins against it)."""
 
     def __init__(self, context: zmq.Context, client_keys: ClientKeys) -> None:
         super().__init__(context)
         self.client_keys = client_keys
         self.refused: Set[Tuple[str, bytes]] = set()
-        self._peer: Tuple[str, bytes] = ("", b"")
+        self._address = ""  # of the peer whose ZAP request is being handled
 
     async def handle_zap_message(self, msg: List[bytes]) -> None:
-        if len(msg) >= 6:
-            self._peer = (_ipv4_if_mapped(msg[3].decode("utf-8", "replace")),
-                          msg[6] if len(msg) > 6 else msg[5])
+        # (frames: version, request id, domain, address, identity, mechanism, credentials)
+        self._address = _ipv4_if_mapped(msg[3].decode("utf-8", "replace")) if len(msg) > 3 else ""
         result: Any = super().handle_zap_message(msg)
         if inspect.isawaitable(result):
             await result
 
-    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
-                        user_id: str = "anonymous") -> None:
-        if status_code == b"200" and len(self._peer[1]) == 32:  # a CURVE key: its owner's name
-            user_id = self.client_keys.names.get(z85.encode(self._peer[1]), user_id)
-        if status_code != b"200" and self._peer not in self.refused:
-            self.refused.add(self._peer)
-            address, credential = self._peer
-            what = "no CURVE" if credential == b"NULL" else "a key not in CURVE_CLIENTS_DIR"
-            log.warning("Refused a connection from %s: %s (%s)", address, what,
-                        status_text.decode("utf-8", "replace"))
-        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The credentials provider: is this client's public key (z85) allowed?"""
+        allowed = self.client_keys.callback(domain, key)
+        if not allowed and (self._address, key) not in self.refused:
+            if len(self.refused) >= REFUSED_KEPT:  # a flood of new keys: logged again, not kept
+                self.refused.clear()
+            self.refused.add((self._address, key))
+            log.warning("Refused a connection from %s: a key not in CURVE_CLIENTS_DIR (%s)",
+                        self._address, key.decode("ascii", "replace"))
+        return allowed
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        """An admitted client's user id: the name of its key file (Moscow.key: Moscow)."""
+        z85_key = z85.encode(client_public_key)
+        return self.client_keys.names.get(z85_key, z85_key.decode("ascii"))
 
 
 def _ipv4_if_mapped(address: str) -> str:
@@ -157,5 +165,5 @@ def start_authenticator(context: zmq.Context, clients_dir: str) -> Authenticator
     client_keys = ClientKeys(clients_dir)
     authenticator = Authenticator(context, client_keys)
     authenticator.start()
-    authenticator.configure_curve_callback(domain="*", credentials_provider=client_keys)
+    authenticator.configure_curve_callback(domain="*", credentials_provider=authenticator)
     return authenticator
