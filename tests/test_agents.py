@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import zmq.auth
 
 from harness import ROOT, HubClient, Script, python_settings, run_script, setvars, wait_until
 
@@ -305,6 +306,35 @@ def test_settings_errors_print_one_line_and_exit_2(tmp_path, script, settings, e
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and str(path) in result.stderr
     assert expected in result.stderr
+
+
+@pytest.mark.parametrize("script, settings, expected", [
+    ("agent.py", "CURVE_SECRET_KEY_FILE = '{tmp}/x.key_secret'\n",
+     "CURVE_SERVER_KEY_FILE: needed too when CURVE is on"),
+    ("agent.py", "CURVE_SERVER_KEY_FILE = '{tmp}/none.key'\n"
+                 "CURVE_SECRET_KEY_FILE = '{tmp}/x.key_secret'\n",
+     "CURVE_SERVER_KEY_FILE: cannot read a public key from"),
+    ("agent.py", "NATS_URLS = ['nats://127.0.0.1:4222']\nNATS_TLS_KEY = 'k.pem'\n",
+     "NATS_TLS_CERT: needed too"),
+    ("agent.py", "NATS_URLS = ['nats://127.0.0.1:4222']\nNATS_TLS_CA = '{tmp}/none.pem'\n",
+     "NATS_TLS_CA: cannot use"),
+    ("server.py", "CURVE_CLIENTS_DIR = '{tmp}'\n", "CURVE_SECRET_KEY_FILE: needed too"),
+    ("server.py", "CURVE_SECRET_KEY_FILE = '{tmp}/x.key_secret'\n"
+                  "CURVE_CLIENTS_DIR = '{tmp}/none'\n", "CURVE_CLIENTS_DIR: must name the folder"),
+])
+def test_check_config_rejects_each_mistake_across_settings_as_a_start_does(
+        tmp_path, script, settings, expected):
+    """Settings that only make sense together, and the files they name: --check-config used
+    to pass them as OK, and only a start failed."""
+    zmq.auth.create_certificates(str(tmp_path), "x")  # x.key, x.key_secret: a good key pair
+    (tmp_path / "x.key_secret").chmod(0o600)
+    path = tmp_path / "settings.py"
+    path.write_text(settings.format(tmp=tmp_path) +
+                    f"PID_FILE = {str(tmp_path / 'agent.pid')!r}\n" * (script == "agent.py"))
+    for args in (["--check-config", str(path)], [str(path)]):
+        result = run_script(script, *args)
+        assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+        assert all(line.startswith(f"{path}: ") for line in result.stderr.splitlines())
 
 
 def test_default_settings_files_are_valid_and_on_loopback():

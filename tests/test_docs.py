@@ -4,6 +4,7 @@ somewhere."""
 import re
 
 import pytest
+import zmq.auth
 
 from harness import ROOT, run_script
 from zmqami.agent import AGENT_SETTINGS
@@ -39,9 +40,23 @@ def test_the_docs_have_snippets_of_every_config_file():
     assert {param.values[0] for param in snippets()} == set(CHECKED)
 
 
+def with_its_files(text: str, folder) -> str:
+    """The snippet with the files it names under /etc/zmq-ami/ made in folder, as an
+    administrator would have made them (key pairs with zmq.auth, a folder of clients' keys)."""
+    for name in set(re.findall(r"/etc/zmq-ami/([\w.]+)", text)):
+        stem, _, kind = name.partition(".")
+        if kind in ("key", "key_secret"):
+            zmq.auth.create_certificates(str(folder), stem)
+            (folder / f"{stem}.key_secret").chmod(0o600)
+        elif not kind:
+            (folder / name).mkdir(exist_ok=True)
+    return text.replace("/etc/zmq-ami/", f"{folder}/")
+
+
 @pytest.mark.parametrize("name, text", snippets())
 def test_every_config_snippet_passes_check_config(tmp_path, name, text):
     path = tmp_path / name
+    text = with_its_files(text, tmp_path)
     path.write_text(complete_ini(text) if name == "config.ini" else text)
     result = run_script(CHECKED[name], "--check-config", str(path))
     assert result.returncode == 0, result.stdout + result.stderr

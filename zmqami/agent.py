@@ -32,10 +32,11 @@ import zmq
 from . import __version__, envelope
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Setting, in_checkout,
-                     is_action_names, is_bool, is_down_state, is_log_level, is_name_token,
-                     is_nats_urls, is_optional_text, is_url, is_url_or_urls, is_whole_number,
-                     number_between, reload_settings, run_settings_script)
+from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Schema, Setting,
+                     check_each, in_checkout, is_action_names, is_bool, is_down_state,
+                     is_log_level, is_name_token, is_nats_urls, is_optional_text, is_url,
+                     is_url_or_urls, is_whole_number, number_between, reload_settings,
+                     run_settings_script)
 from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
 from .loop import BATCH_INTERVAL, EventLoop, Timer
 from .rules import BadInput, StateUpdate, event_for, relayed_update, safe_action, unique_id
@@ -45,8 +46,9 @@ from .stats import DropLog, Throttle, held_back, plural
 from .status import (StatusServer, describe_states, known_names, link_status, serve_status,
                      when)
 from .metrics import MetricsServer, link_snapshot, serve_metrics
-from .natsnet import NatsNetwork, carries_state, nats_permissions, print_bucket
-from .network import HubNetwork
+from .natsnet import (NatsNetwork, carries_state, check_nats_security, nats_permissions,
+                      print_bucket)
+from .network import HubNetwork, curve_client_keys
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .systemd import Notifier
 
@@ -61,7 +63,12 @@ READ_ONLY_ACTIONS = ("Ping", "CoreStatus", "CoreSettings", "CoreShowChannels", "
                      "QueueStatus", "QueueSummary", "Mailboxcount", "MailboxStatus")
 
 
-AGENT_SETTINGS = {
+def check_agent_settings(path: str, settings: Dict[str, Any]) -> None:
+    """What spans several settings: CURVE's two key files, NATS's TLS and credentials files."""
+    check_each(path, settings, curve_client_keys, check_nats_security)
+
+
+AGENT_SETTINGS = Schema({
     "LOG_LEVEL": Setting("info", is_log_level),
     "SYSTEM_NAME": Setting("Moscow", lambda v: None if is_node_name(v) else
                            "must be a name without brackets or control characters"),
@@ -99,7 +106,7 @@ AGENT_SETTINGS = {
     "NATS_JS_DOMAIN": Setting(None, is_name_token("JetStream domain", none=True)),
     "NATS_MAX_BYTES": Setting(256 * 1024 * 1024, is_whole_number(1024 * 1024, 2 ** 50, "bytes")),
     **COMMON_SETTINGS,
-}
+}, together=check_agent_settings)
 # What a SIGHUP cannot change: who the agent is and how it reaches the hubs.
 RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE", "STATE_FILE",
                     "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET",

@@ -350,34 +350,39 @@ def load_broker_config(path: str) -> BrokerConfig:
         raise ConfigError([f"{path}: not a valid ini file: {first_line}"]) from None
 
     ini = _IniReader(path, parser)
-    config = BrokerConfig(path=path)
-    config.device_state = ini.boolean("general", "device_state", True)
-    config.presence = ini.boolean("general", "presence", False)
-    config.log_level = ini.choice("general", "log_level", "info", LOG_LEVELS)
-    config.request_timeout = ini.integer("general", "request_timeout", 1000, 10, 600_000)
-    config.count_messages = ini.boolean("general", "count_messages", False)
-    config.verbose_messages = ini.boolean("general", "verbose_messages", False)
-    config.ping_interval = ini.seconds("general", "ping_interval", 10.0, 0.1, 3600)
+    config, default = BrokerConfig(path=path), BrokerConfig(path=path)  # (the one set of defaults)
+    config.device_state = ini.boolean("general", "device_state", default.device_state)
+    config.presence = ini.boolean("general", "presence", default.presence)
+    config.log_level = ini.choice("general", "log_level", logging.getLevelName(
+        default.log_level).lower(), LOG_LEVELS)
+    config.request_timeout = ini.integer("general", "request_timeout", default.request_timeout,
+                                         10, 600_000)
+    config.count_messages = ini.boolean("general", "count_messages", default.count_messages)
+    config.verbose_messages = ini.boolean("general", "verbose_messages",
+                                          default.verbose_messages)
+    config.ping_interval = ini.seconds("general", "ping_interval", default.ping_interval,
+                                       0.1, 3600)
     config.server_timeout = ini.seconds("general", "server_timeout", 3 * config.ping_interval,
                                         config.ping_interval, 36000)
-    config.resync_interval = ini.seconds("general", "resync_interval", 300.0, 0.1, 86400,
-                                         zero=True)
-    config.max_devices = ini.integer("general", "max_devices", 100_000, 1, 10_000_000)
-    down_state = parser.get("general", "down_state", fallback="UNAVAILABLE").strip().upper()
+    config.resync_interval = ini.seconds("general", "resync_interval", default.resync_interval,
+                                         0.1, 86400, zero=True)
+    config.max_devices = ini.integer("general", "max_devices", default.max_devices, 1,
+                                     10_000_000)
+    down_state = parser.get("general", "down_state", fallback=default.down_state).strip().upper()
     if down_state and down_state not in DEVICE_STATES:
         ini.error("general", "down_state", f"{down_state!r} is not one of "
                   f"{', '.join(sorted(DEVICE_STATES))}, or empty to keep the last state")
     config.down_state = down_state or None
     config.log_file = parser.get("general", "log_file", fallback="").strip() or None
     config.state_file = parser.get("general", "state_file", fallback="").strip() or None
-    config.metrics_port = ini.integer("general", "metrics_port", 0, 0, 65535)
-    config.metrics_address = ini.raw("general", "metrics_address", "127.0.0.1")
+    config.metrics_port = ini.integer("general", "metrics_port", default.metrics_port, 0, 65535)
+    config.metrics_address = ini.raw("general", "metrics_address", default.metrics_address)
     problem = host_problem(config.metrics_address)
     if problem:
         ini.error("general", "metrics_address", problem)
     if config.metrics_port and metrics_library_missing():
         ini.error("general", "metrics_port", metrics_library_missing())
-    config.log_syslog = ini.boolean("general", "log_syslog", False)
+    config.log_syslog = ini.boolean("general", "log_syslog", default.log_syslog)
     config.status_socket = parser.get("general", "status_socket", fallback="").strip() or None
     if config.status_socket and url_problem(config.status_socket, bind=True):
         ini.error("general", "status_socket", f"{config.status_socket!r} is not an address such "
@@ -574,6 +579,31 @@ def is_log_level(value: Any) -> Optional[str]:
     return None if ok else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
+Together = Callable[[str, Dict[str, Any]], None]
+
+
+class Schema(dict):
+    """One program's settings (name -> Setting), with together: the checks that span several
+    settings and the files they name (it raises ConfigError).  load_settings runs both, so that
+    --check-config rejects everything a start would."""
+
+    def __init__(self, settings: Dict[str, Setting], together: Optional[Together] = None) -> None:
+        super().__init__(settings)
+        self.together = together
+
+
+def check_each(path: str, settings: Dict[str, Any], *checks: Together) -> None:
+    """Run every check; one ConfigError with all their errors."""
+    errors: List[str] = []
+    for check in checks:
+        try:
+            check(path, settings)
+        except ConfigError as exc:
+            errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+
+
 def load_settings(path: str, schema: Dict[str, Setting]) -> Dict[str, Any]:
     """Run a Python settings file (as the original's ``import agent_config`` did) and check it.
 
@@ -604,6 +634,9 @@ def load_settings(path: str, schema: Dict[str, Setting]) -> Dict[str, Any]:
         settings[key] = value
     if errors:
         raise ConfigError(errors)
+    together = getattr(schema, "together", None)
+    if together is not None:
+        together(path, settings)
     return settings
 
 

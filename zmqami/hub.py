@@ -7,15 +7,15 @@ types it does not know are relayed all the same, for newer agents.
 """
 import logging
 import os
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__
 from . import security
-from .config import (COMMON_SETTINGS, ConfigError, Setting, is_log_level, is_optional_text,
-                     is_bind_url, is_url, reload_settings, run_settings_script)
+from .config import (COMMON_SETTINGS, ConfigError, Schema, Setting, is_log_level,
+                     is_optional_text, is_bind_url, is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
 from .loop import BATCH_INTERVAL, EventLoop, drain, send_frames
 from .rules import BadInput
@@ -26,7 +26,29 @@ from .systemd import Notifier
 
 log = logging.getLogger("hub")
 
-HUB_SETTINGS = {
+def curve_server_keys(path: str, settings: Dict[str, Any]) -> Optional[security.KeyPair]:
+    """The hub's key pair when CURVE is on (None: off); ConfigError naming the setting when
+    CURVE_CLIENTS_DIR is not a folder, or is set without a key pair (CURVE would be off)."""
+    key_file, clients_dir = settings["CURVE_SECRET_KEY_FILE"], settings["CURVE_CLIENTS_DIR"]
+    if key_file is None:
+        if clients_dir is not None:
+            raise ConfigError([f"{path}: CURVE_SECRET_KEY_FILE: needed too: without it CURVE "
+                               "is off, and CURVE_CLIENTS_DIR admits nobody in particular"])
+        return None
+    errors: List[str] = []
+    if not clients_dir or not os.path.isdir(clients_dir):
+        errors.append(f"{path}: CURVE_CLIENTS_DIR: must name the folder of the allowed clients' "
+                      f"public keys (found {clients_dir!r})")
+    try:
+        keys = security.load_key_pair(path, "CURVE_SECRET_KEY_FILE", key_file)
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+    return keys
+
+
+HUB_SETTINGS = Schema({
     "LOG_LEVEL": Setting("info", is_log_level),
     "PUB_BIND_URL": Setting("tcp://127.0.0.1:55555", is_bind_url),
     "PUB_CONNECT_URL": Setting("tcp://127.0.0.1:55555", is_url),  # kept from the original; unused
@@ -34,7 +56,7 @@ HUB_SETTINGS = {
     "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
     "CURVE_CLIENTS_DIR": Setting(None, is_optional_text),
     **COMMON_SETTINGS,
-}
+}, together=curve_server_keys)
 # What a SIGHUP cannot change: the sockets are bound.
 RESTART_SETTINGS = ("PUB_BIND_URL", "SUB_BIND_URL", "CURVE_SECRET_KEY_FILE", "CURVE_CLIENTS_DIR",
                     "STATUS_SOCKET")
@@ -60,18 +82,15 @@ class Hub:
 
     def secure(self, config_path: str) -> None:
         """CURVE on both sockets when CURVE_SECRET_KEY_FILE is set; a warning when it should be."""
-        key_file, clients_dir = self.settings["CURVE_SECRET_KEY_FILE"], self.settings["CURVE_CLIENTS_DIR"]
-        if key_file is None:
+        keys = curve_server_keys(config_path, self.settings)
+        if keys is None:
             for key in ("SUB_BIND_URL", "PUB_BIND_URL"):
                 if security.binds_beyond_loopback(self.settings[key]):
                     log.warning("%s binds %s without CURVE: anyone who reaches it can read every "
                                 "phone's state and have agents run actions (docs/security.md)",
                                 key, self.settings[key])
             return
-        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
-        if not clients_dir or not os.path.isdir(clients_dir):
-            raise ConfigError([f"{config_path}: CURVE_CLIENTS_DIR: must name the folder of the "
-                               f"allowed clients' public keys (found {clients_dir!r})"])
+        clients_dir = self.settings["CURVE_CLIENTS_DIR"]
         self.authenticator = security.start_authenticator(self.context, clients_dir)
         for sock in (self.pull, self.pub):
             security.make_server(sock, keys)

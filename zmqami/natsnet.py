@@ -41,7 +41,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import zmq
 
-from .config import ConfigError
+from .config import ConfigError, check_each
 from .envelope import ALL, STATS, build, topic
 from .loop import NOBLOCK, EventLoop, drain
 from .network import OnMessage, as_list
@@ -217,13 +217,13 @@ def stored_first(entries: List[Tuple[str, bytes, float]]) -> List[Tuple[str, byt
 def tls_context(config_path: str, settings: Dict[str, Any]) -> Optional[ssl.SSLContext]:
     """TLS towards NATS when NATS_TLS_CA is set (or a URL is tls://); errors name the setting."""
     ca, cert, key = (settings[name] for name in ("NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY"))
-    if ca is None and cert is None and not any(url.startswith("tls://")
-                                                for url in as_list(settings["NATS_URLS"])):
-        return None
-    if (cert is None) != (key is None):
+    if (cert is None) != (key is None):  # (one without the other would be ignored)
         missing = "NATS_TLS_KEY" if key is None else "NATS_TLS_CERT"
         raise ConfigError([f"{config_path}: {missing}: needed too (a client certificate needs "
                            "both NATS_TLS_CERT and NATS_TLS_KEY)"])
+    if ca is None and cert is None and not any(url.startswith("tls://")
+                                                for url in as_list(settings["NATS_URLS"])):
+        return None
     try:
         context = ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
@@ -235,6 +235,29 @@ def tls_context(config_path: str, settings: Dict[str, Any]) -> Optional[ssl.SSLC
             raise ConfigError([f"{config_path}: NATS_TLS_CERT: cannot use {cert} with {key}: "
                                f"{exc}"]) from None
     return context
+
+
+def check_credentials_file(config_path: str, settings: Dict[str, Any]) -> None:
+    """NATS_CREDS_FILE, if set, can be read, with the nkeys library it needs."""
+    creds = settings["NATS_CREDS_FILE"]
+    if creds is None:
+        return
+    try:
+        with open(creds, encoding="utf-8"):
+            pass
+        import nkeys  # noqa: F401
+    except OSError as exc:
+        raise ConfigError([f"{config_path}: NATS_CREDS_FILE: cannot read {creds}: "
+                           f"{exc.strerror}"]) from None
+    except ImportError:
+        raise ConfigError([f"{config_path}: NATS_CREDS_FILE: a credentials file needs the "
+                           "nkeys library: pip install nkeys"]) from None
+
+
+def check_nats_security(config_path: str, settings: Dict[str, Any]) -> None:
+    """The TLS files and the credentials file of an agent over NATS."""
+    if settings["NATS_URLS"]:
+        check_each(config_path, settings, tls_context, check_credentials_file)
 
 
 class NatsNetwork:
@@ -257,21 +280,8 @@ class NatsNetwork:
         self.client = NatsClient(context, address, settings, name)
 
     def secure(self, config_path: str) -> None:
-        """TLS and credentials, checked now: a bad file is a one-line error at start."""
+        """TLS and credentials (checked with the settings: check_nats_security)."""
         self.client.tls = tls_context(config_path, self.client.settings)
-        creds = self.client.settings["NATS_CREDS_FILE"]
-        if creds is not None:
-            try:
-                with open(creds, encoding="utf-8"):
-                    pass
-                import nkeys  # noqa: F401
-            except OSError as exc:
-                raise ConfigError([f"{config_path}: NATS_CREDS_FILE: cannot read {creds}: "
-                                   f"{exc.strerror}"]) from None
-            except ImportError:
-                raise ConfigError([f"{config_path}: NATS_CREDS_FILE: a credentials file needs "
-                                   "the nkeys library: pip install nkeys"]) \
-                    from None
 
     def start(self) -> None:
         self.loop.add_reader(self.inbox, lambda: drain(self.inbox, self._deliver))

@@ -7,7 +7,7 @@ this small interface (secure, start, send, status, close, and two callbacks: eac
 Asterisk.  natsnet.NatsNetwork, the NATS transport, stands behind the same seam.
 """
 import logging
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -26,6 +26,34 @@ OnMessage = Callable[..., None]
 
 def as_list(value: Any) -> List[str]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def curve_client_keys(config_path: str, settings: Dict[str, Any]
+                      ) -> Optional[Tuple[bytes, security.KeyPair]]:
+    """(the hub's public key, the agent's key pair) when CURVE is on, None when off;
+    ConfigError naming the setting when one of the two is missing or its file is unusable."""
+    server_key_file = settings["CURVE_SERVER_KEY_FILE"]
+    key_file = settings["CURVE_SECRET_KEY_FILE"]
+    if server_key_file is None and key_file is None:
+        return None
+    if server_key_file is None or key_file is None:
+        missing = "CURVE_SECRET_KEY_FILE" if key_file is None else "CURVE_SERVER_KEY_FILE"
+        raise ConfigError([f"{config_path}: {missing}: needed too when CURVE is on (both "
+                           f"CURVE_SERVER_KEY_FILE and CURVE_SECRET_KEY_FILE)"])
+    errors: List[str] = []
+    server_key, keys = b"", (b"", b"")
+    try:
+        server_key = security.load_public_key(config_path, "CURVE_SERVER_KEY_FILE",
+                                              server_key_file)
+    except ConfigError as exc:
+        errors += exc.errors
+    try:
+        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+    return server_key, keys
 
 
 class HubNetwork:
@@ -50,19 +78,10 @@ class HubNetwork:
 
     def secure(self, config_path: str) -> None:
         """CURVE on the hub connections when CURVE_SERVER_KEY_FILE is set."""
-        server_key_file = self.settings["CURVE_SERVER_KEY_FILE"]
-        key_file = self.settings["CURVE_SECRET_KEY_FILE"]
-        if server_key_file is None and key_file is None:
-            return
-        if server_key_file is None or key_file is None:
-            missing = "CURVE_SECRET_KEY_FILE" if key_file is None else "CURVE_SERVER_KEY_FILE"
-            raise ConfigError([f"{config_path}: {missing}: needed too when CURVE is on (both "
-                               f"CURVE_SERVER_KEY_FILE and CURVE_SECRET_KEY_FILE)"])
-        server_key = security.load_public_key(config_path, "CURVE_SERVER_KEY_FILE",
-                                              server_key_file)
-        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
-        for sock in self.pushes + [self.sub]:
-            security.make_client(sock, server_key, keys)
+        curve = curve_client_keys(config_path, self.settings)
+        if curve is not None:
+            for sock in self.pushes + [self.sub]:
+                security.make_client(sock, *curve)
 
     def start(self) -> None:
         for push, url in zip(self.pushes, self.push_urls):
