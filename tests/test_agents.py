@@ -338,7 +338,7 @@ def test_check_config_rejects_each_mistake_across_settings_as_a_start_does(
 
 
 def test_default_settings_files_are_valid_and_on_loopback():
-    from zmqami.agent import AGENT_SETTINGS
+    from zmqami.agent_settings import AGENT_SETTINGS
     from zmqami.config import load_settings
     from zmqami.hub import HUB_SETTINGS
     for name, schema in (("agent_config.py", AGENT_SETTINGS), ("server_config.py", HUB_SETTINGS)):

@@ -7,7 +7,7 @@ import pytest
 import zmq.auth
 
 from harness import ROOT, run_script
-from zmqami.agent import AGENT_SETTINGS
+from zmqami.agent_settings import AGENT_SETTINGS
 from zmqami.config import GENERAL_KEYS, SERVER_KEYS
 from zmqami.hub import HUB_SETTINGS
 

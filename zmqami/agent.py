@@ -23,200 +23,115 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
 from urllib.parse import urlsplit
 from typing import Any, Dict, List, Optional, Set
 
 import zmq
 
 from . import __version__, envelope
+from .actions import ActionGate
+from .agent_settings import AGENT_SETTINGS, ASTERISK_SETTINGS, RESTART_SETTINGS
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import (COMMON_SETTINGS, PROJECT_DIR, RUN_DIR, ConfigError, Schema, Setting,
-                     check_each, in_checkout, is_action_names, is_bool, is_down_state,
-                     is_log_level, is_name_token, is_nats_urls, is_optional_text, is_url,
-                     is_url_or_urls, is_whole_number, number_between, reload_settings,
-                     run_settings_script)
-from .envelope import ALL, STATS, Envelope, is_heartbeat, is_node_name, parse_message
-from .loop import BATCH_INTERVAL, EventLoop, Timer
-from .rules import BadInput, StateUpdate, event_for, relayed_update, safe_action, unique_id
-from .states import ListReading, StateTable, list_items
-from .statefile import SAVE_INTERVAL, StateFile
-from .stats import DropLog, Throttle, held_back, plural
-from .status import (StatusServer, describe_states, known_names, link_status, serve_status,
-                     when)
-from .metrics import MetricsServer, link_snapshot, serve_metrics
-from .natsnet import (NatsNetwork, carries_state, check_nats_security, nats_permissions,
-                      print_bucket)
-from .network import HubNetwork, curve_client_keys
+from .config import PROJECT_DIR, RUN_DIR, ConfigError, in_checkout, reload_settings, \
+    run_settings_script
+from .envelope import ALL, STATS, Envelope, RecentIds, is_node_name, parse_message
+from .loop import EventLoop
+from .metrics import link_snapshot
+from .natsnet import NatsNetwork, carries_state, nats_permissions, print_bucket
+from .network import HubNetwork
+from .peers import Peers
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
-from .systemd import Notifier
+from .relay import Relay
+from .rules import BadInput, StateUpdate, event_for, relayed_update, unique_id
+from .states import ListReading, StateTable
+from .statefile import SAVE_INTERVAL, StateFile
+from .service import Service
+from .stats import DropLog, Throttle, held_back
+from .status import describe_states, known_names, link_status, when
 
 log = logging.getLogger("agent")
 
-
-# Actions a client may have an agent run: read-only ones.  Others (Originate, Setvar, Command, ...)
-# must be listed in ALLOWED_ACTIONS by the administrator who wants them.
-READ_ONLY_ACTIONS = ("Ping", "CoreStatus", "CoreSettings", "CoreShowChannels", "DeviceStateList",
-                     "PresenceStateList", "PresenceState", "ExtensionStateList", "ExtensionState",
-                     "SIPpeers", "SIPshowpeer", "PJSIPShowEndpoints", "PJSIPShowEndpoint",
-                     "QueueStatus", "QueueSummary", "Mailboxcount", "MailboxStatus")
-
-
-def check_agent_settings(path: str, settings: Dict[str, Any]) -> None:
-    """What spans several settings: CURVE's two key files, NATS's TLS and credentials files."""
-    check_each(path, settings, curve_client_keys, check_nats_security)
-
-
-AGENT_SETTINGS = Schema({
-    "LOG_LEVEL": Setting("info", is_log_level),
-    "SYSTEM_NAME": Setting("Moscow", lambda v: None if is_node_name(v) else
-                           "must be a name without brackets or control characters"),
-    "ASTERISK_CMD_URL": Setting("tcp://127.0.0.1:1967", is_url),
-    "ASTERISK_EVT_URL": Setting("tcp://127.0.0.1:1968", is_url),
-    "KEEP_ALIVE_INTERVAL": Setting(30, number_between(0.1, 86400, "seconds")),
-    "ZMQ_PUB_URL": Setting("tcp://127.0.0.1:55556", is_url_or_urls),
-    "ZMQ_SUB_URL": Setting("tcp://127.0.0.1:55555", is_url_or_urls),
-    "PID_FILE": Setting(None, is_optional_text),
-    "ASTERISK_TIMEOUT": Setting(5000, number_between(10, 600_000, "milliseconds")),
-    "DEVICE_STATE": Setting(True, is_bool),
-    "PRESENCE": Setting(False, is_bool),
-    "PEER_TIMEOUT": Setting(None, number_between(0.1, 864000, "seconds", none=True)),
-    "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
-    "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),
-    "ALLOWED_ACTIONS": Setting(list(READ_ONLY_ACTIONS), is_action_names),
-    "MAX_PEERS": Setting(1000, number_between(1, 100_000, "peers")),
-    "STATE_FILE": Setting(None, is_optional_text),
-    "MAX_DEVICES_PER_PEER": Setting(10_000, number_between(1, 10_000_000, "devices")),
-    "ASTERISK_AMI_URL": Setting("tcp://127.0.0.1:5038", is_url),
-    "ASTERISK_AMI_USER": Setting(None, is_optional_text),
-    "ASTERISK_AMI_SECRET": Setting(None, is_optional_text),
-    "CURVE_SERVER_KEY_FILE": Setting(None, is_optional_text),
-    "CURVE_SECRET_KEY_FILE": Setting(None, is_optional_text),
-    "NATS_URLS": Setting(None, is_nats_urls),
-    "NATS_USER": Setting(None, is_optional_text),
-    "NATS_PASSWORD": Setting(None, is_optional_text),
-    "NATS_CREDS_FILE": Setting(None, is_optional_text),
-    "NATS_TLS_CA": Setting(None, is_optional_text),
-    "NATS_TLS_CERT": Setting(None, is_optional_text),
-    "NATS_TLS_KEY": Setting(None, is_optional_text),
-    "NATS_BUCKET": Setting("zmqami", is_name_token("bucket name")),
-    "NATS_REPLICAS": Setting(1, is_whole_number(1, 5, "replicas")),
-    "NATS_SUBJECT_PREFIX": Setting("zmqami", is_name_token("subject prefix", dots=True)),
-    "NATS_JS_DOMAIN": Setting(None, is_name_token("JetStream domain", none=True)),
-    "NATS_MAX_BYTES": Setting(256 * 1024 * 1024, is_whole_number(1024 * 1024, 2 ** 50, "bytes")),
-    **COMMON_SETTINGS,
-}, together=check_agent_settings)
-# What a SIGHUP cannot change: who the agent is and how it reaches the hubs.
-RESTART_SETTINGS = ("SYSTEM_NAME", "ZMQ_PUB_URL", "ZMQ_SUB_URL", "PID_FILE", "STATE_FILE",
-                    "CURVE_SERVER_KEY_FILE", "CURVE_SECRET_KEY_FILE", "STATUS_SOCKET",
-                    *(name for name in AGENT_SETTINGS if name.startswith("NATS_")))
-ASTERISK_SETTINGS = ("ASTERISK_CMD_URL", "ASTERISK_EVT_URL", "ASTERISK_AMI_URL",
-                     "ASTERISK_AMI_USER", "ASTERISK_AMI_SECRET", "ASTERISK_TIMEOUT")
 COUNTER_EVERY = 100        # the original's "Message counter" line
 EXIT_PID_FILE = 1
 SEEN_UUIDS = 10_000        # messages remembered to apply each once when they come by two hubs
 STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription must reach the hub
 
 
-class Peer:
-    """Another agent that sends heartbeats (an original agent never does and is never timed out)."""
-
-    def __init__(self, last_seen: float) -> None:
-        self.last_seen = last_seen
-        self.up = True
-
-
-class Agent:
+class Agent(Service):
     def __init__(self, settings: Dict[str, Any], context: zmq.Context) -> None:
+        super().__init__("agent", context, log)
         self.settings = settings
         self.name = settings["SYSTEM_NAME"]
-        self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
-        self.loop = EventLoop(BATCH_INTERVAL)
         self.drops = DropLog(log)
         self.states = StateTable(settings["DOWN_STATE"], settings["MAX_DEVICES_PER_PEER"],
                                  settings["MAX_PEERS"] + 1,  # the peers and itself
                                  unverified_wall=0.0)
-        self.presences_read = False  # its Asterisk's presences read once in this run
+        self.relay = Relay(self.states, self.drops, log, settings["DEVICE_STATE"],
+                           settings["PRESENCE"], verb="SetVar")  # (the original's spelling)
+        self.relay.on_change = self.announce
+        self.relay.on_gone = self.announce_gone
         self.state_file: Optional[StateFile] = None
         if settings["STATE_FILE"]:
             self.state_file = StateFile(settings["STATE_FILE"],
                                         self.states.max_per_source * self.states.max_sources)
             self.states.restore(self.state_file.load())
-        self.peers: Dict[str, Peer] = {}
-        self.seen: "OrderedDict[str, None]" = OrderedDict()
+        self.peers = Peers(settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"],
+                           settings["MAX_PEERS"], on_down=self.on_peer_down,
+                           on_up=self.on_peer_up, refuse=self.drop_from_peer)
+        self.seen = RecentIds(SEEN_UUIDS)
+        self.sent_uuids = RecentIds(SEEN_UUIDS)  # to tell a namesake's messages
         self.message_handlers = {  # by msg_type
             "AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-            "AsteriskAction": self.run_action, "AgentHeartbeat": self.on_heartbeat,
+            "AsteriskAction": self.run_action, "AgentHeartbeat": self.peers.heartbeat,
             "AgentStateRequest": self.on_state_request, "AgentStates": self.apply_states}
-        self.sent_uuids: "OrderedDict[str, None]" = OrderedDict()  # to tell a namesake's messages
         self.name_clashes = 0
-        self.systemd = Notifier()
-        self.metrics: Optional[MetricsServer] = None
-        self.resyncs = 0
-        self.reloads = 0
-        self.health = ""  # the last STATUS= line sent to systemd
         self.clash_warnings = Throttle()
         self.state_requesters: Set[str] = set()
         self.received = 0
         self.unproven_origins = 0  # NATS: values whose origin their key does not prove
-        self.context = context
         self.config_path = ""
-        self.timers: List[Timer] = []
-        self.status: Optional[StatusServer] = None
-        self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
+        self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.asterisk_ok: Optional[bool] = None
-        self.asterisk = make_link(self.loop, context, settings, LinkHandlers(
-            on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
-            on_down=self.on_asterisk_down))
+        self.asterisk = self.connect_asterisk(settings)
         network = NatsNetwork if settings["NATS_URLS"] else HubNetwork
         self.network = network(self.loop, context, settings, self.name,
                                on_message=self.on_hub_message, on_connected=self.on_hub_connection)
         self.hub_source = self.network.source
 
-    def run(self, config_path: str) -> None:
-        self.config_path = config_path
-        self.loop.stop_on_signals()
-        self.loop.reload_on_sighup(self.reload)
+    def connect_asterisk(self, settings: Dict[str, Any]) -> AsteriskLink:
+        link = make_link(self.loop, self.context, settings, LinkHandlers(
+            on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
+            on_down=self.on_asterisk_down))
+        self.relay.links = {self.name: link}  # (its own states are reported under its name)
+        return link
+
+    def start(self) -> None:
         log.info("Agent %s (version %s) starting.", self.name, __version__)
         self.asterisk.start()
         self.network.start()
         self.keep_alive()
-        self.schedule()
-        self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"],
-                                   "agent " + self.name, self.status_report,
-                                   f"{config_path}: STATUS_SOCKET", self.describe_devices)
-        self.metrics = serve_metrics(self.loop, "agent", self.metrics_snapshot,
-                                     self.settings["METRICS_ADDRESS"],
-                                     self.settings["METRICS_PORT"], f"{config_path}: METRICS_PORT")
-        self.systemd.ready(f"agent {self.name} started")
-        self.systemd.keep_watchdog_fed(self.loop)
-        try:
-            self.loop.run()
-        finally:
-            self.systemd.stopping()
-            self.systemd.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            log.info("Received %s: %d %s messages, %d dropped. Exiting.",
-                     self.loop.stop_signal or "stop", self.received, self.network.kind,
-                     sum(self.drops.counts.values()))
-            self.save_states()
-            self.asterisk.close()
-            self.network.close()
-            if self.status is not None:
-                self.status.close()
-            self.loop.close()
+        self.schedule_timers()
+        self.serve_status(self.settings["STATUS_SOCKET"], "agent " + self.name,
+                          f"{self.config_path}: STATUS_SOCKET", self.describe_devices)
 
-    def schedule(self) -> None:
-        for timer in self.timers:
-            timer.cancel()
-        self.timers = [self.loop.call_every(self.settings["KEEP_ALIVE_INTERVAL"], self.keep_alive),
-                       self.loop.call_every(HEALTH_CHECK_INTERVAL, self.check_health)]
-        if self.settings["RESYNC_INTERVAL"]:
-            self.timers.append(self.loop.call_every(self.settings["RESYNC_INTERVAL"], self.repair))
-        if self.state_file is not None:
-            self.timers.append(self.loop.call_every(SAVE_INTERVAL, self.save_states))
+    def ready_text(self) -> str:
+        return f"agent {self.name} started"
+
+    def stop(self) -> None:
+        log.info("Received %s: %d %s messages, %d dropped. Exiting.",
+                 self.loop.stop_signal or "stop", self.received, self.network.kind,
+                 sum(self.drops.counts.values()))
+        self.save_states()
+        self.asterisk.close()
+        self.network.close()
+
+    def schedule_timers(self) -> None:
+        self.schedule(
+            self.loop.call_every(self.settings["KEEP_ALIVE_INTERVAL"], self.keep_alive),
+            self.loop.call_every(HEALTH_CHECK_INTERVAL, self.check_health),
+            self.every(self.settings["RESYNC_INTERVAL"], self.repair),
+            self.every(SAVE_INTERVAL if self.state_file is not None else 0, self.save_states))
 
     def save_states(self) -> None:
         if self.state_file is not None:
@@ -232,15 +147,15 @@ class Agent:
         asterisk_changed = any(settings[k] != self.settings[k] for k in ASTERISK_SETTINGS)
         self.reloads += 1
         self.settings = settings
-        self.allowed = {name.lower() for name in settings["ALLOWED_ACTIONS"]}
-        self.peer_timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
+        self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
+        self.peers.timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
         self.states.down_state = settings["DOWN_STATE"]
-        self.schedule()
+        self.schedule_timers()
         if asterisk_changed:
             log.info("The Asterisk connection changed: reconnecting")
             self.asterisk.close()
             self.state_requesters.clear()  # the old link's reads will not answer
-            self.asterisk = make_link(self.loop, self.context, settings, self.asterisk.handlers)
+            self.asterisk = self.connect_asterisk(settings)
             self.asterisk.start()
             self.asterisk.ping()
 
@@ -249,13 +164,13 @@ class Agent:
         asterisk = dict(link_snapshot(self.asterisk, self.drops.counts["Asterisk"]),
                         name=self.name)
         return {"links": [asterisk],
-                "peers": [{"name": name, "up": peer.up} for name, peer in self.peers.items()],
+                "peers": [{"name": name, "up": peer.up} for name, peer in self.peers],
                 "totals": {
                     "hub_messages_received": ("counter", "Messages received from the hubs "
-                                              "or NATS",
-                                              self.received),
+                                              "or NATS", self.received),
                     "known_states": ("gauge", "States known", len(self.states.entries)),
-                    "resyncs": ("counter", "Times its Asterisk was resynchronised", self.resyncs),
+                    "resyncs": ("counter", "Times its Asterisk was resynchronised",
+                                self.relay.resyncs),
                     "reloads": ("counter", "Settings reloads (SIGHUP) applied", self.reloads),
                     "name_clashes": ("counter", "Messages from another agent with its name",
                                      self.name_clashes),
@@ -263,14 +178,13 @@ class Agent:
                                          "or subject does not prove their origin",
                                          self.unproven_origins),
                     "hub_input_dropped": ("counter", "Invalid input from the hubs or NATS "
-                                          "dropped",
-                                          self.drops.counts[self.hub_source])}}
+                                          "dropped", self.drops.counts[self.hub_source])}}
 
     def status_report(self) -> Dict[str, Any]:
         return {"servers": [link_status(self.asterisk, self.drops.counts["Asterisk"])],
                 "peers": [{"name": name, "up": peer.up,
                            "last_seen": when(time.time() - (time.monotonic() - peer.last_seen))}
-                          for name, peer in sorted(self.peers.items())],
+                          for name, peer in self.peers],
                 "totals": {f"{self.network.kind}_messages": self.received,
                            "known_states": len(self.states.entries),
                            "messages_from_another_agent_with_my_name": self.name_clashes,
@@ -286,47 +200,34 @@ class Agent:
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         uuid = unique_id()
-        self.sent_uuids[uuid] = None
-        if len(self.sent_uuids) > SEEN_UUIDS:
-            self.sent_uuids.popitem(last=False)
+        self.sent_uuids.add(uuid)
         frames = envelope.build(target, msg_type, self.name, uuid,
                                 heartbeat=envelope.heartbeat(self.settings["KEEP_ALIVE_INTERVAL"]),
                                 **fields)
         self.network.send(frames)
 
-    # --- its Asterisk -> the hub ------------------------------------------------------------------
+    # --- its Asterisk -> the peers ------------------------------------------------------------------
     def on_asterisk_event(self, link: AsteriskLink, event: Dict[str, Any]) -> None:
         if event["Event"] == "Reload":
             self.send(ALL, "AsteriskEvent", data={"Event": "Reload",
                                                   "Status": _text(event.get("Status")),
                                                   "Module": _text(event.get("Module"))})
             return
-        try:
-            update = relayed_update(event, self.settings["DEVICE_STATE"], self.settings["PRESENCE"])
-            self.states.check_room(self.name, update)
-        except BadInput as exc:
-            self.drops.drop(link.name, f"{event['Event']}: {exc}", repr(event).encode())
-            return
-        if update is None or (update.is_presence and link.is_echo(update)):
-            return
-        if self.states.record(self.name, update):
-            log.debug("My device %s state %s.", update.variable, update.value)
-            self.send(ALL, "AsteriskEvent", data=self.event_of(update))
+        self.relay.take_event(self.name, link, event)
+
+    def announce(self, source: str, update: StateUpdate) -> None:
+        """A change of its Asterisk's, for every peer."""
+        log.debug("My device %s state %s.", update.variable, update.value)
+        self.send(ALL, "AsteriskEvent", data=self.event_of(update))
+
+    def announce_gone(self, source: str, variable: str) -> None:
+        """A phone of its Asterisk's not registered again since its restart: down for the peers."""
+        self.send(ALL, "AsteriskEvent", data=event_for(StateUpdate(variable,
+                                                                   self.states.down_state)))
 
     def on_asterisk_up(self, link: AsteriskLink) -> None:
-        """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own.
-
-        Until its presences have been read once in this run, none is written to it: one may
-        have changed while the agent was stopped (STATE_FILE)."""
-        first = not self.presences_read
-        self.resyncs += 1
-        written = 0
-        for update in self.states.mirrors_for(self.name):
-            if not (first and update.is_presence):
-                self.write(update)
-                written += 1
-        log.info("Resynchronising Asterisk: %d known states of the peers written, reading its "
-                 "states for the peers", written)
+        """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own."""
+        first = self.relay.resync(self.name)
         self.heartbeat()
         self.read_own_states(repair=False, requester=ALL, first=first)
 
@@ -339,53 +240,13 @@ class Agent:
         self.state_requesters.add(requester)
         if under_way:
             return  # its answer goes to this requester too
-        readings: List[ListReading] = []
-        wanted = int(self.settings["DEVICE_STATE"]) + int(self.settings["PRESENCE"])
-
-        def on_list(reading: ListReading) -> None:
-            readings.append(reading)
-            if len(readings) == wanted:
-                self.answer_state_requests(readings)
-
-        # (A failed read is tried again by the link until it succeeds.)
-        if self.settings["DEVICE_STATE"]:
-            self.asterisk.read_list("DeviceStateList", lambda reply, asked_at: on_list(
-                self.on_own_list(reply, "DeviceStateChange", asked_at, repair)))
-        if self.settings["PRESENCE"]:
-            self.asterisk.read_list("PresenceStateList", lambda reply, asked_at: on_list(
-                self.on_own_list(reply, "PresenceStateChange", asked_at, repair or first)))
-        if not wanted:
-            self.state_requesters.clear()
-
-    def on_own_list(self, reply: List[Dict[str, Any]], event: str, asked_at: float,
-                    repair: bool) -> ListReading:
-        items = list_items(reply, event)
-        on_bad = lambda item, exc: self.drops.drop("Asterisk", f"list item: {exc}",  # noqa: E731
-                                                   repr(item).encode())
-        writing = self.asterisk.outbox.is_unsettled
-        if event == "DeviceStateChange":
-            reading = self.states.read_device_list(self.name, items, asked_at, writing, on_bad,
-                                                   after_restart=not repair)
-        else:
-            reading = self.states.read_presence_list(self.name, items, asked_at,
-                                                     not repair, writing, on_bad)
-            self.presences_read = True
-        for update in reading.repairs:
-            self.write(update)
-        if reading.repairs:
-            log.info("Repaired %d mirrors on Asterisk", len(reading.repairs))
-        for variable in reading.gone:  # its phones not registered again since its restart
-            self.send(ALL, "AsteriskEvent", data=event_for(StateUpdate(variable,
-                                                                       self.states.down_state)))
-        if reading.gone:
-            log.warning("%s of Asterisk that its list no longer shows after its restart: now "
-                        "%s on the peers, until they report again",
-                        plural(len(reading.gone), "device"), self.states.down_state)
-        return reading
+        self.relay.read_lists(self.name, repair, first, on_read=self.answer_state_requests)
 
     def answer_state_requests(self, readings: List[ListReading]) -> None:
         events = [self.event_of(update) for reading in readings for update in reading.current]
         requesters, self.state_requesters = self.state_requesters, set()
+        if not readings:
+            return  # it relays neither device states nor presences
         for requester in ([ALL] if ALL in requesters else sorted(requesters)):
             self.send(requester, "AgentStates", events=events)
         log.info("Sent %d states of Asterisk to %s", len(events),
@@ -410,7 +271,7 @@ class Agent:
             self.drops.drop(self.hub_source, str(exc), b" | ".join(frames))
             return
         message.age = age
-        if self.already_seen(message.uuid):
+        if self.seen.add(message.uuid):
             return  # the same message by another hub
         if message.origin == self.name:
             if message.uuid not in self.sent_uuids:
@@ -426,7 +287,7 @@ class Agent:
             if owner is None:  # a plain subject: it says nothing of a peer's health
                 handler(message)
                 return
-        self.saw_peer(message)
+        self.peers.saw(message)
         handler(message)
 
     def origin_proven(self, message: Envelope, owner: Optional[str]) -> bool:
@@ -457,14 +318,6 @@ class Agent:
                       "send): the two never mirror each other.  Give each agent its own "
                       "SYSTEM_NAME.%s", self.name, message.msg_type,
                       held_back(more, "such messages"))
-
-    def already_seen(self, uuid: str) -> bool:
-        if uuid in self.seen:
-            return True
-        self.seen[uuid] = None
-        if len(self.seen) > SEEN_UUIDS:
-            self.seen.popitem(last=False)
-        return False
 
     def answer_ping(self, message: Envelope) -> None:
         self.send(message.origin, "AgentPong")
@@ -503,30 +356,17 @@ class Agent:
         except BadInput as exc:
             self.drop_from_peer(message, str(exc), repr(data).encode())
             return
-        peer = self.peers.get(message.origin)
-        stale = message.age > 0 and peer is not None and not peer.up  # a stopped peer's (NATS)
+        stale = message.age > 0 and self.peers.is_down(message.origin)  # a stopped peer's (NATS)
         if update is None or not self.states.record(message.origin, update,
                                                     changed_at(data, snapshot), down=stale):
             return
         log.debug("Other device: %s - %s (from %s).", update.variable, update.value, message.origin)
-        self.write_mirror(update.variable, message.uuid)
-
-    def write_mirror(self, variable: str, action_id: str = "") -> None:
-        """Write on its Asterisk what the peers report for variable, combined."""
-        value = self.states.mirror_value(variable, self.name)
-        if value is not None:
-            self.write(StateUpdate(variable, value), action_id)
-
-    def write(self, update: StateUpdate, action_id: str = "") -> None:
-        """Write a state on its Asterisk (SetVar, ActionID the message's uuid, as the original)."""
-        self.asterisk.write_state(update, action_id or unique_id(), verb="SetVar")
+        self.relay.write_mirrors(update.variable, message.uuid)
 
     def run_action(self, message: Envelope) -> None:
         origin = message.origin
         try:
-            action = safe_action(message.field("data"), self.asterisk.crashing_actions)
-            if action["Action"].lower() not in self.allowed:
-                raise BadInput(f"{action['Action']} is not allowed on this node (ALLOWED_ACTIONS)")
+            action = self.actions.check(message.field("data"), self.asterisk.crashing_actions)
         except BadInput as exc:
             log.warning("Refused AsteriskAction from %s: %s", origin, exc)
             self.send(origin, "AsteriskActionStatus", data=[
@@ -541,62 +381,25 @@ class Agent:
             self.read_own_states(repair=False, requester=message.origin)
 
     # --- peers and hubs ----------------------------------------------------------------------------
-    def saw_peer(self, message: Envelope) -> None:
-        """Any message from an agent that sends heartbeats shows it alive, when it was sent: a
-        stored one (NATS bucket) older than PEER_TIMEOUT shows a peer that is down."""
-        sent = time.monotonic() - message.age
-        peer = self.peers.get(message.origin)
-        if peer is not None:
-            peer.last_seen = max(peer.last_seen, sent)
-        elif is_heartbeat(message.field("heartbeat")):
-            if len(self.peers) >= self.settings["MAX_PEERS"]:
-                self.drop_from_peer(message, f"more than {self.settings['MAX_PEERS']} peers "
-                                    "(MAX_PEERS): not tracked")
-                return
-            self.peers[message.origin] = Peer(sent)
-            if message.age > self.peer_timeout:
-                self.peer_down(message.origin, f"its last message is {message.age:.0f} s old")
-            else:
-                log.info("Peer %s is up.", message.origin)
-
-    def on_heartbeat(self, message: Envelope) -> None:
-        peer = self.peers.get(message.origin)
-        if peer is None or message.age > self.peer_timeout:
-            return  # no x_heartbeat (not an agent that can be timed out), or an old one
-        asterisk_down = message.field("asterisk") == "down"
-        if asterisk_down and peer.up:
-            self.peer_down(message.origin, "its Asterisk is down")
-        elif not asterisk_down and not peer.up:
-            peer.up = True
-            if self.network.proves_origin:  # over NATS its states came from the bucket
-                variables = self.states.set_up(message.origin)
-                for variable in variables:
-                    self.write_mirror(variable)
-                log.info("Peer %s is up again: %d of its devices show their states again.",
-                         message.origin, len(variables))
-                return
-            log.info("Peer %s is up again: asking for its states.", message.origin)
-            self.send(message.origin, "AgentStateRequest")
-
-    def check_health(self) -> None:
-        self.asterisk.check_health(self.peer_timeout)
-        now = time.monotonic()
-        for name, peer in self.peers.items():
-            if peer.up and now - peer.last_seen > self.peer_timeout:
-                self.peer_down(name, f"silent for {self.peer_timeout:g} s")
-        health = (f"Asterisk {({True: 'up', False: 'DOWN', None: 'unknown'})[self.asterisk.up]}, "
-                  f"{sum(peer.up for peer in self.peers.values())} of {len(self.peers)} peers up")
-        if health != self.health:
-            self.health = health
-            self.systemd.status(health)
-
-    def peer_down(self, name: str, why: str) -> None:
-        self.peers[name].up = False
-        variables = self.states.set_down(name)
-        for variable in variables:
-            self.write_mirror(variable)
+    def on_peer_down(self, name: str, why: str) -> None:
+        variables = self.relay.source_down(name)
         log.warning("Peer %s is down (%s): %d of its devices now show %s here.", name, why,
                     len(variables), self.settings["DOWN_STATE"] if variables else "their last state")
+
+    def on_peer_up(self, name: str) -> None:
+        if self.network.proves_origin:  # over NATS its states came from the bucket
+            variables = self.relay.source_up(name)
+            log.info("Peer %s is up again: %d of its devices show their states again.", name,
+                     len(variables))
+            return
+        log.info("Peer %s is up again: asking for its states.", name)
+        self.send(name, "AgentStateRequest")
+
+    def check_health(self) -> None:
+        self.asterisk.check_health(self.peers.timeout)
+        self.peers.check()
+        self.set_health(f"Asterisk {({True: 'up', False: 'DOWN', None: 'unknown'})[self.asterisk.up]}, "
+                        f"{self.peers.up_count()} of {len(self.peers)} peers up")
 
     def on_hub_connection(self) -> None:
         """A hub connection was made (again): the peers' states may have been missed meanwhile."""
@@ -703,7 +506,9 @@ def run_agent(config_path: str, settings: Dict[str, Any]) -> int:
     try:
         agent = Agent(settings, context)
         agent.network.secure(config_path)
-        agent.run(config_path)
+        agent.config_path = config_path
+        agent.run(settings["METRICS_ADDRESS"], settings["METRICS_PORT"],
+                  f"{config_path}: METRICS_PORT")
     except ConfigError as exc:
         return exc.report()
     finally:

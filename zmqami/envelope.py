@@ -8,6 +8,7 @@ Every message has two frames:
 """
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
@@ -120,3 +121,24 @@ def parse_message(frames: List[bytes]) -> Envelope:
     if not is_node_name(envelope.origin):
         raise BadInput(f"{envelope.msg_type} without a valid origin")
     return envelope
+
+
+class RecentIds:
+    """The newest size message uuids (an agent applies a message that comes by two hubs once,
+    and knows its own messages from a namesake's)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ids: "OrderedDict[str, None]" = OrderedDict()
+
+    def __contains__(self, uuid: object) -> bool:
+        return uuid in self.ids
+
+    def add(self, uuid: str) -> bool:
+        """Remember uuid; True if it was already known."""
+        if uuid in self.ids:
+            return True
+        self.ids[uuid] = None
+        if len(self.ids) > self.size:
+            self.ids.popitem(last=False)
+        return False

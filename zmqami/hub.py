@@ -17,12 +17,10 @@ from . import security
 from .config import (COMMON_SETTINGS, ConfigError, Schema, Setting, is_log_level,
                      is_optional_text, is_bind_url, is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
-from .loop import BATCH_INTERVAL, EventLoop, drain, send_frames
+from .loop import drain, send_frames
 from .rules import BadInput
 from .stats import DropLog, printable
-from .status import StatusServer, serve_status
-from .metrics import MetricsServer, serve_metrics
-from .systemd import Notifier
+from .service import Service
 
 log = logging.getLogger("hub")
 
@@ -62,23 +60,18 @@ RESTART_SETTINGS = ("PUB_BIND_URL", "SUB_BIND_URL", "CURVE_SECRET_KEY_FILE", "CU
                     "STATUS_SOCKET")
 
 
-class Hub:
+class Hub(Service):
     def __init__(self, settings: dict, context: zmq.Context) -> None:
+        super().__init__("hub", context, log)
         self.settings = settings
-        self.context = context
-        self.loop = EventLoop(BATCH_INTERVAL)
         self.drops = DropLog(log)
         self.refusals = DropLog(log, what="a connection to")
         self.relayed = 0
         self.authenticator: Optional[security.Authenticator] = None
-        self.status: Optional[StatusServer] = None
         self.config_path = ""
         self.pull = hub_socket(context, zmq.PULL)
         self.pub = hub_socket(context, zmq.PUB)
         self.source = f"agents on {settings['SUB_BIND_URL']}"
-        self.systemd = Notifier()
-        self.metrics: Optional[MetricsServer] = None
-        self.reloads = 0
 
     def secure(self, config_path: str) -> None:
         """CURVE on both sockets when CURVE_SECRET_KEY_FILE is set; a warning when it should be."""
@@ -115,37 +108,24 @@ class Hub:
                 raise ConfigError([f"{config_path}: {key}: cannot bind {self.settings[key]}: "
                                    f"{exc.strerror}"]) from None
 
-    def run(self, config_path: str) -> None:
-        self.config_path = config_path
-        self.loop.stop_on_signals()
-        self.loop.reload_on_sighup(self.reload)
+    def start(self) -> None:
         if self.authenticator is None:
             self.loop.add_reader(self.pull, lambda: drain(self.pull, self.relay))
         else:
             self.loop.add_reader(self.pull, lambda: drain(self.pull, self.relay_own, copy=False))
-        self.status = serve_status(self.loop, self.context, self.settings["STATUS_SOCKET"], "hub",
-                                   self.status_report, f"{config_path}: STATUS_SOCKET")
+        self.serve_status(self.settings["STATUS_SOCKET"], "hub",
+                          f"{self.config_path}: STATUS_SOCKET")
         log.info("Started (version %s): agents push to %s, subscribe to %s.", __version__,
                  self.settings["SUB_BIND_URL"], self.settings["PUB_BIND_URL"])
-        self.metrics = serve_metrics(self.loop, "hub", self.metrics_snapshot,
-                                     self.settings["METRICS_ADDRESS"],
-                                     self.settings["METRICS_PORT"], f"{config_path}: METRICS_PORT")
-        self.systemd.ready(f"relaying: agents push to {self.settings['SUB_BIND_URL']}")
-        self.systemd.keep_watchdog_fed(self.loop)
-        try:
-            self.loop.run()
-        finally:
-            self.systemd.stopping()
-            self.systemd.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            log.info("Received %s: %d messages relayed, %d dropped. ESB - exit.",
-                     self.loop.stop_signal or "stop", self.relayed, sum(self.drops.counts.values()))
-            if self.authenticator is not None:
-                self.authenticator.stop()
-            if self.status is not None:
-                self.status.close()
-            self.loop.close()
+
+    def ready_text(self) -> str:
+        return f"relaying: agents push to {self.settings['SUB_BIND_URL']}"
+
+    def stop(self) -> None:
+        log.info("Received %s: %d messages relayed, %d dropped. ESB - exit.",
+                 self.loop.stop_signal or "stop", self.relayed, sum(self.drops.counts.values()))
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
     def metrics_snapshot(self) -> dict:
         return {"totals": {
@@ -202,8 +182,10 @@ def run_hub(config_path: str, settings: dict) -> int:
     context = zmq.Context()
     try:
         hub = Hub(settings, context)
+        hub.config_path = config_path
         hub.bind(config_path)
-        hub.run(config_path)
+        hub.run(settings["METRICS_ADDRESS"], settings["METRICS_PORT"],
+                f"{config_path}: METRICS_PORT")
     except ConfigError as exc:
         return exc.report()
     finally:
