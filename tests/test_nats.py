@@ -12,7 +12,8 @@ from harness import (converge, custom_states, free_port, play, python_settings, 
                      run_without, setvars, start_agent, wait_until)
 from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
                                  nats_server_binary)
-from zmqami.natsnet import state_key, stored_first, subject_for, token, untoken
+from zmqami.natsbucket import stored_first
+from zmqami.natsnames import state_key, subject_for, token, untoken
 from zmqami.status import fetch_status
 
 nats = pytest.importorskip("nats")
