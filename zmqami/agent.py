@@ -35,10 +35,11 @@ from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
 from .config import PROJECT_DIR, RUN_DIR, ConfigError, in_checkout, reload_settings, \
     run_settings_script
-from .envelope import ALL, STATS, Envelope, RecentIds, is_node_name, parse_message
+from .envelope import ALL, STATS, Envelope, is_node_name
+from .inbox import Inbox
 from .loop import EventLoop
 from .metrics import link_snapshot
-from .natsnet import NatsNetwork, carries_state, nats_permissions, print_bucket
+from .natsnet import NatsNetwork, nats_permissions, print_bucket
 from .network import HubNetwork
 from .peers import Peers
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
@@ -47,14 +48,12 @@ from .rules import BadInput, StateUpdate, event_for, relayed_update, unique_id
 from .states import ListReading, StateTable
 from .statefile import SAVE_INTERVAL, StateFile
 from .service import Service
-from .stats import DropLog, Throttle, held_back
+from .stats import DropLog
 from .status import describe_states, known_names, link_status, when
 
 log = logging.getLogger("agent")
 
-COUNTER_EVERY = 100        # the original's "Message counter" line
 EXIT_PID_FILE = 1
-SEEN_UUIDS = 10_000        # messages remembered to apply each once when they come by two hubs
 STATE_REQUEST_DELAY = 0.5  # s after (re)connecting to a hub: its subscription must reach the hub
 
 
@@ -78,26 +77,21 @@ class Agent(Service):
             self.states.restore(self.state_file.load())
         self.peers = Peers(settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"],
                            settings["MAX_PEERS"], on_down=self.on_peer_down,
-                           on_up=self.on_peer_up, refuse=self.drop_from_peer)
-        self.seen = RecentIds(SEEN_UUIDS)
-        self.sent_uuids = RecentIds(SEEN_UUIDS)  # to tell a namesake's messages
-        self.message_handlers = {  # by msg_type
-            "AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-            "AsteriskAction": self.run_action, "AgentHeartbeat": self.peers.heartbeat,
-            "AgentStateRequest": self.on_state_request, "AgentStates": self.apply_states}
-        self.name_clashes = 0
-        self.clash_warnings = Throttle()
+                           on_up=self.on_peer_up,
+                           refuse=lambda *args: self.inbox.drop(*args))  # (made below)
         self.state_requesters: Set[str] = set()
-        self.received = 0
-        self.unproven_origins = 0  # NATS: values whose origin their key does not prove
         self.config_path = ""
         self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.asterisk_ok: Optional[bool] = None
         self.asterisk = self.connect_asterisk(settings)
         network = NatsNetwork if settings["NATS_URLS"] else HubNetwork
         self.network = network(self.loop, context, settings, self.name,
-                               on_message=self.on_hub_message, on_connected=self.on_hub_connection)
-        self.hub_source = self.network.source
+                               on_message=lambda *args: self.inbox.take(*args),
+                               on_connected=self.on_hub_connection)
+        self.inbox = Inbox(self.name, self.network, self.drops, self.peers, handlers={
+            "AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
+            "AsteriskAction": self.run_action, "AgentHeartbeat": self.peers.heartbeat,
+            "AgentStateRequest": self.on_state_request, "AgentStates": self.apply_states})
 
     def connect_asterisk(self, settings: Dict[str, Any]) -> AsteriskLink:
         link = make_link(self.loop, self.context, settings, LinkHandlers(
@@ -120,7 +114,7 @@ class Agent(Service):
 
     def stop(self) -> None:
         log.info("Received %s: %d %s messages, %d dropped. Exiting.",
-                 self.loop.stop_signal or "stop", self.received, self.network.kind,
+                 self.loop.stop_signal or "stop", self.inbox.received, self.network.kind,
                  sum(self.drops.counts.values()))
         self.save_states()
         self.asterisk.close()
@@ -167,28 +161,28 @@ class Agent(Service):
                 "peers": [{"name": name, "up": peer.up} for name, peer in self.peers],
                 "totals": {
                     "hub_messages_received": ("counter", "Messages received from the hubs "
-                                              "or NATS", self.received),
+                                              "or NATS", self.inbox.received),
                     "known_states": ("gauge", "States known", len(self.states.entries)),
                     "resyncs": ("counter", "Times its Asterisk was resynchronised",
                                 self.relay.resyncs),
                     "reloads": ("counter", "Settings reloads (SIGHUP) applied", self.reloads),
                     "name_clashes": ("counter", "Messages from another agent with its name",
-                                     self.name_clashes),
+                                     self.inbox.name_clashes),
                     "unproven_origins": ("counter", "NATS: states dropped because their key "
                                          "or subject does not prove their origin",
-                                         self.unproven_origins),
+                                         self.inbox.unproven_origins),
                     "hub_input_dropped": ("counter", "Invalid input from the hubs or NATS "
-                                          "dropped", self.drops.counts[self.hub_source])}}
+                                          "dropped", self.drops.counts[self.network.source])}}
 
     def status_report(self) -> Dict[str, Any]:
         return {"servers": [link_status(self.asterisk, self.drops.counts["Asterisk"])],
                 "peers": [{"name": name, "up": peer.up,
                            "last_seen": when(time.time() - (time.monotonic() - peer.last_seen))}
                           for name, peer in self.peers],
-                "totals": {f"{self.network.kind}_messages": self.received,
+                "totals": {f"{self.network.kind}_messages": self.inbox.received,
                            "known_states": len(self.states.entries),
-                           "messages_from_another_agent_with_my_name": self.name_clashes,
-                           "unproven_origins": self.unproven_origins,
+                           "messages_from_another_agent_with_my_name": self.inbox.name_clashes,
+                           "unproven_origins": self.inbox.unproven_origins,
                            "input_dropped": sum(self.drops.counts.values()),
                            **self.network.status()}}
 
@@ -200,7 +194,7 @@ class Agent(Service):
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         uuid = unique_id()
-        self.sent_uuids.add(uuid)
+        self.inbox.sent.add(uuid)
         frames = envelope.build(target, msg_type, self.name, uuid,
                                 heartbeat=envelope.heartbeat(self.settings["KEEP_ALIVE_INTERVAL"]),
                                 **fields)
@@ -257,68 +251,7 @@ class Agent(Service):
         if self.asterisk.up:
             self.read_own_states(repair=True, requester=ALL)
 
-    # --- the hubs -> its Asterisk -----------------------------------------------------------------
-    def on_hub_message(self, frames: List[bytes], age: float = 0.0,
-                       owner: Optional[str] = None) -> None:
-        """A message from the network; from a NATS bucket (owner: whose key it was in), age: how
-        long ago its sender stored it."""
-        self.received += 1
-        if self.received % COUNTER_EVERY == 0:
-            log.info("Message counter: %s", self.received)
-        try:
-            message = parse_message(frames)
-        except BadInput as exc:
-            self.drops.drop(self.hub_source, str(exc), b" | ".join(frames))
-            return
-        message.age = age
-        if self.seen.add(message.uuid):
-            return  # the same message by another hub
-        if message.origin == self.name:
-            if message.uuid not in self.sent_uuids:
-                self.name_clash(message)
-            return
-        handler = self.message_handlers.get(message.msg_type)
-        if handler is None:
-            log.debug("Ignoring %s from %s.", message.msg_type, message.origin)
-            return
-        if self.network.proves_origin:
-            if not self.origin_proven(message, owner):
-                return
-            if owner is None:  # a plain subject: it says nothing of a peer's health
-                handler(message)
-                return
-        self.peers.saw(message)
-        handler(message)
-
-    def origin_proven(self, message: Envelope, owner: Optional[str]) -> bool:
-        """Over NATS a peer is who its bucket key says (only that peer may put under its name),
-        never what a body claims: a value whose origin is not its key's owner, or a state on a
-        subject anyone may publish on, is dropped and counted."""
-        if owner is not None and message.origin != owner:
-            why = f"origin {message.origin!r} in a key of {owner!r}"
-        elif owner is None and carries_state(message):
-            why = "a state on a plain subject: over NATS states come from the bucket only"
-        else:
-            return True
-        self.unproven_origins += 1
-        self.drop_from_peer(message, why)
-        return False
-
-    def drop_from_peer(self, message: Envelope, why: str, raw: bytes = b"") -> None:
-        """Bad input in a peer's message.  Counted and rate-limited as the hub's, the origin
-        named in the line: a flood of invented origins must not grow a table or the log."""
-        self.drops.drop(self.hub_source, f"{message.msg_type} from {message.origin}: {why}", raw)
-
-    def name_clash(self, message: Envelope) -> None:
-        """A message in its own name that it did not send: another agent has its SYSTEM_NAME."""
-        self.name_clashes += 1
-        more = self.clash_warnings.allow("clash")
-        if more is not None:
-            log.error("Another agent also calls itself %s (a %s in my name that I did not "
-                      "send): the two never mirror each other.  Give each agent its own "
-                      "SYSTEM_NAME.%s", self.name, message.msg_type,
-                      held_back(more, "such messages"))
-
+    # --- the peers -> its Asterisk ---------------------------------------------------------------
     def answer_ping(self, message: Envelope) -> None:
         self.send(message.origin, "AgentPong")
         log.debug("AgentPing received from %s, sending AgentPong.", message.origin)
@@ -337,7 +270,7 @@ class Agent(Service):
     def apply_states(self, message: Envelope) -> None:
         events = message.field("events")
         if not isinstance(events, list):
-            self.drop_from_peer(message, "x_events is not a list")
+            self.inbox.drop(message, "x_events is not a list")
             return
         for event in events:
             self.apply_peer_event(message, event, snapshot=True)
@@ -354,7 +287,7 @@ class Agent(Service):
             update = relayed_update(data, self.settings["DEVICE_STATE"], self.settings["PRESENCE"])
             self.states.check_room(message.origin, update)
         except BadInput as exc:
-            self.drop_from_peer(message, str(exc), repr(data).encode())
+            self.inbox.drop(message, str(exc), repr(data).encode())
             return
         stale = message.age > 0 and self.peers.is_down(message.origin)  # a stopped peer's (NATS)
         if update is None or not self.states.record(message.origin, update,
