@@ -230,6 +230,23 @@ class HubClient:
         self.sub.close()
 
 
+def device_event(device: str = "SIP/100", state: str = "INUSE") -> Dict[str, str]:
+    """A DeviceStateChange as Asterisk publishes it."""
+    return {"Event": "DeviceStateChange", "Privilege": "call,all", "Device": device, "State": state}
+
+
+def presence_event(presentity: str = "CustomPresence:100", status: str = "away",
+                   subtype: str = "", message: str = "Lunch") -> Dict[str, str]:
+    """A PresenceStateChange as Asterisk publishes it."""
+    return {"Event": "PresenceStateChange", "Privilege": "call,all", "Presentity": presentity,
+            "Status": status, "Subtype": subtype, "Message": message}
+
+
+def mirrored(standin, device: str, state: str) -> Callable[[], bool]:
+    """A condition: the stand-in's mirror of device (Custom:<device>) shows state."""
+    return lambda: custom_states(standin).get("Custom:" + device) == state
+
+
 def custom_states(standin) -> Dict[str, str]:
     """The Custom: devices of a stand-in: the mirrors written on it."""
     return {d: s for d, s in standin.control.devices().items() if d.startswith("Custom:")}

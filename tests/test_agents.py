@@ -7,11 +7,8 @@ import sys
 import pytest
 import zmq.auth
 
-from harness import ROOT, HubClient, Script, python_settings, run_script, setvars, wait_until
-
-
-def mirrored(standin, device, state):
-    return lambda: standin.control.devices().get("Custom:" + device) == state
+from harness import (ROOT, HubClient, Script, mirrored, python_settings, run_script, setvars,
+                     wait_until)
 
 
 def test_a_state_change_reaches_the_other_agents_and_not_its_own(standins, agents, hub, context):

@@ -3,11 +3,7 @@ import signal
 
 import pytest
 
-from harness import ROOT, run_script, setvars, wait_until
-
-
-def mirrored(standin, device, state):
-    return lambda: standin.control.devices().get("Custom:" + device) == state
+from harness import ROOT, mirrored, run_script, setvars, wait_until
 
 
 def test_a_state_reaches_every_other_server_and_nothing_goes_back(standins, broker):

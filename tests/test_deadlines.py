@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import custom_states, restart, wait_until
+from harness import mirrored, restart, wait_until
 from zmqami.status import fetch_status
 
 # How a server on the manager port misbehaves (the stand-in's AMI_FAULTS), or "hung": it stops
@@ -35,10 +35,6 @@ def reconnected(server, before):
     """The relay made a new connection since the fault: one that misbehaves (a fault applies to
     the connections accepted while it is set; a hung server ignores the Login sent on it)."""
     return lambda: server.control.state()["ami_connections"] > before
-
-
-def mirrored(server, device, state):
-    return lambda: custom_states(server).get(f"Custom:{device}") == state
 
 
 @pytest.mark.parametrize("fault", FAULTS)

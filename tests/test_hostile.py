@@ -10,7 +10,8 @@ import pytest
 import zmq
 
 from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config, custom_states,
-                     free_port, python_settings, run_script, start_agent, wait_until)
+                     free_port, presence_event, python_settings, run_script, start_agent,
+                     wait_until)
 from zmqami.ami import format_action
 
 OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
@@ -106,24 +107,19 @@ def anti_entropy_rounds(servers, rounds: int = 3) -> None:
         wait_until(lambda: list_reads(server) >= before + rounds, message="anti-entropy rounds")
 
 
-def presence_event(presentity, status, message):
-    return {"Event": "PresenceStateChange", "Presentity": presentity, "Status": status,
-            "Subtype": "", "Message": message}
-
-
 def test_an_agent_never_mirrors_a_presence_too_large_for_its_module(standins, agents, hub,
                                                                      context):
     x, y = standins(2)
     scripts = agents([x, y], PRESENCE=True, RESYNC_INTERVAL=0.3)
     client = HubClient(context, hub, name="Peer", topics=["[Peer]", "[*]"])
-    client.send("*", "AsteriskEvent", data=presence_event("CustomPresence:7", "away", "lunch"))
+    client.send("*", "AsteriskEvent", data=presence_event("CustomPresence:7", "away", message="lunch"))
     for standin in (x, y):
         wait_until(lambda: standin.control.presences().get("CustomPresence:7") ==
                    ["away", "", "lunch"])
     # A comma: base64, x4/3.  Within the general limit (4000 bytes), far beyond the module's.
     long_message = "lunch, " + EMOJI * 900
     client.send("*", "AsteriskEvent", data=presence_event("CustomPresence:7", "dnd",
-                                                          long_message))
+                                                          message=long_message))
     for script in scripts:
         script.wait_for_output("Not writing PRESENCE_STATE(CustomPresence:7) on Asterisk")
     client.received.clear()

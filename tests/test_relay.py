@@ -4,6 +4,7 @@ import logging
 import time
 from typing import Dict, List, Tuple
 
+from harness import device_event, presence_event
 from zmqami.relay import Relay
 from zmqami.rules import PresenceEchoFilter, StateUpdate
 from zmqami.states import ListReading, StateTable
@@ -50,13 +51,8 @@ class FakeLink:
         return [(variable, value) for variable, value, _ in self.writes]
 
 
-def device_event(device: str, state: str) -> dict:
-    return {"Event": "DeviceStateChange", "Device": device, "State": state}
-
-
-def presence_event(status: str, message: str = "") -> dict:
-    return {"Event": "PresenceStateChange", "Presentity": "CustomPresence:1", "Status": status,
-            "Subtype": "", "Message": message}
+def presence(status: str, message: str = "") -> dict:
+    return presence_event("CustomPresence:1", status, message=message)
 
 
 def broker_relay(*names: str, down_state: str = "UNAVAILABLE") -> Tuple[Relay, Dict[str, FakeLink]]:
@@ -87,18 +83,18 @@ def test_a_device_on_two_servers_shows_the_others_share_on_each():
 
 def test_a_presence_echo_is_not_relayed_and_a_genuine_change_is():
     relay, links = broker_relay("A", "B")
-    relay.take_event("A", links["A"], presence_event("away", "lunch"))
+    relay.take_event("A", links["A"], presence("away", "lunch"))
     assert links["B"].written() == [(PRESENCE, "away,,lunch")]
-    relay.take_event("B", links["B"], presence_event("away", "lunch"))  # B's echo of our write
+    relay.take_event("B", links["B"], presence("away", "lunch"))  # B's echo of our write
     assert links["A"].writes == []
-    relay.take_event("B", links["B"], presence_event("dnd"))            # a user on B
+    relay.take_event("B", links["B"], presence("dnd"))            # a user on B
     assert links["A"].written() == [(PRESENCE, "dnd")]
 
 
 def test_resync_writes_the_others_states_but_no_presence_before_the_first_read():
     relay, links = broker_relay("A", "B")
     relay.take_event("A", links["A"], device_event("SIP/1", "BUSY"))
-    relay.take_event("A", links["A"], presence_event("away"))
+    relay.take_event("A", links["A"], presence("away"))
     links["B"].writes.clear()
     first = relay.resync("B")
     assert first and links["B"].written() == [(SIP1, "BUSY")]
@@ -162,14 +158,14 @@ def test_without_a_state_file_one_differing_server_wins_and_a_tie_is_left_alone(
     for name, status in values.items():
         relay.read_lists(name, repair=False, first=True)
         links[name].answer("DeviceStateList", [])
-        links[name].answer("PresenceStateList", [dict(presence_event(status), ActionID="x")])
+        links[name].answer("PresenceStateList", [dict(presence(status), ActionID="x")])
     assert links["A"].written() == links["B"].written() == [(PRESENCE, "dnd")]
     relay, links = broker_relay("A", "B")
     relay.first_presences = {}
     for name, status in (("A", "away"), ("B", "dnd")):
         relay.read_lists(name, repair=False, first=True)
         links[name].answer("DeviceStateList", [])
-        links[name].answer("PresenceStateList", [presence_event(status)])
+        links[name].answer("PresenceStateList", [presence(status)])
     assert links["A"].writes == links["B"].writes == [] and relay.unresolved == {PRESENCE}
 
 

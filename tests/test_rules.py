@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from harness import wait_until
+from harness import device_event, presence_event, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,15 +10,6 @@ from zmqami.rules import (BadInput, PresenceEchoFilter, StateUpdate, decode_even
                           decode_json_object, parse_presence_value, presence_value,
                           relayed_update)
 from zmqami.states import Entry, Reports
-
-
-def device_event(device="SIP/100", state="INUSE"):
-    return {"Event": "DeviceStateChange", "Privilege": "call,all", "Device": device, "State": state}
-
-
-def presence_event(presentity="CustomPresence:100", status="away", subtype="", message="Lunch"):
-    return {"Event": "PresenceStateChange", "Privilege": "call,all", "Presentity": presentity,
-            "Status": status, "Subtype": subtype, "Message": message}
 
 
 def test_device_state_becomes_setvar_of_its_custom_mirror():

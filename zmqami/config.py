@@ -592,14 +592,20 @@ class Schema(dict):
         self.together = together
 
 
+def collecting(errors: List[str], load: Callable[..., Any], *args: Any) -> Any:
+    """load(*args); None, with the lines of its ConfigError added to errors, if it raises one."""
+    try:
+        return load(*args)
+    except ConfigError as exc:
+        errors += exc.errors
+        return None
+
+
 def check_each(path: str, settings: Dict[str, Any], *checks: Together) -> None:
     """Run every check; one ConfigError with all their errors."""
     errors: List[str] = []
     for check in checks:
-        try:
-            check(path, settings)
-        except ConfigError as exc:
-            errors += exc.errors
+        collecting(errors, check, path, settings)
     if errors:
         raise ConfigError(errors)
 

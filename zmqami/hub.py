@@ -14,8 +14,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__
 from . import security
-from .config import (COMMON_SETTINGS, ConfigError, Schema, Setting, is_log_level,
-                     is_optional_text, is_bind_url, is_url, reload_settings, run_settings_script)
+from .config import (COMMON_SETTINGS, ConfigError, Schema, Setting, collecting, is_bind_url,
+                     is_log_level, is_optional_text, is_url, reload_settings, run_settings_script)
 from .envelope import hub_socket, parse_frames
 from .loop import drain, send_frames
 from .rules import BadInput
@@ -37,10 +37,7 @@ def curve_server_keys(path: str, settings: Dict[str, Any]) -> Optional[security.
     if not clients_dir or not os.path.isdir(clients_dir):
         errors.append(f"{path}: CURVE_CLIENTS_DIR: must name the folder of the allowed clients' "
                       f"public keys (found {clients_dir!r})")
-    try:
-        keys = security.load_key_pair(path, "CURVE_SECRET_KEY_FILE", key_file)
-    except ConfigError as exc:
-        errors += exc.errors
+    keys = collecting(errors, security.load_key_pair, path, "CURVE_SECRET_KEY_FILE", key_file)
     if errors:
         raise ConfigError(errors)
     return keys

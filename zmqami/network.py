@@ -13,7 +13,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import envelope, security
-from .config import ConfigError
+from .config import ConfigError, collecting
 from .envelope import ALL, hub_socket
 from .loop import EventLoop, drain, send_frames
 from .stats import DropLog
@@ -41,16 +41,10 @@ def curve_client_keys(config_path: str, settings: Dict[str, Any]
         raise ConfigError([f"{config_path}: {missing}: needed too when CURVE is on (both "
                            f"CURVE_SERVER_KEY_FILE and CURVE_SECRET_KEY_FILE)"])
     errors: List[str] = []
-    server_key, keys = b"", (b"", b"")
-    try:
-        server_key = security.load_public_key(config_path, "CURVE_SERVER_KEY_FILE",
-                                              server_key_file)
-    except ConfigError as exc:
-        errors += exc.errors
-    try:
-        keys = security.load_key_pair(config_path, "CURVE_SECRET_KEY_FILE", key_file)
-    except ConfigError as exc:
-        errors += exc.errors
+    server_key = collecting(errors, security.load_public_key, config_path,
+                            "CURVE_SERVER_KEY_FILE", server_key_file)
+    keys = collecting(errors, security.load_key_pair, config_path, "CURVE_SECRET_KEY_FILE",
+                      key_file)
     if errors:
         raise ConfigError(errors)
     return server_key, keys
