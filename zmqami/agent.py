@@ -195,10 +195,10 @@ class Agent(Service):
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
         uuid = unique_id()
         self.inbox.sent.add(uuid)
-        frames = envelope.build(target, msg_type, self.name, uuid,
-                                heartbeat=envelope.heartbeat(self.settings["KEEP_ALIVE_INTERVAL"]),
-                                **fields)
-        self.network.send(frames)
+        body = envelope.body_of(msg_type, self.name, uuid, **fields,
+                                heartbeat=envelope.heartbeat(self.settings["KEEP_ALIVE_INTERVAL"]))
+        # (the body goes along, decoded: over NATS it says which key a state goes under)
+        self.network.send([envelope.topic(target), json.dumps(body).encode("utf-8")], body)
 
     # --- its Asterisk -> the peers ------------------------------------------------------------------
     def on_asterisk_event(self, link: AsteriskLink, event: Dict[str, Any]) -> None:

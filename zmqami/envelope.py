@@ -70,12 +70,17 @@ def is_heartbeat(value: Any) -> bool:
         return False
 
 
-def build(target: str, msg_type: str, origin: str, uuid: str = "", **fields: Any) -> List[bytes]:
-    """The two frames of a message to ``[target]``; each field becomes ``x_<field>``."""
+def body_of(msg_type: str, origin: str, uuid: str = "", **fields: Any) -> Dict[str, Any]:
+    """A message's body; each field becomes ``x_<field>``."""
     body: Dict[str, Any] = {"msg_type": msg_type, "uuid": uuid or unique_id(), "origin": origin}
     for key, value in fields.items():
         body["x_" + key] = value
-    return [topic(target), json.dumps(body).encode("utf-8")]
+    return body
+
+
+def build(target: str, msg_type: str, origin: str, uuid: str = "", **fields: Any) -> List[bytes]:
+    """The two frames of a message to ``[target]``."""
+    return [topic(target), json.dumps(body_of(msg_type, origin, uuid, **fields)).encode("utf-8")]
 
 
 @dataclass

@@ -235,8 +235,8 @@ class NatsNetwork:
         else:
             self.on_message(frames[:2])
 
-    def send(self, frames: List[bytes]) -> None:
-        self.client.submit(frames)
+    def send(self, frames: List[bytes], body: Dict[str, Any]) -> None:
+        self.client.submit(frames, body)
 
     def status(self) -> Dict[str, Any]:
         return {"nats": self.client.connected_url or "not connected",
@@ -271,7 +271,8 @@ class NatsClient:
         self.thread = threading.Thread(target=self._run, name="nats", daemon=True)
         self.started = threading.Event()
         self.aio: Optional[asyncio.AbstractEventLoop] = None
-        self.outgoing: Deque[List[bytes]] = deque()  # from the agent's thread
+        # From the agent's thread: (frames, the body they encode), so that it is not decoded here.
+        self.outgoing: Deque[Tuple[List[bytes], Dict[str, Any]]] = deque()
         self.wake_pending = False
         self.connected_url: Optional[str] = None
         self.errors = Throttle()
@@ -288,9 +289,9 @@ class NatsClient:
         self.thread.start()
         self.started.wait()
 
-    def submit(self, frames: List[bytes]) -> None:
+    def submit(self, frames: List[bytes], body: Dict[str, Any]) -> None:
         """Queue a message for NATS; the NATS thread is woken once per batch, not per message."""
-        self.outgoing.append(frames)
+        self.outgoing.append((frames, body))
         if not self.wake_pending and self.aio is not None:
             self.wake_pending = True
             self.aio.call_soon_threadsafe(self._take_outgoing)
@@ -440,12 +441,11 @@ class NatsClient:
     def _take_outgoing(self) -> None:
         self.wake_pending = False  # before taking: a message queued meanwhile wakes us again
         while self.outgoing:
-            target, body = self.outgoing.popleft()
-            self._route(target, body)
+            (target, body), message = self.outgoing.popleft()
+            self._route(target, body, message)
 
-    def _route(self, target: bytes, body: bytes) -> None:
+    def _route(self, target: bytes, body: bytes, message: Dict[str, Any]) -> None:
         """States and heartbeats to the bucket, everything else to its subject."""
-        message = json.loads(body)
         kind = message.get("msg_type")
         if kind == "AgentStates":
             # To everyone or to one peer: the states go to the bucket, never onto a subject

@@ -87,7 +87,7 @@ class HubNetwork:
         self.loop.add_reader(self.sub, lambda: drain(self.sub, self.on_message))
         self.loop.add_reader(self.monitor, self._on_monitor_event)
 
-    def send(self, frames: List[bytes]) -> None:
+    def send(self, frames: List[bytes], body: Optional[Dict[str, Any]] = None) -> None:
         """To every hub; a hub unreachable long enough to fill its queue is counted, logged."""
         for push, url in zip(self.pushes, self.push_urls):
             try:
