@@ -234,10 +234,9 @@ def test_a_list_read_after_a_newer_presence_of_a_peer_does_not_fail():
     table = StateTable("UNAVAILABLE", unverified_wall=0.0)
     variable = "PRESENCE_STATE(CustomPresence:1)"
     table.record("Peer", StateUpdate(variable, "away,,lunch"), wall=time.time() + 600)
-    items = [{"Event": "PresenceStateChange", "Presentity": "CustomPresence:1",
-              "Status": "available", "Subtype": "", "Message": ""}]
-    reading = table.read_presence_list("Me", items, time.monotonic(), after_restart=False,
-                                       writing=lambda v: False, on_bad=lambda i, e: None)
+    listed = [StateUpdate(variable, "available")]
+    reading = table.read_presence_list("Me", listed, time.monotonic(), after_restart=False,
+                                       writing=lambda v: False, on_refused=lambda u, why: None)
     assert reading.changed == [] and reading.current == []
     assert table.expected(variable) == "away,,lunch"
 

@@ -18,8 +18,9 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from .asterisk import AsteriskLink
-from .rules import BadInput, StateUpdate, presence_update, relayed_update, unique_id
-from .states import ListReading, StateTable, decide_first_presences, list_items
+from .rules import (BadInput, StateUpdate, device_state_update, list_items, mirror_variable,
+                    presence_update, relayed_update, unique_id)
+from .states import ListReading, StateTable, decide_first_presences
 from .stats import DropLog, plural, printable
 
 OnChange = Callable[[str, StateUpdate], None]
@@ -174,9 +175,18 @@ class Relay:
     def on_device_list(self, source: str, reply: List[Dict[str, Any]], asked_at: float,
                        repair: bool) -> ListReading:
         link = self.links[source]
-        reading = self.states.read_device_list(
-            source, list_items(reply, "DeviceStateChange"), asked_at, link.outbox.is_unsettled,
-            self._bad_item(link), after_restart=not repair)
+        own, mirrors = [], []
+        for item in list_items(reply, "DeviceStateChange"):
+            mirror = mirror_variable(item)
+            if mirror is not None:
+                mirrors.append((mirror, str(item.get("State")).upper()))
+                continue
+            update = self._parsed(link, item, device_state_update)
+            if update is not None:
+                own.append(update)
+        reading = self.states.read_device_list(source, own, mirrors, asked_at,
+                                               link.outbox.is_unsettled, self._refused(link),
+                                               after_restart=not repair)
         self.apply_reading(source, reading, "devices")
         return reading
 
@@ -193,9 +203,8 @@ class Relay:
         self.presences_read.add(source)
         link = self.links[source]
         reading = self.states.read_presence_list(
-            source, list_items(reply, "PresenceStateChange"), asked_at,
-            after_restart=not repair, writing=link.outbox.is_unsettled,
-            on_bad=self._bad_item(link))
+            source, self._presences(link, reply), asked_at, after_restart=not repair,
+            writing=link.outbox.is_unsettled, on_refused=self._refused(link))
         self.apply_reading(source, reading, "presences")
         return reading
 
@@ -221,23 +230,30 @@ class Relay:
                              plural(len(reading.gone), "device"), link.name,
                              self.states.down_state)
 
-    def _bad_item(self, link: AsteriskLink) -> Callable[[Dict[str, Any], BadInput], None]:
-        return lambda item, exc: self.drops.drop(link.name, f"list item: {exc}",
-                                                 repr(item).encode())
+    def _parsed(self, link: AsteriskLink, item: Dict[str, Any],
+                parse: Callable[[Dict[str, Any]], Optional[StateUpdate]]) -> Optional[StateUpdate]:
+        """A list item as the update it reports (None: not one that is relayed); an item that
+        Asterisk would not list is dropped, counted and logged."""
+        try:
+            return parse(item)
+        except BadInput as exc:
+            self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
+            return None
+
+    def _presences(self, link: AsteriskLink, reply: List[Dict[str, Any]]) -> List[StateUpdate]:
+        updates = (self._parsed(link, item, presence_update)
+                   for item in list_items(reply, "PresenceStateChange"))
+        return [update for update in updates if update is not None]
+
+    def _refused(self, link: AsteriskLink) -> Callable[[StateUpdate, str], None]:
+        return lambda update, why: self.drops.drop(link.name, f"list item: {why}",
+                                                   update.variable.encode())
 
     # --- the first presences, without a state file --------------------------------------------
     def gather_presences(self, source: str, reply: List[Dict[str, Any]]) -> None:
         """A server's first presence list: kept until every server's is in."""
-        values = {}
-        for item in list_items(reply, "PresenceStateChange"):
-            try:
-                update = presence_update(item)
-            except BadInput as exc:
-                self._bad_item(self.links[source])(item, exc)
-                continue
-            if update is not None:
-                values[update.variable] = update.value
-        self.first_presences[source] = values
+        self.first_presences[source] = {update.variable: update.value for update in
+                                        self._presences(self.links[source], reply)}
         self.presences_read.add(source)
         if set(self.first_presences) >= set(self.links):
             self.decide_first()

@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import Any, Deque, Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 DEVICE_STATES = frozenset({
     "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE", "RINGING", "RINGINUSE", "ONHOLD",
@@ -398,3 +398,20 @@ class PresenceEchoFilter:
         if not awaited:
             del self._sent[update.variable]
         return index >= 0
+
+
+def list_items(reply: List[Dict[str, Any]], event: str) -> List[Dict[str, Any]]:
+    """The items of a list action's reply (ack, items, Complete)."""
+    return [item for item in reply[1:] if item.get("Event") == event]
+
+
+def mirror_variable(item: dict) -> Optional[str]:
+    """The variable a DeviceStateList item of a Custom: device mirrors, e.g. Custom:SIP/100."""
+    device = item.get("Device")
+    if not isinstance(device, str) or not device.startswith(CUSTOM_DEVICE):
+        return None
+    try:
+        check_name("Device", device)
+    except BadInput:
+        return None
+    return f"DEVICE_STATE({device})"

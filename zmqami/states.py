@@ -13,15 +13,15 @@ and never written into Asterisk's database as Custom: devices).
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .rules import (CUSTOM_DEVICE, BadInput, StateUpdate, aggregate_device_states, check_name,
-                    device_state_update, presence_update)
+from .rules import BadInput, StateUpdate, aggregate_device_states
 
 DEVICE_PREFIX = "DEVICE_STATE("
 
-OnBadItem = Callable[[Dict[str, Any], BadInput], None]
+OnRefused = Callable[[StateUpdate, str], None]  # a listed state the table has no room for
 IsWriting = Callable[[str], bool]  # Outbox.is_unsettled of the server the list came from
+Mirror = Tuple[str, str]  # (the variable a listed Custom: device mirrors, the state it shows)
 
 
 @dataclass
@@ -312,33 +312,29 @@ class StateTable:
             if list(reports) == [source]:
                 del self.entries[variable]
 
-    def read_device_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
-                         writing: IsWriting, on_bad: OnBadItem,
+    def read_device_list(self, server: str, own: List[StateUpdate], mirrors: List[Mirror],
+                         asked_at: float, writing: IsWriting, on_refused: OnRefused,
                          after_restart: bool = False) -> ListReading:
-        """Compare a server's DeviceStateList items with what is known.
+        """Compare what a server's DeviceStateList showed (its own devices' states, and what its
+        Custom: mirrors show) with what is known.
 
         A mirror that is being written is not judged: the list may predate the write.  After a
         restart, a device of the server's that its list no longer shows (a phone that has not
         registered again) has its share shown as down_state until it reports again.
         """
         reading = ListReading()
+        for mirror, shown in mirrors:
+            expected = self.mirror_value(mirror, server)
+            if expected and not writing(mirror) and shown != expected:
+                reading.repairs.append(StateUpdate(mirror, expected))
         listed = set()
-        for item in items:
-            mirror = mirror_variable(item)
-            if mirror is not None:
-                expected = self.mirror_value(mirror, server)
-                if expected and not writing(mirror) and str(item.get("State")).upper() != expected:
-                    reading.repairs.append(StateUpdate(mirror, expected))
+        for update in own:
+            why = self.refusal(server, update.variable)
+            if why:
+                on_refused(update, why)
                 continue
-            try:
-                update = device_state_update(item)
-                self.check_room(server, update)
-            except BadInput as exc:
-                on_bad(item, exc)
-                continue
-            if update is not None:
-                listed.add(update.variable)
-                self._read_own(server, update, asked_at, reading)
+            listed.add(update.variable)
+            self._read_own(server, update, asked_at, reading)
         if after_restart and self.down_state:
             for variable, reports in self.entries.items():
                 entry = reports.get(server)
@@ -348,24 +344,20 @@ class StateTable:
                     reading.gone.append(variable)
         return reading
 
-    def read_presence_list(self, server: str, items: List[Dict[str, Any]], asked_at: float,
+    def read_presence_list(self, server: str, listed: List[StateUpdate], asked_at: float,
                            after_restart: bool, writing: IsWriting,
-                           on_bad: OnBadItem) -> ListReading:
-        """Compare a server's PresenceStateList items with what is known.
+                           on_refused: OnRefused) -> ListReading:
+        """Compare the presences a server's PresenceStateList showed with what is known.
 
         A presentity has the same name on every server, so a difference is either a change whose
         event was missed, or (after_restart) a stale value from the server's own database, which
         the resync has just overwritten, or a write of ours the list predates (writing).
         """
         reading = ListReading()
-        for item in items:
-            try:
-                update = presence_update(item)
-                self.check_room(server, update)
-            except BadInput as exc:
-                on_bad(item, exc)
-                continue
-            if update is None:
+        for update in listed:
+            why = self.refusal(server, update.variable)
+            if why:
+                on_refused(update, why)
                 continue
             expected = self.expected(update.variable)
             if writing(update.variable):
@@ -409,20 +401,3 @@ def decide_first_presences(first: Dict[str, Dict[str, str]]) -> Tuple[
         else:
             unresolved.append(variable)
     return decided, unresolved
-
-
-def list_items(reply: List[Dict[str, Any]], event: str) -> List[Dict[str, Any]]:
-    """The items of a list action's reply (ack, items, Complete)."""
-    return [item for item in reply[1:] if item.get("Event") == event]
-
-
-def mirror_variable(item: dict) -> Optional[str]:
-    """The variable a DeviceStateList item of a Custom: device mirrors, e.g. Custom:SIP/100."""
-    device = item.get("Device")
-    if not isinstance(device, str) or not device.startswith(CUSTOM_DEVICE):
-        return None
-    try:
-        check_name("Device", device)
-    except BadInput:
-        return None
-    return f"DEVICE_STATE({device})"
