@@ -61,7 +61,7 @@ def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int
                           mode: str = "normal", delay_ms: int = 0,
                           ami_port: Optional[int] = None, ami_chunk: int = 0,
                           loadzmq_delay: Optional[float] = LOADZMQ_DELAY,
-                          modules_delay: float = 0.0) -> Standin:
+                          modules_delay: float = 0.0, voicemail: Optional[str] = None) -> Standin:
     """Start a stand-in Asterisk in its own process (python -m testing.standins)."""
     command = [sys.executable, "-m", "testing.standins", "--cmd-port", str(cmd_port),
                "--evt-port", str(evt_port), "--control-port", str(control_port),
@@ -75,6 +75,8 @@ def start_standin_process(context: zmq.Context, cmd_port: int = 0, evt_port: int
         command += ["--state-file", state_file]
     if ami_port is not None:
         command += ["--ami-port", str(ami_port)]
+    if voicemail is not None:
+        command += ["--voicemail", voicemail]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT)
     line = process.stdout.readline()
     if not line:

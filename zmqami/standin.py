@@ -39,6 +39,7 @@ import zmq
 from .config import setup_logging
 from .loop import READ_BATCH, EventLoop
 from .ami import AmiParser, format_action
+from .standin_voicemail import Voicemail
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
                     longest_line_bytes, parse_presence_value)
 
@@ -90,7 +91,7 @@ class StandinAsterisk:
                  loadzmq_delay: Optional[float] = LOADZMQ_DELAY, state_file: Optional[str] = None,
                  ami_port: Optional[int] = None, ami_user: str = AMI_USER,
                  ami_secret: str = AMI_SECRET, ami_chunk: int = 0, host: str = HOST,
-                 modules_delay: float = 0.0) -> None:
+                 modules_delay: float = 0.0, voicemail: Optional[str] = None) -> None:
         self.context = zmq.Context()
         self.host = host
         self.loop = EventLoop()
@@ -102,6 +103,8 @@ class StandinAsterisk:
         self.state_file = state_file
         self.devices: Dict[str, str] = {}
         self.presences: Dict[str, Tuple[str, str, str]] = {}
+        # Voicemail lamps: app_voicemail ("voicemail"), res_mwi_external ("external") or none.
+        self.voicemail = Voicemail(voicemail, self.publish, self._response, self._save_database)
         self._load_database()
         self.requests: Deque[str] = deque(maxlen=REQUEST_LOG)
         self.request_count = 0
@@ -207,6 +210,7 @@ class StandinAsterisk:
                 saved = json.load(handle)
             self.devices.update(saved["devices"])
             self.presences.update({k: tuple(v) for k, v in saved["presences"].items()})
+            self.voicemail.stored.update({k: tuple(v) for k, v in saved.get("mwi", {}).items()})
 
     def _save_database(self) -> None:
         if not self.state_file:
@@ -214,7 +218,8 @@ class StandinAsterisk:
         custom = {d: s for d, s in self.devices.items() if d.startswith(CUSTOM_DEVICE)}
         temporary = self.state_file + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"devices": custom, "presences": self.presences}, handle)
+            json.dump({"devices": custom, "presences": self.presences,
+                       "mwi": self.voicemail.stored}, handle)
         os.replace(temporary, self.state_file)
 
     # --- the cmd socket --------------------------------------------------------------------------
@@ -290,7 +295,9 @@ class StandinAsterisk:
         or None for an action it does not know."""
         action = headers.get("action", "").lower()
         self.actions_run[action] += 1
-        handler = getattr(self, "_action_" + action, None) if action.isalpha() else None
+        if not action.isalpha():
+            return None
+        handler = self.voicemail.handler(action) or getattr(self, "_action_" + action, None)
         return None if handler is None else handler(headers)
 
     @staticmethod
@@ -410,7 +417,14 @@ class StandinAsterisk:
                 "actions_run": self.actions_run, "crashes": self.crashes,
                 "ami_sessions": 0 if self.ami is None else sum(
                     1 for session in self.ami.sessions.values() if session.user is not None),
-                "ami_connections": 0 if self.ami is None else self.ami.connections}
+                "ami_connections": 0 if self.ami is None else self.ami.connections,
+                "mailboxes": {box: list(counts) for box, counts in
+                              {**self.voicemail.spool, **self.voicemail.stored}.items()}}
+
+    def _control_set_mailbox(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        self.voicemail.set_mailbox(command["mailbox"], command["new"], command["old"],
+                                   command.get("urgent", 0), command.get("poll", True))
+        return {}
 
     def _control_ami_raw(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Raw bytes to every logged-in AMI session (hostile input for tests)."""
@@ -759,6 +773,15 @@ class StandinControl:
         unless keep."""
         self.call("ami_fault", fault=fault, keep=keep)
 
+    def set_mailbox(self, mailbox: str, new: int, old: int = 0, urgent: int = 0,
+                    poll: bool = True) -> None:
+        """app_voicemail's spool now holds these (poll: its poll sees them at once)."""
+        self.call("set_mailbox", mailbox=mailbox, new=new, old=old, urgent=urgent, poll=poll)
+
+    def mailboxes(self) -> Dict[str, List[int]]:
+        """Each mailbox's counts: the spool's (app_voicemail) or those stored (res_mwi_external)."""
+        return self.state()["mailboxes"]
+
     def boot(self) -> None:
         """Publish LoadZmq and FullyBooted now, as a (re)started server does."""
         self.call("boot")
@@ -837,6 +860,8 @@ def main(argv: Optional[List[str]] = None, server_class: Optional[type] = None) 
     parser.add_argument("--modules-delay", type=float, default=0.0,
                         help="seconds from start until list actions and function writes work "
                              "over AMI, then FullyBooted (logins are accepted before)")
+    parser.add_argument("--voicemail", choices=("voicemail", "external"),
+                        help="voicemail lamps: app_voicemail, or res_mwi_external (MWIUpdate)")
     parser.add_argument("--boot-on-command", action="store_true",
                         help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
@@ -844,7 +869,7 @@ def main(argv: Optional[List[str]] = None, server_class: Optional[type] = None) 
     server = (server_class or StandinAsterisk)(
         args.cmd_port, args.evt_port, args.control_port, state_file=args.state_file,
         ami_port=args.ami_port, ami_user=args.ami_user, ami_secret=args.ami_secret,
-        ami_chunk=args.ami_chunk, modules_delay=args.modules_delay,
+        ami_chunk=args.ami_chunk, modules_delay=args.modules_delay, voicemail=args.voicemail,
         loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
