@@ -49,9 +49,9 @@ def broker(tmp_path):
     """broker(servers, **general): python broker.py <config> on these stand-ins, subscribed."""
     running: List[Script] = []
 
-    def start(servers: List[Standin], ami=(), **general: str) -> Script:
+    def start(servers: List[Standin], ami=(), server_keys=None, **general: str) -> Script:
         config = tmp_path / f"config{len(running)}.ini"
-        config.write_text(broker_config(servers, ami=ami, **general))
+        config.write_text(broker_config(servers, ami=ami, server_keys=server_keys, **general))
         script = Script("broker.py", str(config), log_dir=tmp_path)
         running.append(script)
         # Every live server subscribed to (res_zmq_manager) or logged in to (AMI).

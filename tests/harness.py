@@ -116,7 +116,7 @@ AMI_USER, AMI_SECRET = "zmq-ami", "stand-in-secret"  # the stand-in's manager us
 
 
 def broker_config(servers: list, names: Optional[List[str]] = None, ami=(), ami_secret=AMI_SECRET,
-                  **general: str) -> str:
+                  server_keys: Optional[Dict[int, Dict[str, str]]] = None, **general: str) -> str:
     """The text of a broker config.ini for these stand-ins (those whose index is in ami over AMI)."""
     names = names or [f"server-{i + 1}" for i in range(len(servers))]
     lines = ["[general]"] + [f"{key} = {value}" for key, value in general.items()]
@@ -128,6 +128,7 @@ def broker_config(servers: list, names: Optional[List[str]] = None, ami=(), ami_
                       f"ami_port = {standin.ami_port}"]
         else:
             lines += [f"cmd_port = {standin.cmd_port}", f"evt_port = {standin.evt_port}"]
+        lines += [f"{key} = {value}" for key, value in (server_keys or {}).get(index, {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +246,37 @@ def presence_event(presentity: str = "CustomPresence:100", status: str = "away",
 def mirrored(standin, device: str, state: str) -> Callable[[], bool]:
     """A condition: the stand-in's mirror of device (Custom:<device>) shows state."""
     return lambda: custom_states(standin).get("Custom:" + device) == state
+
+
+def ami_session(port: int, data: bytes) -> List:
+    """Send data on a new AMI connection; the messages received until the server closes it
+    (data ends with a Logoff)."""
+    import socket
+    from zmqami.ami import AmiParser
+    parser, received, closed = AmiParser(), [], []
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(data)
+
+        def done():
+            conn.settimeout(0.05)
+            try:
+                chunk = conn.recv(65536)
+                closed.extend([True] if not chunk else [])
+                received.extend(parser.feed(chunk))
+            except socket.timeout:
+                pass
+            return closed
+        wait_until(done, message="the AMI server to answer and close")
+    return received
+
+
+def run_actions(standin, *actions: Dict[str, str], user: str = AMI_USER,
+                secret: str = AMI_SECRET) -> List:
+    """Log in to a stand-in's AMI, run these actions, log off: what it answered."""
+    from zmqami.ami import format_action
+    login = {"Action": "Login", "Username": user, "Secret": secret, "Events": "off"}
+    return ami_session(standin.ami_port, b"".join(
+        format_action(action) for action in (login, *actions, {"Action": "Logoff"})))
 
 
 def custom_states(standin) -> Dict[str, str]:

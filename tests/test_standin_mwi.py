@@ -1,13 +1,11 @@
 """The stand-in's voicemail lamps answer like the two Asterisk 22 servers of the MWI captures:
 C runs app_voicemail, D runs res_mwi_external (tests/captures/mwi/README.md)."""
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from harness import AMI_SECRET, AMI_USER, restart, wait_until
-from zmqami.ami import AmiParser, format_action
+from harness import AMI_SECRET, AMI_USER, ami_session, restart, run_actions
 
 CAPTURES = Path(__file__).resolve().parent / "captures" / "mwi"
 CASES = {case["case"]: case for case in json.loads((CAPTURES / "index.json").read_text())["cases"]}
@@ -27,34 +25,11 @@ def comparable(messages):
     return kept
 
 
-def converse(port: int, data: bytes, expected: int = 0):
-    """Send data on a new AMI connection; the messages received until the server closes it
-    (the data ends with a Logoff)."""
-    parser, received = AmiParser(), []
-    with socket.create_connection(("127.0.0.1", port)) as conn:
-        conn.sendall(data)
-        closed = []
-
-        def done():
-            conn.settimeout(0.05)
-            try:
-                chunk = conn.recv(65536)
-                closed.extend([True] if not chunk else [])
-                received.extend(parser.feed(chunk))
-            except socket.timeout:
-                pass
-            return closed
-        wait_until(done, message="the stand-in to answer and close")
-    return received
-
-
 def seed(standin, *updates, user="lab", secret="labsecret"):
     """What the lab's D held before a case: MWIUpdates on a connection of their own."""
-    actions = [{"Action": "Login", "Username": user, "Secret": secret, "Events": "off"}]
-    actions += [{"Action": "MWIUpdate", "Mailbox": box, "NewMessages": str(new),
-                 "OldMessages": str(old)} for box, new, old in updates]
-    actions.append({"Action": "Logoff"})
-    converse(standin.ami_port, b"".join(format_action(action) for action in actions))
+    run_actions(standin, *({"Action": "MWIUpdate", "Mailbox": box, "NewMessages": str(new),
+                            "OldMessages": str(old)} for box, new, old in updates),
+                user=user, secret=secret)
 
 
 # The lab's state before each case (the captures ran in order on the same two servers).
@@ -72,7 +47,7 @@ def test_res_mwi_external_answers_like_asterisk(standins, case):
     captured = CASES[case]
     expected = comparable(message["headers"] for message in captured["received_messages"]
                           if message["kind"] != "banner")
-    received = converse(standin.ami_port, (CAPTURES / captured["sent_file"]).read_bytes())
+    received = ami_session(standin.ami_port, (CAPTURES / captured["sent_file"]).read_bytes())
     assert comparable(received) == expected
 
 
@@ -84,12 +59,12 @@ def test_app_voicemail_answers_like_asterisk(standins):
         captured = CASES[case]
         expected = comparable(message["headers"] for message in captured["received_messages"]
                               if message["kind"] != "banner")
-        received = converse(standin.ami_port, (CAPTURES / captured["sent_file"]).read_bytes())
+        received = ami_session(standin.ami_port, (CAPTURES / captured["sent_file"]).read_bytes())
         assert comparable(received) == expected, case
     standin.control.set_mailbox("100@default", 1, 0)            # c04: the poll saw it
     standin.control.set_mailbox("100@default", 2, 0, poll=False)  # the second, not polled yet
     captured = CASES["c05"]
-    received = converse(standin.ami_port, (CAPTURES / captured["sent_file"]).read_bytes())
+    received = ami_session(standin.ami_port, (CAPTURES / captured["sent_file"]).read_bytes())
     assert comparable(received) == comparable(
         message["headers"] for message in captured["received_messages"]
         if message["kind"] != "banner")

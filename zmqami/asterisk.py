@@ -275,11 +275,19 @@ class Outbox:
         self.stats.refused += 1
         if request.update.is_presence:
             self.echoes.refused(request.update)
-        more = self.refusals.allow(self.name)
-        if more is not None:
-            log.warning("%s refused Setvar %s=%s: %s%s", self.name, request.update.variable,
-                        request.update.value, printable(_reply_message(reply)),
-                        held_back(more, "refused"))
+        more = self.refusals.allow(self.name + request.verb)
+        if more is None:
+            return
+        if request.update.is_mailbox:  # (app_voicemail there, or no res_mwi_external_ami)
+            log.warning("%s refused %s %s: %s: it needs res_mwi_external and "
+                        "res_mwi_external_ami loaded; a server running app_voicemail is a source "
+                        "of voicemail lamps: give it mwi_write = none (or refresh, on storage "
+                        "it shares)%s", self.name, request.verb, request.update.variable,
+                        printable(_reply_message(reply)), held_back(more, "refused"))
+            return
+        log.warning("%s refused %s %s=%s: %s%s", self.name, request.verb,
+                    request.update.variable, request.update.value,
+                    printable(_reply_message(reply)), held_back(more, "refused"))
 
     def _succeeded(self, request: Request) -> None:
         now = self.stats.last_ack = time.time()
@@ -472,8 +480,8 @@ class AsteriskLink:
         self.outbox.send_action(action, on_reply)
         self._send_pending()
 
-    def read_list(self, action: str, on_list: ListCallback,
-                  retry_in: float = LIST_RETRY_FIRST) -> None:
+    def read_list(self, action: str, on_list: ListCallback, retry_in: float = LIST_RETRY_FIRST,
+                  fields: Optional[Dict[str, str]] = None) -> None:
         """Send a list action (DeviceStateList, ...) and hand its items (ack, items, Complete)
         and the time it was asked for to on_list.  A read that fails (no answer, or an error such
         as a booting Asterisk's "Invalid/unknown command") is tried again after retry_in
@@ -489,7 +497,7 @@ class AsteriskLink:
                 log.warning("Not reading the %s of %s: %s; going on with what its events bring, "
                             "and trying again later%s", action, self.name, harmful,
                             held_back(more, "reads not made"))
-            self._read_list_later(action, on_list, retry_in)
+            self._read_list_later(action, on_list, retry_in, fields)
             return
         asked_at = time.monotonic()
 
@@ -503,12 +511,13 @@ class AsteriskLink:
             log.log(logging.WARNING if retry_in == LIST_RETRY_FIRST else logging.DEBUG,
                     "Could not read the %s of %s: %s; trying again in %g s (doubling up to "
                     "%g s)", action, self.name, why, retry_in, LIST_RETRY_MAX)
-            self._read_list_later(action, on_list, retry_in)
-        self.send_action({"Action": action}, on_reply)
+            self._read_list_later(action, on_list, retry_in, fields)
+        self.send_action({"Action": action, **(fields or {})}, on_reply)
 
-    def _read_list_later(self, action: str, on_list: ListCallback, retry_in: float) -> None:
+    def _read_list_later(self, action: str, on_list: ListCallback, retry_in: float,
+                         fields: Optional[Dict[str, str]]) -> None:
         self._list_retries[action] = self.loop.call_later(retry_in, lambda: self.read_list(
-            action, on_list, min(2 * retry_in, LIST_RETRY_MAX)))
+            action, on_list, min(2 * retry_in, LIST_RETRY_MAX), fields))
 
     def list_refusal(self, action: str) -> Optional[str]:
         """Why reading this list now could harm the server, or None."""

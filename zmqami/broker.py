@@ -36,7 +36,8 @@ class Broker(Service):
         self.config = config
         self.drops = DropLog(log)
         self.states = StateTable(config.down_state, max_per_source=config.max_devices)
-        self.relay = Relay(self.states, self.drops, log, config.device_state, config.presence)
+        self.relay = Relay(self.states, self.drops, log, config.device_state, config.presence,
+                           mwi=config.mwi)
         self.handlers = LinkHandlers(
             on_event=lambda link, event: self.relay.take_event(link.name, link, event),
             drops=self.drops, on_up=self.resync, on_down=self.show_down)
@@ -50,9 +51,10 @@ class Broker(Service):
             self.relay.first_presences = {}
 
     def start(self) -> None:
-        log.info("Broker %s starting with %s (device_state %s, presence %s)", __version__,
-                 plural(len(self.config.servers), "server"), _yes_no(self.config.device_state),
-                 _yes_no(self.config.presence))
+        log.info("Broker %s starting with %s (device_state %s, presence %s, mwi %s)",
+                 __version__, plural(len(self.config.servers), "server"),
+                 _yes_no(self.config.device_state), _yes_no(self.config.presence),
+                 _yes_no(self.config.mwi))
         self.apply(self.config)
         if self.relay.first_presences is not None:
             self.loop.call_later(FIRST_READ_WAIT, self.relay.decide_first)
@@ -95,6 +97,8 @@ class Broker(Service):
         self.relay.traced = {server.name for server in config.servers if server.ami_trace}
         self.relay.verbose = config.verbose_messages
         self.relay.device_state, self.relay.presence = config.device_state, config.presence
+        self.relay.mwi = config.mwi
+        self.relay.mwi_write = {server.name: server.mwi_write for server in config.servers}
         self.states.down_state = config.down_state
         self.states.max_per_source = config.max_devices
         for link in removed:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .rules import DEVICE_STATES
+from .rules import DEVICE_STATES, MAILBOX_WRITES
 from .stats import printable
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts' folder
@@ -235,6 +235,7 @@ class ServerConfig:
     ami_user: Optional[str] = None
     ami_secret: str = field(default="", repr=False)  # never printed
     ami_port: int = 5038
+    mwi_write: str = "external"  # how its voicemail lamps are written (rules.MAILBOX_WRITES)
 
     @property
     def cmd_url(self) -> str:
@@ -250,6 +251,7 @@ class BrokerConfig:
     path: str
     device_state: bool = True
     presence: bool = False
+    mwi: bool = False
     log_level: int = logging.INFO
     request_timeout: int = 1000
     count_messages: bool = False
@@ -353,6 +355,7 @@ def load_broker_config(path: str) -> BrokerConfig:
     config, default = BrokerConfig(path=path), BrokerConfig(path=path)  # (the one set of defaults)
     config.device_state = ini.boolean("general", "device_state", default.device_state)
     config.presence = ini.boolean("general", "presence", default.presence)
+    config.mwi = ini.boolean("general", "mwi", default.mwi)
     config.log_level = ini.choice("general", "log_level", logging.getLevelName(
         default.log_level).lower(), LOG_LEVELS)
     config.request_timeout = ini.integer("general", "request_timeout", default.request_timeout,
@@ -411,6 +414,8 @@ def load_broker_config(path: str) -> BrokerConfig:
             ami_user=ami_user,
             ami_secret=(ini.raw(section, "ami_secret") or "") if ami_user else "",
             ami_port=ini.integer(section, "ami_port", 5038, 1, 65535),
+            mwi_write=ini.choice(section, "mwi_write", "external",
+                                 {mode: mode for mode in MAILBOX_WRITES}),
         ))
     _check_server_names(ini, config.servers)
     _check_server_addresses(ini, config.servers)
@@ -420,12 +425,12 @@ def load_broker_config(path: str) -> BrokerConfig:
     return config
 
 
-GENERAL_KEYS = ("device_state", "presence", "log_level", "request_timeout", "count_messages",
+GENERAL_KEYS = ("device_state", "presence", "mwi", "log_level", "request_timeout", "count_messages",
                 "verbose_messages", "ping_interval", "server_timeout", "resync_interval",
                 "max_devices", "down_state", "log_file", "state_file", "metrics_port",
                 "metrics_address", "log_syslog", "status_socket")
 SERVER_KEYS = ("name", "addr", "cmd_port", "evt_port", "ami_trace", "ami_user", "ami_secret",
-               "ami_port")
+               "ami_port", "mwi_write")
 PLACEHOLDER_SECRETS = ("change-me",)  # example_config.ini's
 
 

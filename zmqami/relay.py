@@ -18,8 +18,9 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from .asterisk import AsteriskLink
-from .rules import (BadInput, StateUpdate, device_state_update, list_items, mirror_variable,
-                    presence_update, relayed_update, unique_id)
+from .rules import (MAILBOX_PREFIX, MAILBOX_WRITES, BadInput, StateUpdate, device_state_update,
+                    list_items, mailbox_update, mirror_variable, presence_update, relayed_update,
+                    unique_id)
 from .states import ListReading, StateTable, decide_first_presences
 from .stats import DropLog, plural, printable
 
@@ -34,12 +35,18 @@ def _nothing(*_: Any) -> None:
 
 class Relay:
     def __init__(self, states: StateTable, drops: DropLog, log: logging.Logger,
-                 device_state: bool, presence: bool, verb: str = "Setvar") -> None:
+                 device_state: bool, presence: bool, verb: str = "Setvar",
+                 mwi: bool = False) -> None:
         self.states = states
         self.drops = drops
         self.log = log
         self.device_state = device_state
         self.presence = presence
+        self.mwi = mwi  # voicemail lamps
+        # How each local server's lamps are written (rules.MAILBOX_WRITES; external if not said):
+        # a server written with MWIUpdate runs res_mwi_external, never app_voicemail, so each
+        # MessageWaiting it publishes is the echo of a write, never news.
+        self.mwi_write: Dict[str, str] = {}
         self.verb = verb                        # the original agent wrote SetVar, the broker Setvar
         self.links: Dict[str, AsteriskLink] = {}  # local servers, by the source name they report as
         self.on_change: OnChange = _nothing     # a local source's news, for the rest of the network
@@ -59,8 +66,11 @@ class Relay:
         """An event from a local server: record what it reports, relay what is news."""
         if source in self.traced:
             self.log.info("Got message from %s:\n%s.", source, json.dumps(event, indent=4))
+        if event.get("Event") == "MessageWaiting" and self._lamp_writes(source) == "MWIUpdate":
+            self.log.debug("Ignoring MessageWaiting from %s: the echo of an MWIUpdate", source)
+            return
         try:
-            update = relayed_update(event, self.device_state, self.presence)
+            update = relayed_update(event, self.device_state, self.presence, self.mwi)
             self.states.check_room(source, update)
         except BadInput as exc:
             self.drops.drop(link.name, f"{event.get('Event')}: {exc}",
@@ -87,11 +97,13 @@ class Relay:
         """Write variable on every local server whose mirror of it should change: what the other
         sources report, combined (StateTable.mirror_value)."""
         owner = self.states.owner(variable)
-        if owner is None:  # reported by several sources: each mirror shows the others' share
-            for source, link in self.links.items():
+        if owner is None or variable.startswith(MAILBOX_PREFIX):
+            # Reported by several sources (each mirror shows the others' share), or a lamp
+            # (each server its own way of writing it).
+            for source in self.links:
                 value = self.states.mirror_value(variable, source)
                 if value is not None:
-                    self.write(link, StateUpdate(variable, value), action_id)
+                    self.write(source, StateUpdate(variable, value), action_id)
             return
         # One source reports it (the common case): one value, and one action for all the others.
         update = StateUpdate(variable, self.states.mirror_value(variable, ""))
@@ -105,8 +117,15 @@ class Relay:
             if source != owner:
                 link.write_state(update, action_id, self.verb, encoded)
 
-    def write(self, link: AsteriskLink, update: StateUpdate, action_id: str = "") -> None:
-        link.write_state(update, action_id or unique_id(), self.verb)
+    def write(self, source: str, update: StateUpdate, action_id: str = "") -> None:
+        """Write update on a local server, the way that server takes it."""
+        verb = self._lamp_writes(source) if update.is_mailbox else self.verb
+        if verb is not None:
+            self.links[source].write_state(update, action_id or unique_id(), verb)
+
+    def _lamp_writes(self, source: str) -> Optional[str]:
+        """The action that writes a lamp on this server: MWIUpdate, VoicemailRefresh or None."""
+        return MAILBOX_WRITES[self.mwi_write.get(source, "external")]
 
     # --- sources down, up, gone -------------------------------------------------------------------
     def source_down(self, source: str) -> List[str]:
@@ -143,7 +162,7 @@ class Relay:
         link, written = self.links[source], 0
         for update in self.states.mirrors_for(source):
             if not (first and update.is_presence) and update.variable not in self.unresolved:
-                self.write(link, update)
+                self.write(source, update)
                 written += 1
         self.log.info("Resynchronising %s: %d known states written, reading its states",
                       link.name, written)
@@ -155,7 +174,7 @@ class Relay:
         on_read gets the readings once every list is in (a failed read is tried again by the
         link until it succeeds)."""
         link = self.links[source]
-        wanted = int(self.device_state) + int(self.presence)
+        wanted = int(self.device_state) + int(self.presence) + int(self.mwi)
         readings: List[ListReading] = []
 
         def done(reading: ListReading) -> None:
@@ -169,6 +188,12 @@ class Relay:
         if self.presence:
             link.read_list("PresenceStateList", lambda reply, asked_at: done(
                 self.on_presence_list(source, reply, asked_at, repair or first)))
+        if self.mwi and self._lamp_writes(source) == "MWIUpdate":  # what it holds
+            link.read_list("MWIGet", lambda reply, asked_at: done(
+                self.on_lamps_held(source, reply)), fields={"Mailbox": "/.*/"})
+        elif self.mwi:  # its own mailboxes
+            link.read_list("VoicemailUsersList", lambda reply, asked_at: done(
+                self.on_mailbox_list(source, reply, asked_at)))
         if not wanted:
             on_read(readings)
 
@@ -208,6 +233,39 @@ class Relay:
         self.apply_reading(source, reading, "presences")
         return reading
 
+    def on_lamps_held(self, source: str, reply: List[Dict[str, Any]]) -> ListReading:
+        """An MWIGet of a server written with MWIUpdate: its lamps that show wrong counts."""
+        link = self.links[source]
+        held = {}
+        for item in list_items(reply, "MWIGet"):
+            update = self._parsed(link, {"Mailbox": item.get("Mailbox"),
+                                         "New": item.get("NewMessages"),
+                                         "Old": item.get("OldMessages")}, mailbox_update)
+            if update is not None:
+                held[update.variable] = update.value
+        reading = self.states.read_lamps_held(source, held, link.outbox.is_unsettled)
+        self.apply_reading(source, reading, "voicemail lamps")
+        return reading
+
+    def on_mailbox_list(self, source: str, reply: List[Dict[str, Any]],
+                        asked_at: float) -> ListReading:
+        """A VoicemailUsersList of a voicemail server: its mailboxes' counts, each a change if it
+        differs from what is known (a voicemail server's counts are never stale)."""
+        link = self.links[source]
+        listed = []
+        for item in list_items(reply, "VoicemailUserEntry"):
+            update = self._parsed(link, {"Mailbox": f"{item.get('VoiceMailbox')}@"
+                                                    f"{item.get('VMContext')}",
+                                         "New": item.get("NewMessageCount"),
+                                         "Old": item.get("OldMessageCount")}, mailbox_update)
+            if update is not None:
+                listed.append(update)
+        reading = self.states.read_presence_list(source, listed, asked_at, after_restart=False,
+                                                 writing=link.outbox.is_unsettled,
+                                                 on_refused=self._refused(link))
+        self.apply_reading(source, reading, "mailboxes")
+        return reading
+
     def apply_reading(self, source: str, reading: ListReading, what: str) -> None:
         """What a list showed: its news written on the other local servers (the rest of the
         network hears of it from the program: an agent sends all its states), its mirrors
@@ -217,7 +275,7 @@ class Relay:
             if update.variable not in self.unresolved:
                 self.write_mirrors(update.variable)
         for update in reading.repairs:
-            self.write(link, update)
+            self.write(source, update)
         for variable in reading.gone:
             self.write_mirrors(variable)
             self.on_gone(source, variable)

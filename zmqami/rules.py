@@ -29,6 +29,11 @@ DEVICE_STATES = frozenset({
 PRESENCE_STATES = frozenset({"not_set", "unavailable", "available", "away", "xa", "chat", "dnd"})
 CUSTOM_DEVICE = "Custom:"
 CUSTOM_PRESENCE = "CustomPresence:"
+# A voicemail lamp: MAILBOX(100@default) = "new,old" (docs/protocol.md 5).  Written with MWIUpdate
+# (res_mwi_external) or VoicemailRefresh (app_voicemail on shared storage), never with Setvar.
+MAILBOX_PREFIX = "MAILBOX("
+MAILBOX_WRITES = {"external": "MWIUpdate", "refresh": "VoicemailRefresh", "none": None}
+MAX_MESSAGES = 999_999  # more is not a count of voicemail messages
 
 # Sane limits for whatever is relayed, counted in UTF-8 bytes (what buffers hold), whichever way
 # Asterisk is reached.  Asterisk's own device and extension names are far shorter.
@@ -79,11 +84,15 @@ class StateUpdate(NamedTuple):
     value: str
 
     def action(self, action_id: str, verb: str = "Setvar") -> Dict[str, str]:
+        if self.is_mailbox:
+            return mailbox_action(self, action_id, verb)
         return {"Action": verb, "ActionID": action_id, "Variable": self.variable, "Value": self.value}
 
     def encoded_action(self, action_id: str, verb: str = "Setvar") -> bytes:
         """action() in JSON, the bytes json.dumps gives, made at a fifth of its cost (on the path
         of every relayed state) with the string encoder json.dumps itself uses."""
+        if self.is_mailbox:
+            return json.dumps(self.action(action_id, verb)).encode("ascii")
         return (f'{{"Action": {_json_string(verb)}, "ActionID": {_json_string(action_id)}, '
                 f'"Variable": {_json_string(self.variable)}, "Value": {_json_string(self.value)}}}'
                 ).encode("ascii")
@@ -91,6 +100,16 @@ class StateUpdate(NamedTuple):
     @property
     def is_presence(self) -> bool:
         return self.variable.startswith("PRESENCE_STATE(")
+
+    @property
+    def is_mailbox(self) -> bool:
+        return self.variable.startswith(MAILBOX_PREFIX)
+
+    @property
+    def has_owner(self) -> bool:
+        """A device's state is its servers'; a presence or a mailbox is one value everywhere,
+        whoever changed it last."""
+        return self.variable.startswith("DEVICE_STATE(")
 
 
 _JSON = json.JSONDecoder()
@@ -308,8 +327,8 @@ def presence_update(event: Dict[str, Any]) -> Optional[StateUpdate]:
 
 
 def state_name(variable: str) -> str:
-    """What an administrator calls a variable's state: the device (PJSIP/100) or the presentity
-    (CustomPresence:100) whose mirror it is."""
+    """What an administrator calls a variable's state: the device (PJSIP/100), the presentity
+    (CustomPresence:100) or the mailbox (100@default) whose mirror it is."""
     argument = variable[variable.index("(") + 1:-1]
     return argument[len(CUSTOM_DEVICE):] if variable.startswith("DEVICE_STATE(") else argument
 
@@ -318,12 +337,47 @@ def state_variable(name: str) -> str:
     """The reverse of state_name."""
     if name.startswith(CUSTOM_PRESENCE):
         return f"PRESENCE_STATE({name})"
+    if "@" in name and "/" not in name:
+        return f"{MAILBOX_PREFIX}{name})"
     return f"DEVICE_STATE({CUSTOM_DEVICE}{name})"
+
+
+def message_count(what: str, value: Any) -> int:
+    """A count of voicemail messages as an event gives it: digits only (Asterisk publishes the
+    -1 an MWIUpdate may have set, and would store 4294967295 if it were written back)."""
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or \
+            int(value) > MAX_MESSAGES:
+        raise BadInput(f"{what} {str(value)[:40]!r} is not a count of messages")
+    return int(value)
+
+
+def mailbox_update(event: Dict[str, Any]) -> StateUpdate:
+    """The lamp a MessageWaiting shows: MAILBOX(<mailbox>) = "new,old"."""
+    mailbox = check_name("Mailbox", event.get("Mailbox"))
+    new, old = message_count("New", event.get("New")), message_count("Old", event.get("Old"))
+    return StateUpdate(f"{MAILBOX_PREFIX}{mailbox})", f"{new},{old}")
+
+
+def mailbox_action(update: StateUpdate, action_id: str, verb: str) -> Dict[str, str]:
+    """How a mailbox's counts are written: MWIUpdate sets them (res_mwi_external);
+    VoicemailRefresh has app_voicemail count them again from the storage it shares."""
+    mailbox = update.variable[len(MAILBOX_PREFIX):-1]
+    if verb == "VoicemailRefresh":
+        box, _, context = mailbox.partition("@")
+        return {"Action": verb, "ActionID": action_id, "Context": context or "default",
+                "Mailbox": box}
+    new, old = update.value.split(",")
+    return {"Action": "MWIUpdate", "ActionID": action_id, "Mailbox": mailbox,
+            "NewMessages": new, "OldMessages": old}
 
 
 def event_for(update: StateUpdate) -> Dict[str, str]:
     """The event that relayed_update turns into this update: how agents send a state."""
     name, argument = update.variable[:-1].split("(", 1)
+    if update.is_mailbox:
+        new, old = update.value.split(",")
+        return {"Event": "MessageWaiting", "Mailbox": argument,
+                "Waiting": "1" if new != "0" else "0", "New": new, "Old": old}
     if name == "DEVICE_STATE":
         return {"Event": "DeviceStateChange", "Device": argument[len(CUSTOM_DEVICE):],
                 "State": update.value}
@@ -333,16 +387,20 @@ def event_for(update: StateUpdate) -> Dict[str, str]:
 
 
 def relayed_update(event: Dict[str, Any], device_state: bool = True,
-                   presence: bool = False) -> Optional[StateUpdate]:
+                   presence: bool = False, mwi: bool = False) -> Optional[StateUpdate]:
     """The state update an event asks for on the other servers, None for events not relayed.
 
     Raises BadInput when a relayed event carries a value that must not reach Asterisk.
     """
     name = event.get("Event")
     if name == "DeviceStateChange" and device_state:
+        if mwi and str(event.get("Device")).startswith("MWI:"):
+            return None  # res_mwi_devstate's lamp: each server has it from the lamps relayed
         return device_state_update(event)
     if name == "PresenceStateChange" and presence:
         return presence_update(event)
+    if name == "MessageWaiting" and mwi:
+        return mailbox_update(event)
     return None
 
 

@@ -21,8 +21,8 @@ import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .rules import MAX_NAME_BYTES, MAX_TEXT_BYTES, BadInput, StateUpdate, check_text, \
-    event_for, presence_update
+from .rules import (MAILBOX_PREFIX, MAX_NAME_BYTES, MAX_TEXT_BYTES, BadInput, StateUpdate,
+                    check_text, event_for, relayed_update)
 from .stats import Throttle, printable
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,9 @@ class StateFile:
 
 def _checked(variable: Any, entry: Any) -> Tuple[str, str, float]:
     """An entry as (value, source, time), checked as the event that would bring it; BadInput."""
-    if not (isinstance(variable, str) and variable.startswith("PRESENCE_STATE(")
+    if not (isinstance(variable, str) and variable.startswith(("PRESENCE_STATE(", MAILBOX_PREFIX))
             and variable.endswith(")") and isinstance(entry, list) and len(entry) == 3):
-        raise BadInput("not a presence entry")
+        raise BadInput("not a presence or mailbox entry")
     value, source, wall = entry
     try:
         wall = float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) \
@@ -129,8 +129,12 @@ def _checked(variable: Any, entry: Any) -> Tuple[str, str, float]:
     if not (isinstance(value, str) and isinstance(source, str) and source and wall >= 0):
         raise BadInput(f"{printable(variable)}: not a value, a source and a time")
     check_text("source", source)
-    # The event that would bring this presence gives exactly this entry back, or it is not one.
+    # The event that would bring this state gives exactly this entry back, or it is not one.
     update = StateUpdate(variable, value)
-    if presence_update(event_for(update)) != update:
-        raise BadInput(f"{printable(variable)}: not a presence Asterisk would report")
+    try:
+        same = relayed_update(event_for(update), presence=True, mwi=True) == update
+    except (BadInput, ValueError):
+        same = False
+    if not same:
+        raise BadInput(f"{printable(variable)}: not a state Asterisk would report")
     return value, source, wall

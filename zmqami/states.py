@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .rules import BadInput, StateUpdate, aggregate_device_states
+from .rules import MAILBOX_PREFIX, BadInput, StateUpdate, aggregate_device_states
 
 DEVICE_PREFIX = "DEVICE_STATE("
 
@@ -159,7 +159,7 @@ class StateTable:
         stopped agent's, read from a store): its share shows down_state at once.
         """
         news = self._remember(source, update, time.monotonic(), wall)
-        if down and self.down_state and not update.is_presence:
+        if down and self.down_state and update.has_owner:
             self.entries[update.variable][source].down = True
         return news
 
@@ -185,7 +185,7 @@ class StateTable:
             reports = self.entries[update.variable] = Reports()
         if wall is None:
             wall = time.time()
-        if update.is_presence:  # no owner: the newest report is the presence
+        if not update.has_owner:  # a presence or a mailbox: the newest report is its value
             if any(entry.wall > wall for entry in reports.values()):
                 return False  # an older change than the one known, told late
             news = self.expected(update.variable) != update.value
@@ -342,6 +342,18 @@ class StateTable:
                         variable.startswith(DEVICE_PREFIX) and entry.changed_at <= asked_at:
                     entry.down = True
                     reading.gone.append(variable)
+        return reading
+
+    def read_lamps_held(self, server: str, held: Dict[str, str],
+                        writing: IsWriting) -> ListReading:
+        """Compare the lamps a server written with MWIUpdate holds (MWIGet) with what they should
+        show: each that differs, or that it lost, is repaired."""
+        reading = ListReading()
+        for variable in self.entries:
+            if variable.startswith(MAILBOX_PREFIX) and not writing(variable):
+                expected = self.mirror_value(variable, server)
+                if expected is not None and held.get(variable) != expected:
+                    reading.repairs.append(StateUpdate(variable, expected))
         return reading
 
     def read_presence_list(self, server: str, listed: List[StateUpdate], asked_at: float,

@@ -1,0 +1,84 @@
+"""Voicemail lamps across servers, end to end: stand-ins that answer as the Asterisk 22 captures
+(A runs app_voicemail, B res_mwi_external, C app_voicemail on storage shared with A)."""
+import pytest
+
+from harness import restart, run_actions, wait_until
+
+BOX = "100@default"
+
+
+def lamps(servers):
+    """The broker's per-server keys: A read only, B written with MWIUpdate, C refreshed."""
+    modes = ("none", "external", "refresh")[:len(servers)]
+    return {index: {"mwi_write": mode} for index, mode in enumerate(modes)}
+
+
+def runs(standin, action: str) -> int:
+    return standin.control.state()["actions_run"].get(action.lower(), 0)
+
+
+@pytest.mark.parametrize("ami", [(0, 1, 2), ()], ids=["AMI", "module"])
+def test_a_lamp_reaches_a_receiver_as_mwiupdate_and_shared_storage_as_a_refresh(
+        standins, broker, ami):
+    a, = standins(1, ami_port=0, voicemail="voicemail")
+    b, = standins(1, ami_port=0, voicemail="external")
+    c, = standins(1, ami_port=0, voicemail="voicemail")
+    script = broker([a, b, c], ami=ami, server_keys=lamps([a, b, c]), mwi="yes")
+    c.control.set_mailbox(BOX, 2, 1, poll=False)  # (the storage A and C share)
+    a.control.set_mailbox(BOX, 2, 1)              # a message left: A's poll publishes it
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [2, 1], message="the lamp on B")
+    wait_until(lambda: runs(c, "VoicemailRefresh") >= 1, message="C told to count again")
+    # B's MessageWaiting after the MWIUpdate (its echo) and C's after its refresh go nowhere:
+    # A is never written, and B is written once.
+    a.control.set_mailbox("marker@default", 1, 0)
+    wait_until(lambda: b.control.mailboxes().get("marker@default") == [1, 0])
+    assert runs(a, "MWIUpdate") == 0 and runs(a, "VoicemailRefresh") == 0
+    # A lamp set on B by someone else: B runs res_mwi_external, so its MessageWaiting is never
+    # taken for news (C would be told to count 200's messages again).
+    run_actions(b, {"Action": "MWIUpdate", "Mailbox": "200@default", "NewMessages": "7"})
+    a.control.set_mailbox("marker@default", 2, 0)
+    wait_until(lambda: b.control.mailboxes().get("marker@default") == [2, 0])
+    assert not [r for r in c.control.requests() if "200" in r]
+    assert len([r for r in b.control.requests() if BOX in r and "MWIUpdate" in r]) == 1
+    a.control.set_mailbox(BOX, 0, 3)  # listened to: the lamp goes out everywhere
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [0, 3], message="the lamp out on B")
+    assert "Traceback" not in script.output()
+
+
+def test_the_counts_are_right_after_each_restart(standins, broker, processes):
+    a = processes("a", ami_port=0, voicemail="voicemail")
+    b = processes("b", ami_port=0, voicemail="external")
+    keys = lamps([a, b])
+    script = broker([a, b], ami=(0, 1), server_keys=keys, mwi="yes", resync_interval="0")
+    a.control.set_mailbox(BOX, 1, 0)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [1, 0], message="the lamp on B")
+    b.kill()                           # the receiver restarts; a message comes meanwhile
+    a.control.set_mailbox(BOX, 2, 0)
+    b = restart(processes, b, "b")     # (its database still says 1, 0)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [2, 0], message="B after its restart")
+    a.kill()                           # the voicemail server restarts: B keeps the lamp
+    a = restart(processes, a, "a")     # (its spool is its database: still 2, 0)
+    a.control.set_mailbox(BOX, 2, 0, poll=False)
+    wait_until(lambda: runs(a, "VoicemailUsersList") >= 1, message="A read after its restart")
+    assert b.control.mailboxes().get(BOX) == [2, 0]
+    assert script.stop() == 0          # the broker restarts; a message comes meanwhile
+    a.control.set_mailbox(BOX, 3, 0, poll=False)
+    broker([a, b], ami=(0, 1), server_keys=keys, mwi="yes", resync_interval="0")
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [3, 0], message="B after the broker's")
+
+
+def test_bad_counts_are_dropped_and_a_refusing_receiver_is_logged_once(standins, broker):
+    a, = standins(1, ami_port=0, voicemail="voicemail")
+    b, = standins(1, ami_port=0, voicemail="external")
+    c, = standins(1, ami_port=0, voicemail="voicemail")  # app_voicemail where MWIUpdate is sent
+    script = broker([a, b, c], ami=(0, 1, 2), server_keys={0: {"mwi_write": "none"}}, mwi="yes")
+    a.control.ami_raw(b"Event: MessageWaiting\r\nPrivilege: call,all\r\nMailbox: 5@default\r\n"
+                      b"Waiting: 1\r\nNew: -1\r\nOld: 0\r\n\r\n")  # set by hand, elsewhere
+    for count in range(3):
+        a.control.set_mailbox(f"{count}@default", 1, 0)
+    wait_until(lambda: len(b.control.mailboxes()) == 3, message="the good counts on B")
+    assert "5@default" not in b.control.mailboxes()
+    script.wait_for_output("Dropped input from server-1: MessageWaiting: New '-1'")
+    script.wait_for_output("server-3 refused MWIUpdate")
+    assert len(script.lines("refused MWIUpdate")) == 1
+    assert "mwi_write = none" in script.lines("refused MWIUpdate")[0]
