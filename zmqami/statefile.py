@@ -133,7 +133,9 @@ def _checked(variable: Any, entry: Any) -> Tuple[str, str, float]:
     update = StateUpdate(variable, value)
     try:
         same = relayed_update(event_for(update), presence=True, mwi=True) == update
-    except (BadInput, ValueError):
+    except BadInput:
+        raise  # (says which field Asterisk would not send)
+    except ValueError:  # a mailbox's value that is not "new,old"
         same = False
     if not same:
         raise BadInput(f"{printable(variable)}: not a state Asterisk would report")
