@@ -47,6 +47,14 @@ DEVICE_STATE = True
 # agent did not.  Every agent of the network should have the same value.
 PRESENCE = False
 
+# Relay voicemail lamps (MessageWaiting), and how this Asterisk's lamps are written:
+# 'external' (MWIUpdate: res_mwi_external and res_mwi_external_ami loaded, app_voicemail not),
+# 'none' (this Asterisk runs app_voicemail: its lamps are read, never written), or 'refresh'
+# (app_voicemail on storage shared with the voicemail server: VoicemailRefresh, which needs
+# write = user in manager.conf).  docs/broker.md: "Voicemail lamps".
+MWI = False
+MWI_WRITE = 'external'
+
 # Seconds of silence after which a peer agent is down (its devices then show DOWN_STATE here);
 # None: 3 x KEEP_ALIVE_INTERVAL.
 PEER_TIMEOUT = None

@@ -337,11 +337,11 @@ def test_every_message_of_a_new_agent_survives_the_original_hub(standins, tmp_pa
     pull, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     hub = Script("tests/original_hub.py", pull, pub, log_dir=tmp_path, name="original_hub")
     hub.wait_for_output("Started")
-    x, y = standins(2)
+    (x,), (y,) = standins(1, voicemail="voicemail"), standins(1, voicemail="external")
     urls = dict(ZMQ_PUB_URL=pull, ZMQ_SUB_URL=pub)
-    for name, standin in (("X", x), ("Y", y)):
+    for name, standin, lamps in (("X", x, "none"), ("Y", y, "external")):
         start_agent(tmp_path, name, standin, PRESENCE=True, KEEP_ALIVE_INTERVAL=0.3,
-                    RESYNC_INTERVAL=0.3, **urls)
+                    RESYNC_INTERVAL=0.3, MWI=True, MWI_WRITE=lamps, **urls)
     client = HubClient(context, SimpleNamespace(pull_url=pull, pub_url=pub), name="Console")
     client.ping_until_pong("X")
     client.ping_until_pong("Y")
@@ -350,7 +350,9 @@ def test_every_message_of_a_new_agent_survives_the_original_hub(standins, tmp_pa
     x.control.publish_raw(json.dumps({"Event": "Reload", "Module": "x", "Status": "0"}).encode())
     client.send("X", "AsteriskAction", data={"Action": "Ping"})
     client.send("X", "AsteriskAction", data={"Action": "Originate"})  # refused: an error answer
+    x.control.set_mailbox("100@default", 1, 0)  # a voicemail lamp (MessageWaiting)
     wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "INUSE")
+    wait_until(lambda: y.control.mailboxes().get("100@default") == [1, 0])
     x.control.set_mode("hung")  # the next AsteriskAction is answered with null
     client.send("X", "AsteriskAction", data={"Action": "Ping"})
     for msg_type in ("AgentPing", "AgentPong", "AgentHeartbeat", "AgentStateRequest",

@@ -82,3 +82,15 @@ def test_bad_counts_are_dropped_and_a_refusing_receiver_is_logged_once(standins,
     script.wait_for_output("server-3 refused MWIUpdate")
     assert len(script.lines("refused MWIUpdate")) == 1
     assert "mwi_write = none" in script.lines("refused MWIUpdate")[0]
+
+
+def test_lamps_between_agents_through_the_hub(standins, agents):
+    a, = standins(1, ami_port=0, voicemail="voicemail")
+    b, = standins(1, ami_port=0, voicemail="external")
+    agents([a], names="X", ami=(0,), MWI=True, MWI_WRITE="none")
+    agents([b], names="Y", ami=(0,), MWI=True)
+    a.control.set_mailbox(BOX, 2, 1)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [2, 1], message="the lamp on Y's")
+    a.control.set_mailbox(BOX, 0, 3)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [0, 3], message="out on Y's")
+    assert runs(a, "MWIUpdate") == 0  # Y's echoes go nowhere

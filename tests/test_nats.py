@@ -586,3 +586,19 @@ def test_an_administrator_lists_the_bucket_without_the_nats_cli(standins, cluste
                             NATS_PASSWORD="wrong")
     result = run_script("agent.py", "--nats-ls", str(wrong))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_voicemail_lamp_reaches_an_agent_started_later_from_the_bucket(standins, cluster,
+                                                                        nats_agents):
+    nodes = cluster(1)
+    a, = standins(1, voicemail="voicemail")
+    b, = standins(1, voicemail="external")
+    nats_agents([a], nodes.urls, names="X", MWI=True, MWI_WRITE="none", **FAST)
+    a.control.set_mailbox("100@default", 2, 1)
+    wait_until(lambda: stored(nodes.urls, "X.mailbox.100=40default"), message="X's lamp stored")
+    nats_agents([b], nodes.urls, names="Y", MWI=True, **FAST)
+    wait_until(lambda: b.control.mailboxes().get("100@default") == [2, 1],
+               message="the lamp on Y's Asterisk, from the bucket")
+    a.control.set_mailbox("100@default", 0, 3)
+    wait_until(lambda: b.control.mailboxes().get("100@default") == [0, 3], message="out on Y's")
+    assert not [r for r in a.control.requests() if "MWIUpdate" in r]  # Y's echoes go nowhere

@@ -67,7 +67,8 @@ class Agent(Service):
                                  settings["MAX_PEERS"] + 1,  # the peers and itself
                                  unverified_wall=0.0)
         self.relay = Relay(self.states, self.drops, log, settings["DEVICE_STATE"],
-                           settings["PRESENCE"], verb="SetVar")  # (the original's spelling)
+                           settings["PRESENCE"], verb="SetVar",  # (the original's spelling)
+                           mwi=settings["MWI"])
         self.relay.on_change = self.announce
         self.relay.on_gone = self.announce_gone
         self.state_file: Optional[StateFile] = None
@@ -98,6 +99,7 @@ class Agent(Service):
             on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
             on_down=self.on_asterisk_down))
         self.relay.links = {self.name: link}  # (its own states are reported under its name)
+        self.relay.mwi_write = {self.name: settings["MWI_WRITE"]}
         return link
 
     def start(self) -> None:
@@ -260,7 +262,7 @@ class Agent(Service):
         """Its own state as the x_data of an AsteriskEvent.  A presence says when it changed
         (ChangedAt, wall clock): a presence has no owner, and the newest change wins."""
         event = event_for(update)
-        if update.is_presence:
+        if not update.has_owner:  # a presence or a lamp
             event["ChangedAt"] = f"{self.states.wall(update.variable, self.name):.3f}"
         return event
 
@@ -284,7 +286,8 @@ class Agent(Service):
         try:
             if not isinstance(data, dict):
                 raise BadInput("not an object")
-            update = relayed_update(data, self.settings["DEVICE_STATE"], self.settings["PRESENCE"])
+            update = relayed_update(data, self.settings["DEVICE_STATE"], self.settings["PRESENCE"],
+                                    self.settings["MWI"])
             self.states.check_room(message.origin, update)
         except BadInput as exc:
             self.inbox.drop(message, str(exc), repr(data).encode())

@@ -3,8 +3,9 @@ that span several settings (run by --check-config and at start alike)."""
 from typing import Any, Dict
 
 from .config import (COMMON_SETTINGS, Schema, Setting, check_each, is_action_names, is_bool,
-                     is_down_state, is_log_level, is_name_token, is_nats_urls, is_optional_text,
-                     is_url, is_url_or_urls, is_whole_number, number_between)
+                     is_down_state, is_log_level, is_name_token, is_nats_urls, is_one_of,
+                     is_optional_text, is_url, is_url_or_urls, is_whole_number, number_between)
+from .rules import MAILBOX_WRITES
 from .envelope import is_node_name
 from .natsnet import check_nats_security
 from .network import curve_client_keys
@@ -36,6 +37,8 @@ AGENT_SETTINGS = Schema({
     "ASTERISK_TIMEOUT": Setting(5000, number_between(10, 600_000, "milliseconds")),
     "DEVICE_STATE": Setting(True, is_bool),
     "PRESENCE": Setting(False, is_bool),
+    "MWI": Setting(False, is_bool),
+    "MWI_WRITE": Setting("external", is_one_of(*MAILBOX_WRITES)),
     "PEER_TIMEOUT": Setting(None, number_between(0.1, 864000, "seconds", none=True)),
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
     "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),

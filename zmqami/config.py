@@ -575,6 +575,12 @@ def is_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be True or False"
 
 
+def is_one_of(*choices: str) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+    return check
+
+
 def is_optional_bind_url(value: Any) -> Optional[str]:
     return None if value is None else is_bind_url(value)
 

@@ -7,7 +7,8 @@ from .envelope import ALL, STATS
 SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/")
 HEARTBEAT_KEY = "heartbeat"
 STATE_EVENTS = {"DeviceStateChange": ("device", "Device"),
-                "PresenceStateChange": ("presence", "Presentity")}
+                "PresenceStateChange": ("presence", "Presentity"),
+                "MessageWaiting": ("mailbox", "Mailbox")}
 
 
 def token(name: str) -> str:
