@@ -55,6 +55,13 @@ PRESENCE = False
 MWI = False
 MWI_WRITE = 'external'
 
+# Filters, regular expressions matched anywhere in a name, in any case (device PJSIP/100,
+# presentity CustomPresence:100, mailbox 100@default): only the names PUBLISH_FILTER matches are
+# sent from this Asterisk to the peers, and only those ACCEPT_FILTER matches are written on it.
+# None: all.
+PUBLISH_FILTER = None
+ACCEPT_FILTER = None
+
 # Seconds of silence after which a peer agent is down (its devices then show DOWN_STATE here);
 # None: 3 x KEEP_ALIVE_INTERVAL.
 PEER_TIMEOUT = None

@@ -151,3 +151,19 @@ def test_check_config_warns_of_a_secret_left_at_the_examples_placeholder():
         in result.stdout
     result = run_script("agent.py", "--check-config", "agent_config.py")
     assert "ASTERISK_AMI_SECRET: warning: still the example's placeholder" in result.stdout
+
+
+def test_a_filter_that_is_not_a_regular_expression_is_a_config_error(tmp_path):
+    from harness import run_script
+    config = tmp_path / "config.ini"
+    config.write_text("[servers]\nsections = a, b\n[a]\naddr = 127.0.0.1\nami_user = u\n"
+                      "ami_secret = s\npublish_filter = ^PJSIP/(\n[b]\naddr = 127.0.0.1\n"
+                      "ami_user = u\nami_secret = s\n")
+    result = run_script("broker.py", "--check-config", str(config))
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"{config}: [a] publish_filter: '^PJSIP/(' is not a regular expression")
+    settings = tmp_path / "agent.py"
+    settings.write_text("ACCEPT_FILTER = '[a-'\n")
+    result = run_script("agent.py", "--check-config", str(settings))
+    assert result.returncode == 2 and "ACCEPT_FILTER: '[a-' is not a regular expression" in \
+        result.stderr

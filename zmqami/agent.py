@@ -21,6 +21,7 @@ original agent ignores them, as it ignores every msg_type and field it does not 
 import json
 import logging
 import os
+import re
 import sys
 import time
 from urllib.parse import urlsplit
@@ -85,6 +86,7 @@ class Agent(Service):
         self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.asterisk_ok: Optional[bool] = None
         self.asterisk = self.connect_asterisk(settings)
+        self.configure_relay(settings)
         network = NatsNetwork if settings["NATS_URLS"] else HubNetwork
         self.network = network(self.loop, context, settings, self.name,
                                on_message=lambda *args: self.inbox.take(*args),
@@ -99,8 +101,15 @@ class Agent(Service):
             on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
             on_down=self.on_asterisk_down))
         self.relay.links = {self.name: link}  # (its own states are reported under its name)
-        self.relay.mwi_write = {self.name: settings["MWI_WRITE"]}
         return link
+
+    def configure_relay(self, settings: Dict[str, Any]) -> None:
+        """What a reload may change of how its Asterisk's states are taken and written."""
+        self.relay.mwi_write = {self.name: settings["MWI_WRITE"]}
+        self.relay.publish_filters = {self.name: re.compile(settings["PUBLISH_FILTER"], re.I)} \
+            if settings["PUBLISH_FILTER"] else {}
+        self.relay.accept_filters = {self.name: re.compile(settings["ACCEPT_FILTER"], re.I)} \
+            if settings["ACCEPT_FILTER"] else {}
 
     def start(self) -> None:
         log.info("Agent %s (version %s) starting.", self.name, __version__)
@@ -146,6 +155,7 @@ class Agent(Service):
         self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.peers.timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
         self.states.down_state = settings["DOWN_STATE"]
+        self.configure_relay(settings)
         self.schedule_timers()
         if asterisk_changed:
             log.info("The Asterisk connection changed: reconnecting")

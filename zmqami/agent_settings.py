@@ -4,7 +4,7 @@ from typing import Any, Dict
 
 from .config import (COMMON_SETTINGS, Schema, Setting, check_each, is_action_names, is_bool,
                      is_down_state, is_log_level, is_name_token, is_nats_urls, is_one_of,
-                     is_optional_text, is_url, is_url_or_urls, is_whole_number, number_between)
+                     is_optional_regex, is_optional_text, is_url, is_url_or_urls, is_whole_number, number_between)
 from .rules import MAILBOX_WRITES
 from .envelope import is_node_name
 from .natsnet import check_nats_security
@@ -39,6 +39,8 @@ AGENT_SETTINGS = Schema({
     "PRESENCE": Setting(False, is_bool),
     "MWI": Setting(False, is_bool),
     "MWI_WRITE": Setting("external", is_one_of(*MAILBOX_WRITES)),
+    "PUBLISH_FILTER": Setting(None, is_optional_regex),
+    "ACCEPT_FILTER": Setting(None, is_optional_regex),
     "PEER_TIMEOUT": Setting(None, number_between(0.1, 864000, "seconds", none=True)),
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
     "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),

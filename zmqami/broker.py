@@ -99,6 +99,10 @@ class Broker(Service):
         self.relay.device_state, self.relay.presence = config.device_state, config.presence
         self.relay.mwi = config.mwi
         self.relay.mwi_write = {server.name: server.mwi_write for server in config.servers}
+        self.relay.publish_filters = {server.name: server.publish_filter
+                                      for server in config.servers if server.publish_filter}
+        self.relay.accept_filters = {server.name: server.accept_filter
+                                     for server in config.servers if server.accept_filter}
         self.states.down_state = config.down_state
         self.states.max_per_source = config.max_devices
         for link in removed:

@@ -16,7 +16,7 @@ import re
 import runpy
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Pattern, Sequence, Tuple
 
 from .rules import DEVICE_STATES, MAILBOX_WRITES
 from .stats import printable
@@ -236,6 +236,8 @@ class ServerConfig:
     ami_secret: str = field(default="", repr=False)  # never printed
     ami_port: int = 5038
     mwi_write: str = "external"  # how its voicemail lamps are written (rules.MAILBOX_WRITES)
+    publish_filter: Optional[Pattern[str]] = None  # only the names it matches are taken from it
+    accept_filter: Optional[Pattern[str]] = None   # only the names it matches are written to it
 
     @property
     def cmd_url(self) -> str:
@@ -296,6 +298,18 @@ class _IniReader:
                 self.error(section, key, "missing")
             return default
         return value.strip()
+
+    def regex(self, section: str, key: str) -> Optional[Pattern[str]]:
+        """A filter: a regular expression, matched anywhere in a name, in any case."""
+        text = self.parser.get(section, key, fallback="").strip() if \
+            self.parser.has_section(section) else ""
+        if not text:
+            return None
+        problem = regex_problem(text)
+        if problem:
+            self.error(section, key, problem)
+            return None
+        return re.compile(text, re.IGNORECASE)
 
     def boolean(self, section: str, key: str, default: bool) -> bool:
         value = self.raw(section, key, "yes" if default else "no")
@@ -416,6 +430,8 @@ def load_broker_config(path: str) -> BrokerConfig:
             ami_port=ini.integer(section, "ami_port", 5038, 1, 65535),
             mwi_write=ini.choice(section, "mwi_write", "external",
                                  {mode: mode for mode in MAILBOX_WRITES}),
+            publish_filter=ini.regex(section, "publish_filter"),
+            accept_filter=ini.regex(section, "accept_filter"),
         ))
     _check_server_names(ini, config.servers)
     _check_server_addresses(ini, config.servers)
@@ -430,7 +446,7 @@ GENERAL_KEYS = ("device_state", "presence", "mwi", "log_level", "request_timeout
                 "max_devices", "down_state", "log_file", "state_file", "metrics_port",
                 "metrics_address", "log_syslog", "status_socket")
 SERVER_KEYS = ("name", "addr", "cmd_port", "evt_port", "ami_trace", "ami_user", "ami_secret",
-               "ami_port", "mwi_write")
+               "ami_port", "mwi_write", "publish_filter", "accept_filter")
 PLACEHOLDER_SECRETS = ("change-me",)  # example_config.ini's
 
 
@@ -573,6 +589,21 @@ def is_action_names(value: Any) -> Optional[str]:
 
 def is_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be True or False"
+
+
+def regex_problem(text: str) -> Optional[str]:
+    """Why text is not a regular expression a filter can use, or None."""
+    try:
+        re.compile(text, re.IGNORECASE)
+    except re.error as exc:
+        return f"{printable(text)!r} is not a regular expression: {exc}"
+    return None
+
+
+def is_optional_regex(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    return regex_problem(value) if isinstance(value, str) else "must be a regular expression"
 
 
 def is_one_of(*choices: str) -> Callable[[Any], Optional[str]]:

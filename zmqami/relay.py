@@ -15,12 +15,12 @@ A new kind of state is added here, in rules.py (event -> StateUpdate) and in sta
 """
 import json
 import logging
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Pattern, Set
 
 from .asterisk import AsteriskLink
 from .rules import (MAILBOX_PREFIX, MAILBOX_WRITES, BadInput, StateUpdate, device_state_update,
                     list_items, mailbox_update, mirror_variable, presence_update, relayed_update,
-                    unique_id)
+                    state_name, unique_id)
 from .states import ListReading, StateTable, decide_first_presences
 from .stats import DropLog, plural, printable
 
@@ -47,6 +47,10 @@ class Relay:
         # a server written with MWIUpdate runs res_mwi_external, never app_voicemail, so each
         # MessageWaiting it publishes is the echo of a write, never news.
         self.mwi_write: Dict[str, str] = {}
+        # Per local server: only the names (rules.state_name) its publish filter matches are
+        # taken from it, and only those its accept filter matches are written to it.
+        self.publish_filters: Dict[str, Pattern[str]] = {}
+        self.accept_filters: Dict[str, Pattern[str]] = {}
         self.verb = verb                        # the original agent wrote SetVar, the broker Setvar
         self.links: Dict[str, AsteriskLink] = {}  # local servers, by the source name they report as
         self.on_change: OnChange = _nothing     # a local source's news, for the rest of the network
@@ -76,7 +80,7 @@ class Relay:
             self.drops.drop(link.name, f"{event.get('Event')}: {exc}",
                             json.dumps(event).encode("utf-8"))
             return
-        if update is None:
+        if update is None or not self.published(source, update):
             if self.log.isEnabledFor(logging.DEBUG):  # (printable costs, even for no line)
                 self.log.debug("Ignoring event %s from %s", printable(event["Event"]), source)
             return
@@ -113,15 +117,26 @@ class Relay:
                                                        indent=1))
         self.log.debug("Relaying %s=%s from %s", variable, update.value, owner)
         encoded = update.encoded_action(action_id, self.verb)  # the same bytes for every server
+        accept = self.accept_filters
         for source, link in self.links.items():
-            if source != owner:
+            if source != owner and (not accept or self.accepted(source, variable)):
                 link.write_state(update, action_id, self.verb, encoded)
 
     def write(self, source: str, update: StateUpdate, action_id: str = "") -> None:
         """Write update on a local server, the way that server takes it."""
         verb = self._lamp_writes(source) if update.is_mailbox else self.verb
-        if verb is not None:
+        if verb is not None and self.accepted(source, update.variable):
             self.links[source].write_state(update, action_id or unique_id(), verb)
+
+    def published(self, source: str, update: StateUpdate) -> bool:
+        """Whether update may be taken from source (its publish filter)."""
+        wanted = self.publish_filters.get(source)
+        return wanted is None or wanted.search(state_name(update.variable)) is not None
+
+    def accepted(self, source: str, variable: str) -> bool:
+        """Whether variable may be written on source (its accept filter)."""
+        wanted = self.accept_filters.get(source)
+        return wanted is None or wanted.search(state_name(variable)) is not None
 
     def _lamp_writes(self, source: str) -> Optional[str]:
         """The action that writes a lamp on this server: MWIUpdate, VoicemailRefresh or None."""
@@ -207,7 +222,7 @@ class Relay:
                 mirrors.append((mirror, str(item.get("State")).upper()))
                 continue
             update = self._parsed(link, item, device_state_update)
-            if update is not None:
+            if update is not None and self.published(source, update):
                 own.append(update)
         reading = self.states.read_device_list(source, own, mirrors, asked_at,
                                                link.outbox.is_unsettled, self._refused(link),
@@ -228,7 +243,7 @@ class Relay:
         self.presences_read.add(source)
         link = self.links[source]
         reading = self.states.read_presence_list(
-            source, self._presences(link, reply), asked_at, after_restart=not repair,
+            source, self._presences(source, reply), asked_at, after_restart=not repair,
             writing=link.outbox.is_unsettled, on_refused=self._refused(link))
         self.apply_reading(source, reading, "presences")
         return reading
@@ -258,7 +273,7 @@ class Relay:
                                                     f"{item.get('VMContext')}",
                                          "New": item.get("NewMessageCount"),
                                          "Old": item.get("OldMessageCount")}, mailbox_update)
-            if update is not None:
+            if update is not None and self.published(source, update):
                 listed.append(update)
         reading = self.states.read_presence_list(source, listed, asked_at, after_restart=False,
                                                  writing=link.outbox.is_unsettled,
@@ -298,10 +313,11 @@ class Relay:
             self.drops.drop(link.name, f"list item: {exc}", repr(item).encode())
             return None
 
-    def _presences(self, link: AsteriskLink, reply: List[Dict[str, Any]]) -> List[StateUpdate]:
-        updates = (self._parsed(link, item, presence_update)
+    def _presences(self, source: str, reply: List[Dict[str, Any]]) -> List[StateUpdate]:
+        updates = (self._parsed(self.links[source], item, presence_update)
                    for item in list_items(reply, "PresenceStateChange"))
-        return [update for update in updates if update is not None]
+        return [update for update in updates
+                if update is not None and self.published(source, update)]
 
     def _refused(self, link: AsteriskLink) -> Callable[[StateUpdate, str], None]:
         return lambda update, why: self.drops.drop(link.name, f"list item: {why}",
@@ -311,7 +327,7 @@ class Relay:
     def gather_presences(self, source: str, reply: List[Dict[str, Any]]) -> None:
         """A server's first presence list: kept until every server's is in."""
         self.first_presences[source] = {update.variable: update.value for update in
-                                        self._presences(self.links[source], reply)}
+                                        self._presences(source, reply)}
         self.presences_read.add(source)
         if set(self.first_presences) >= set(self.links):
             self.decide_first()
