@@ -1,8 +1,10 @@
 """``python broker.py --demo``: the broker at work on three stand-in Asterisk servers.
 
 Starts three stand-in servers on free 127.0.0.1 ports, runs ``python broker.py`` on them as a user
-would, plays a few phones and shows each state arriving on the other servers, as the Custom:
-device (or presence) Asterisk would show there.  Ends by itself after a few seconds, or on Ctrl-C.
+would, plays a few phones, a presence and a voicemail, and shows each state arriving on the
+other servers, as the Custom: device (presence, voicemail lamp) Asterisk would show there.  The
+first server runs app_voicemail, the two others res_mwi_external.  Ends by itself after a few
+seconds, or on Ctrl-C.
 """
 import json
 import os
@@ -22,20 +24,24 @@ STEP_DEADLINE = 3.0  # seconds to wait for a change to show on every other serve
 
 # (server index, what changes, device or presentity, new state)
 SCRIPT = [
-    (0, "device", "SIP/100", "RINGING"),
-    (0, "device", "SIP/100", "INUSE"),
+    (0, "device", "PJSIP/100", "RINGING"),
+    (0, "device", "PJSIP/100", "INUSE"),
     (1, "device", "PJSIP/alice", "BUSY"),
     (2, "presence", "CustomPresence:300", ("away", "lunch", "Back at 2, promise")),
-    (0, "device", "SIP/100", "NOT_INUSE"),
+    (0, "mailbox", "100@default", (1, 0)),
+    (0, "device", "PJSIP/100", "NOT_INUSE"),
 ]
+VOICEMAIL = ("voicemail", "external", "external")  # app_voicemail on the first, lamps elsewhere
 
 
 def _config_text(standins: List[Standin]) -> str:
-    lines = ["[general]", "device_state = yes", "presence = yes", "log_level = warning",
-             "[servers]", "sections = " + ", ".join(SERVERS)]
-    for name, standin in zip(SERVERS, standins):  # over plain AMI, the recommended way
+    lines = ["[general]", "device_state = yes", "presence = yes", "mwi = yes",
+             "log_level = warning", "[servers]", "sections = " + ", ".join(SERVERS)]
+    for name, standin, role in zip(SERVERS, standins, VOICEMAIL):  # over plain AMI
         lines += [f"[{name}]", f"name = {name}", f"addr = {HOST}", f"ami_user = {AMI_USER}",
                   f"ami_secret = {AMI_SECRET}", f"ami_port = {standin.ami_port}"]
+        if role == "voicemail":  # (its lamps are read, never written)
+            lines.append("mwi_write = none")
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +83,13 @@ def _mirror_of(event: Dict[str, str]) -> Optional[Tuple[str, str]]:
         return event["Device"], event["State"]
     if event.get("Event") == "PresenceStateChange":
         return event["Presentity"], _presence_text(event["Status"], event["Subtype"], event["Message"])
+    if event.get("Event") == "MessageWaiting":
+        return f"the lamp of {event['Mailbox']}", _lamp_text(int(event["New"]), int(event["Old"]))
     return None
+
+
+def _lamp_text(new: int, old: int) -> str:
+    return f"{'on' if new else 'off'} ({new} new, {old} old)"
 
 
 def _presence_text(status: str, subtype: str, message: str) -> str:
@@ -104,10 +116,15 @@ def _play(observer: Observer, standins: List[Standin]) -> bool:
             print(f"\n  {source}: phone {name} is now {state}")
             standins[index].control.set_device(name, state)
             expected = {(server, "Custom:" + name, state) for server in others}
-        else:
+        elif kind == "presence":
             print(f"\n  {source}: {name} sets presence {_presence_text(*state)}")
             standins[index].control.set_presence(name, *state)
             expected = {(server, name, _presence_text(*state)) for server in others}
+        else:
+            print(f"\n  {source}: a voicemail for {name}: {state[0]} new, {state[1]} old")
+            standins[index].control.set_mailbox(name, *state)
+            expected = {(server, f"the lamp of {name}", _lamp_text(*state)) for server in others
+                        if VOICEMAIL[SERVERS.index(server)] == "external"}
         for server, mirror, value in sorted(observer.wait_for(expected, started)):
             everything_arrived = False
             print(f"      !! {server} did not show {mirror} = {value}")
@@ -126,7 +143,7 @@ def _print_mirrors(standins: List[Standin]) -> None:
 
 def run_demo() -> int:
     context = zmq.Context()
-    standins = [start_standin(context, ami_port=0) for _ in SERVERS]
+    standins = [start_standin(context, ami_port=0, voicemail=role) for role in VOICEMAIL]
     workdir = tempfile.mkdtemp(prefix="zmq-ami-broker-demo-")
     config_path = os.path.join(workdir, "demo_config.ini")
     with open(config_path, "w", encoding="utf-8") as handle:
