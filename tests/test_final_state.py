@@ -355,3 +355,24 @@ def test_an_asterisk_restarted_with_a_stale_presence_does_not_spread_it(standins
                            for s in (x, y)), message="the sentinel on the peers")
     assert [s.control.presences()["CustomPresence:5"] for s in (x, y)] == [LUNCH, LUNCH]
     listener.close()
+
+
+def test_asterisk_22_endpoints_unavailable_from_boot_are_no_storm(standins, broker):
+    """Asterisk 22 lists every PJSIP endpoint UNAVAILABLE from boot, on every server that has
+    it in pjsip.conf: each is a share of the device, the phone's real state wins where it is
+    registered, and the start writes each mirror once, logging a line per server, not per
+    device."""
+    endpoints = [f"PJSIP/{number}" for number in range(1, 501)]
+    a, b = (standin for standin in standins(2, endpoints=endpoints))
+    a.control.set_device("PJSIP/7", "NOT_INUSE", publish=False)  # registered on A before
+    # (a write is sent again only if not answered within request_timeout: none is, here)
+    script = broker([a, b], resync_interval="0", request_timeout="20000")
+    wait_until(lambda: len(custom_states(b)) == 500 and len(custom_states(a)) == 500,
+               message="every endpoint mirrored")
+    assert custom_states(b)["Custom:PJSIP/7"] == "NOT_INUSE"  # A's share: registered there
+    assert custom_states(a)["Custom:PJSIP/7"] == "UNAVAILABLE"  # B's share
+    a.control.set_device("PJSIP/7", "INUSE")  # a call: the mirror follows
+    wait_until(lambda: custom_states(b).get("Custom:PJSIP/7") == "INUSE")
+    writes = [r for r in b.control.requests() if "Custom:PJSIP/" in r]
+    assert len(writes) == 501  # each mirror once, then the call
+    assert len(script.output().splitlines()) < 20

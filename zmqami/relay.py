@@ -93,18 +93,22 @@ class Relay:
         if self.states.record(source, update):
             self.unresolved.discard(update.variable)
             self.changes += 1
-            self.write_mirrors(update.variable)
+            self.write_mirrors(update.variable, changed_by=source)
             self.on_change(source, update)
 
     # --- writing mirrors ------------------------------------------------------------------------
-    def write_mirrors(self, variable: str, action_id: str = "") -> None:
+    def write_mirrors(self, variable: str, action_id: str = "", changed_by: str = "") -> None:
         """Write variable on every local server whose mirror of it should change: what the other
-        sources report, combined (StateTable.mirror_value)."""
+        sources report, combined (StateTable.mirror_value).  changed_by: the local source whose
+        report changed: its own mirror shows the others' share, which did not (at a start,
+        where every server lists the same PJSIP endpoints, that halves the writes)."""
         owner = self.states.owner(variable)
         if owner is None or variable.startswith(MAILBOX_PREFIX):
             # Reported by several sources (each mirror shows the others' share), or a lamp
             # (each server its own way of writing it).
             for source in self.links:
+                if source == changed_by:
+                    continue
                 value = self.states.mirror_value(variable, source)
                 if value is not None:
                     self.write(source, StateUpdate(variable, value), action_id)
@@ -147,14 +151,14 @@ class Relay:
         """Its devices show down_state on the local servers until it reports again."""
         variables = self.states.set_down(source)
         for variable in variables:
-            self.write_mirrors(variable)
+            self.write_mirrors(variable, changed_by=source)
         return variables
 
     def source_up(self, source: str) -> List[str]:
         """What it last reported holds again (over NATS the bucket brings each change)."""
         variables = self.states.set_up(source)
         for variable in variables:
-            self.write_mirrors(variable)
+            self.write_mirrors(variable, changed_by=source)
         return variables
 
     def forget_source(self, source: str) -> List[str]:
@@ -288,11 +292,11 @@ class Relay:
         link = self.links[source]
         for update in reading.changed:
             if update.variable not in self.unresolved:
-                self.write_mirrors(update.variable)
+                self.write_mirrors(update.variable, changed_by=source)
         for update in reading.repairs:
             self.write(source, update)
         for variable in reading.gone:
-            self.write_mirrors(variable)
+            self.write_mirrors(variable, changed_by=source)
             self.on_gone(source, variable)
         if reading.changed or reading.repairs:
             self.log.info("Read the %s of %s: %d states relayed, %d mirrors repaired", what,
@@ -342,7 +346,7 @@ class Relay:
         for variable, (source, value) in decided.items():
             update = StateUpdate(variable, value)
             if self.states.expected(variable) is None and self.states.record(source, update):
-                self.write_mirrors(variable)
+                self.write_mirrors(variable, changed_by=source)
         self.unresolved.update(unresolved)
         if unresolved:
             self.log.warning("%d presences differ between the servers and, without a "

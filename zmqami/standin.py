@@ -91,7 +91,8 @@ class StandinAsterisk:
                  loadzmq_delay: Optional[float] = LOADZMQ_DELAY, state_file: Optional[str] = None,
                  ami_port: Optional[int] = None, ami_user: str = AMI_USER,
                  ami_secret: str = AMI_SECRET, ami_chunk: int = 0, host: str = HOST,
-                 modules_delay: float = 0.0, voicemail: Optional[str] = None) -> None:
+                 modules_delay: float = 0.0, voicemail: Optional[str] = None,
+                 endpoints: Iterable[str] = ()) -> None:
         self.context = zmq.Context()
         self.host = host
         self.loop = EventLoop()
@@ -105,6 +106,9 @@ class StandinAsterisk:
         self.presences: Dict[str, Tuple[str, str, str]] = {}
         # Voicemail lamps: app_voicemail ("voicemail"), res_mwi_external ("external") or none.
         self.voicemail = Voicemail(voicemail, self.publish, self._response, self._save_database)
+        # Asterisk 22 lists every PJSIP endpoint of its pjsip.conf UNAVAILABLE from boot
+        # (res_pjsip creates them offline), registered or not.
+        self.devices.update({endpoint: "UNAVAILABLE" for endpoint in endpoints})
         self._load_database()
         self.requests: Deque[str] = deque(maxlen=REQUEST_LOG)
         self.request_count = 0
@@ -862,6 +866,8 @@ def main(argv: Optional[List[str]] = None, server_class: Optional[type] = None) 
                              "over AMI, then FullyBooted (logins are accepted before)")
     parser.add_argument("--voicemail", choices=("voicemail", "external"),
                         help="voicemail lamps: app_voicemail, or res_mwi_external (MWIUpdate)")
+    parser.add_argument("--endpoints", type=int, default=0,
+                        help="PJSIP/1 ... PJSIP/N, UNAVAILABLE from boot, as Asterisk 22 lists them")
     parser.add_argument("--boot-on-command", action="store_true",
                         help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
@@ -870,6 +876,7 @@ def main(argv: Optional[List[str]] = None, server_class: Optional[type] = None) 
         args.cmd_port, args.evt_port, args.control_port, state_file=args.state_file,
         ami_port=args.ami_port, ami_user=args.ami_user, ami_secret=args.ami_secret,
         ami_chunk=args.ami_chunk, modules_delay=args.modules_delay, voicemail=args.voicemail,
+        endpoints=[f"PJSIP/{number}" for number in range(1, args.endpoints + 1)],
         loadzmq_delay=None if args.boot_on_command else args.loadzmq_delay)
     server.mode, server.delay = args.mode, args.delay_ms / 1000.0
     server.loop.stop_on_signals()
