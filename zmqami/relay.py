@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Pattern, Set
 
 from .asterisk import AsteriskLink
 from .rules import (MAILBOX_PREFIX, MAILBOX_WRITES, BadInput, StateUpdate, device_state_update,
-                    list_items, mailbox_update, mirror_variable, presence_update, relayed_update,
-                    state_name, unique_id)
+                    list_items, listed_lamp, mailbox_update, mirror_variable, presence_update,
+                    relayed_update, state_name, unique_id)
 from .states import ListReading, StateTable, decide_first_presences
 from .stats import DropLog, plural, printable
 
@@ -254,14 +254,8 @@ class Relay:
 
     def on_lamps_held(self, source: str, reply: List[Dict[str, Any]]) -> ListReading:
         """An MWIGet of a server written with MWIUpdate: its lamps that show wrong counts."""
+        held = {update.variable: update.value for update in self._lamps(source, reply, "MWIGet")}
         link = self.links[source]
-        held = {}
-        for item in list_items(reply, "MWIGet"):
-            update = self._parsed(link, {"Mailbox": item.get("Mailbox"),
-                                         "New": item.get("NewMessages"),
-                                         "Old": item.get("OldMessages")}, mailbox_update)
-            if update is not None:
-                held[update.variable] = update.value
         reading = self.states.read_lamps_held(source, held, link.outbox.is_unsettled)
         self.apply_reading(source, reading, "voicemail lamps")
         return reading
@@ -270,20 +264,19 @@ class Relay:
                         asked_at: float) -> ListReading:
         """A VoicemailUsersList of a voicemail server: its mailboxes' counts, each a change if it
         differs from what is known (a voicemail server's counts are never stale)."""
+        listed = [update for update in self._lamps(source, reply, "VoicemailUserEntry")
+                  if self.published(source, update)]
         link = self.links[source]
-        listed = []
-        for item in list_items(reply, "VoicemailUserEntry"):
-            update = self._parsed(link, {"Mailbox": f"{item.get('VoiceMailbox')}@"
-                                                    f"{item.get('VMContext')}",
-                                         "New": item.get("NewMessageCount"),
-                                         "Old": item.get("OldMessageCount")}, mailbox_update)
-            if update is not None and self.published(source, update):
-                listed.append(update)
         reading = self.states.read_presence_list(source, listed, asked_at, after_restart=False,
                                                  writing=link.outbox.is_unsettled,
                                                  on_refused=self._refused(link))
         self.apply_reading(source, reading, "mailboxes")
         return reading
+
+    def _lamps(self, source: str, reply: List[Dict[str, Any]], event: str) -> List[StateUpdate]:
+        updates = (self._parsed(self.links[source], listed_lamp(item), mailbox_update)
+                   for item in list_items(reply, event))
+        return [update for update in updates if update is not None]
 
     def apply_reading(self, source: str, reading: ListReading, what: str) -> None:
         """What a list showed: its news written on the other local servers (the rest of the

@@ -358,6 +358,16 @@ def mailbox_update(event: Dict[str, Any]) -> StateUpdate:
     return StateUpdate(f"{MAILBOX_PREFIX}{mailbox})", f"{new},{old}")
 
 
+def listed_lamp(item: Dict[str, Any]) -> Dict[str, Any]:
+    """An item of MWIGet (what res_mwi_external holds) or of VoicemailUsersList (app_voicemail's
+    mailboxes) as the MessageWaiting it stands for."""
+    if item.get("Event") == "MWIGet":
+        return {"Mailbox": item.get("Mailbox"), "New": item.get("NewMessages"),
+                "Old": item.get("OldMessages")}
+    return {"Mailbox": f"{item.get('VoiceMailbox')}@{item.get('VMContext')}",
+            "New": item.get("NewMessageCount"), "Old": item.get("OldMessageCount")}
+
+
 def mailbox_action(update: StateUpdate, action_id: str, verb: str) -> Dict[str, str]:
     """How a mailbox's counts are written: MWIUpdate sets them (res_mwi_external);
     VoicemailRefresh has app_voicemail count them again from the storage it shares."""
