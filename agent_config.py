@@ -55,6 +55,10 @@ PRESENCE = False
 MWI = False
 MWI_WRITE = 'external'
 
+# True: write on this Asterisk only the Custom: devices and CustomPresence: presentities its own
+# dialplan hints name (read again at each resync, every RESYNC_INTERVAL and after a Reload).
+HINTED_ONLY = False
+
 # Filters, regular expressions matched anywhere in a name, in any case (device PJSIP/100,
 # presentity CustomPresence:100, mailbox 100@default): only the names PUBLISH_FILTER matches are
 # sent from this Asterisk to the peers, and only those ACCEPT_FILTER matches are written on it.

@@ -106,6 +106,7 @@ class Agent(Service):
     def configure_relay(self, settings: Dict[str, Any]) -> None:
         """What a reload may change of how its Asterisk's states are taken and written."""
         self.relay.mwi_write = {self.name: settings["MWI_WRITE"]}
+        self.relay.hinted_only = {self.name} if settings["HINTED_ONLY"] else set()
         self.relay.publish_filters = {self.name: re.compile(settings["PUBLISH_FILTER"], re.I)} \
             if settings["PUBLISH_FILTER"] else {}
         self.relay.accept_filters = {self.name: re.compile(settings["ACCEPT_FILTER"], re.I)} \
@@ -215,6 +216,7 @@ class Agent(Service):
     # --- its Asterisk -> the peers ------------------------------------------------------------------
     def on_asterisk_event(self, link: AsteriskLink, event: Dict[str, Any]) -> None:
         if event["Event"] == "Reload":
+            self.relay.read_hints(self.name)  # (its dialplan may have new hints)
             self.send(ALL, "AsteriskEvent", data={"Event": "Reload",
                                                   "Status": _text(event.get("Status")),
                                                   "Module": _text(event.get("Module"))})

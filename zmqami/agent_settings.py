@@ -39,6 +39,7 @@ AGENT_SETTINGS = Schema({
     "PRESENCE": Setting(False, is_bool),
     "MWI": Setting(False, is_bool),
     "MWI_WRITE": Setting("external", is_one_of(*MAILBOX_WRITES)),
+    "HINTED_ONLY": Setting(False, is_bool),
     "PUBLISH_FILTER": Setting(None, is_optional_regex),
     "ACCEPT_FILTER": Setting(None, is_optional_regex),
     "PEER_TIMEOUT": Setting(None, number_between(0.1, 864000, "seconds", none=True)),

@@ -103,6 +103,7 @@ class Broker(Service):
                                       for server in config.servers if server.publish_filter}
         self.relay.accept_filters = {server.name: server.accept_filter
                                      for server in config.servers if server.accept_filter}
+        self.relay.hinted_only = {server.name for server in config.servers if server.hinted_only}
         self.states.down_state = config.down_state
         self.states.max_per_source = config.max_devices
         for link in removed:

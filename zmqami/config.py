@@ -236,6 +236,7 @@ class ServerConfig:
     ami_secret: str = field(default="", repr=False)  # never printed
     ami_port: int = 5038
     mwi_write: str = "external"  # how its voicemail lamps are written (rules.MAILBOX_WRITES)
+    hinted_only: Optional[bool] = None  # None: as [general] says
     publish_filter: Optional[Pattern[str]] = None  # only the names it matches are taken from it
     accept_filter: Optional[Pattern[str]] = None   # only the names it matches are written to it
 
@@ -254,6 +255,7 @@ class BrokerConfig:
     device_state: bool = True
     presence: bool = False
     mwi: bool = False
+    hinted_only: bool = False
     log_level: int = logging.INFO
     request_timeout: int = 1000
     count_messages: bool = False
@@ -370,6 +372,7 @@ def load_broker_config(path: str) -> BrokerConfig:
     config.device_state = ini.boolean("general", "device_state", default.device_state)
     config.presence = ini.boolean("general", "presence", default.presence)
     config.mwi = ini.boolean("general", "mwi", default.mwi)
+    config.hinted_only = ini.boolean("general", "hinted_only", default.hinted_only)
     config.log_level = ini.choice("general", "log_level", logging.getLevelName(
         default.log_level).lower(), LOG_LEVELS)
     config.request_timeout = ini.integer("general", "request_timeout", default.request_timeout,
@@ -430,6 +433,7 @@ def load_broker_config(path: str) -> BrokerConfig:
             ami_port=ini.integer(section, "ami_port", 5038, 1, 65535),
             mwi_write=ini.choice(section, "mwi_write", "external",
                                  {mode: mode for mode in MAILBOX_WRITES}),
+            hinted_only=ini.boolean(section, "hinted_only", config.hinted_only),
             publish_filter=ini.regex(section, "publish_filter"),
             accept_filter=ini.regex(section, "accept_filter"),
         ))
@@ -441,12 +445,12 @@ def load_broker_config(path: str) -> BrokerConfig:
     return config
 
 
-GENERAL_KEYS = ("device_state", "presence", "mwi", "log_level", "request_timeout", "count_messages",
+GENERAL_KEYS = ("device_state", "presence", "mwi", "hinted_only", "log_level", "request_timeout", "count_messages",
                 "verbose_messages", "ping_interval", "server_timeout", "resync_interval",
                 "max_devices", "down_state", "log_file", "state_file", "metrics_port",
                 "metrics_address", "log_syslog", "status_socket")
 SERVER_KEYS = ("name", "addr", "cmd_port", "evt_port", "ami_trace", "ami_user", "ami_secret",
-               "ami_port", "mwi_write", "publish_filter", "accept_filter")
+               "ami_port", "mwi_write", "hinted_only", "publish_filter", "accept_filter")
 PLACEHOLDER_SECRETS = ("change-me",)  # example_config.ini's
 
 

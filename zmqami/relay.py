@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Pattern, Set
 
 from .asterisk import AsteriskLink
 from .rules import (MAILBOX_PREFIX, MAILBOX_WRITES, BadInput, StateUpdate, device_state_update,
-                    list_items, listed_lamp, mailbox_update, mirror_variable, presence_update,
-                    relayed_update, state_name, unique_id)
+                    hinted_names, list_items, listed_lamp, mailbox_update, mirror_variable,
+                    presence_update, relayed_update, state_name, state_variable, unique_id)
 from .states import ListReading, StateTable, decide_first_presences
 from .stats import DropLog, plural, printable
 
@@ -51,6 +51,11 @@ class Relay:
         # taken from it, and only those its accept filter matches are written to it.
         self.publish_filters: Dict[str, Pattern[str]] = {}
         self.accept_filters: Dict[str, Pattern[str]] = {}
+        # Servers written only the Custom: devices and CustomPresence: presentities their own
+        # dialplan hints name (hinted_only), and those names, as their ExtensionStateList last
+        # showed them (nothing is written before it is read).
+        self.hinted_only: Set[str] = set()
+        self.hinted: Dict[str, Set[str]] = {}
         self.verb = verb                        # the original agent wrote SetVar, the broker Setvar
         self.links: Dict[str, AsteriskLink] = {}  # local servers, by the source name they report as
         self.on_change: OnChange = _nothing     # a local source's news, for the rest of the network
@@ -70,6 +75,9 @@ class Relay:
         """An event from a local server: record what it reports, relay what is news."""
         if source in self.traced:
             self.log.info("Got message from %s:\n%s.", source, json.dumps(event, indent=4))
+        if event.get("Event") == "Reload":
+            self.read_hints(source)  # (its dialplan may have new hints)
+            return
         if event.get("Event") == "MessageWaiting" and self._lamp_writes(source) == "MWIUpdate":
             self.log.debug("Ignoring MessageWaiting from %s: the echo of an MWIUpdate", source)
             return
@@ -121,9 +129,9 @@ class Relay:
                                                        indent=1))
         self.log.debug("Relaying %s=%s from %s", variable, update.value, owner)
         encoded = update.encoded_action(action_id, self.verb)  # the same bytes for every server
-        accept = self.accept_filters
+        choosy = self.accept_filters or self.hinted_only
         for source, link in self.links.items():
-            if source != owner and (not accept or self.accepted(source, variable)):
+            if source != owner and (not choosy or self.accepted(source, variable)):
                 link.write_state(update, action_id, self.verb, encoded)
 
     def write(self, source: str, update: StateUpdate, action_id: str = "") -> None:
@@ -138,9 +146,12 @@ class Relay:
         return wanted is None or wanted.search(state_name(update.variable)) is not None
 
     def accepted(self, source: str, variable: str) -> bool:
-        """Whether variable may be written on source (its accept filter)."""
+        """Whether variable may be written on source (its accept filter, its hints)."""
         wanted = self.accept_filters.get(source)
-        return wanted is None or wanted.search(state_name(variable)) is not None
+        if wanted is not None and wanted.search(state_name(variable)) is None:
+            return False
+        return source not in self.hinted_only or variable.startswith(MAILBOX_PREFIX) or \
+            state_name(variable) in self.hinted.get(source, ())
 
     def _lamp_writes(self, source: str) -> Optional[str]:
         """The action that writes a lamp on this server: MWIUpdate, VoicemailRefresh or None."""
@@ -207,6 +218,7 @@ class Relay:
         if self.presence:
             link.read_list("PresenceStateList", lambda reply, asked_at: done(
                 self.on_presence_list(source, reply, asked_at, repair or first)))
+        self.read_hints(source)
         if self.mwi and self._lamp_writes(source) == "MWIUpdate":  # what it holds
             link.read_list("MWIGet", lambda reply, asked_at: done(
                 self.on_lamps_held(source, reply)), fields={"Mailbox": "/.*/"})
@@ -215,6 +227,27 @@ class Relay:
                 self.on_mailbox_list(source, reply, asked_at)))
         if not wanted:
             on_read(readings)
+
+    def read_hints(self, source: str) -> None:
+        """With hinted_only: read which names the server's hints show (ExtensionStateList)."""
+        if source in self.hinted_only:
+            self.links[source].read_list("ExtensionStateList", lambda reply, asked_at:
+                                         self.on_hints(source, reply))
+
+    def on_hints(self, source: str, reply: List[Dict[str, Any]]) -> None:
+        """What its hints name now: a name newly hinted gets its state at once."""
+        names: Set[str] = set()
+        for item in list_items(reply, "ExtensionStatus"):
+            names |= hinted_names(item.get("Hint"))
+        new, self.hinted[source] = names - self.hinted.get(source, set()), names
+        for name in sorted(new):
+            variable = state_variable(name)
+            value = self.states.mirror_value(variable, source)
+            if value is not None:
+                self.write(source, StateUpdate(variable, value))
+        if new:
+            self.log.info("The hints of %s name %d more devices and presences: written",
+                          self.links[source].name, len(new))
 
     def on_device_list(self, source: str, reply: List[Dict[str, Any]], asked_at: float,
                        repair: bool) -> ListReading:

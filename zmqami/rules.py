@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import Any, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 DEVICE_STATES = frozenset({
     "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE", "RINGING", "RINGINUSE", "ONHOLD",
@@ -356,6 +356,20 @@ def mailbox_update(event: Dict[str, Any]) -> StateUpdate:
     mailbox = check_name("Mailbox", event.get("Mailbox"))
     new, old = message_count("New", event.get("New")), message_count("Old", event.get("Old"))
     return StateUpdate(f"{MAILBOX_PREFIX}{mailbox})", f"{new},{old}")
+
+
+def hinted_names(hint: Any) -> Set[str]:
+    """The names (state_name) whose mirrors a dialplan hint shows: its Custom: devices and its
+    CustomPresence: presentity.  'PJSIP/100&Custom:PJSIP/100,CustomPresence:100' gives
+    {'PJSIP/100', 'CustomPresence:100'}."""
+    if not isinstance(hint, str):
+        return set()
+    devices, _, presence = hint.partition(",")
+    names = {device[len(CUSTOM_DEVICE):] for device in devices.split("&")
+             if device.startswith(CUSTOM_DEVICE)}
+    if presence.startswith(CUSTOM_PRESENCE):
+        names.add(presence)
+    return names
 
 
 def listed_lamp(item: Dict[str, Any]) -> Dict[str, Any]:

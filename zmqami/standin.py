@@ -109,6 +109,7 @@ class StandinAsterisk:
         # Asterisk 22 lists every PJSIP endpoint of its pjsip.conf UNAVAILABLE from boot
         # (res_pjsip creates them offline), registered or not.
         self.devices.update({endpoint: "UNAVAILABLE" for endpoint in endpoints})
+        self.hints: Dict[str, str] = {}  # its dialplan's hints: extension -> hint
         self._load_database()
         self.requests: Deque[str] = deque(maxlen=REQUEST_LOG)
         self.request_count = 0
@@ -389,7 +390,9 @@ class StandinAsterisk:
                           "PresenceStateListComplete")
 
     def _action_extensionstatelist(self, headers: Dict[str, str]) -> List[Dict[str, str]]:
-        return self._list(headers, "Extension Statuses will follow", [],
+        items = [{"Event": "ExtensionStatus", "Exten": exten, "Context": "default", "Hint": hint,
+                  "Status": "0", "StatusText": "Idle"} for exten, hint in self.hints.items()]
+        return self._list(headers, "Extension Statuses will follow", items,
                           "ExtensionStateListComplete")
 
     # --- the control socket ----------------------------------------------------------------------
@@ -424,6 +427,14 @@ class StandinAsterisk:
                 "ami_connections": 0 if self.ami is None else self.ami.connections,
                 "mailboxes": {box: list(counts) for box, counts in
                               {**self.voicemail.spool, **self.voicemail.stored}.items()}}
+
+    def _control_set_hints(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """The dialplan's hints change; reload: as `dialplan reload` does, with its event."""
+        self.hints = dict(command["hints"])
+        if command.get("reload"):
+            self.publish({"Event": "Reload", "Privilege": "system,all",
+                          "Module": "pbx_config.so", "Status": "0"})
+        return {}
 
     def _control_set_mailbox(self, command: Dict[str, Any]) -> Dict[str, Any]:
         self.voicemail.set_mailbox(command["mailbox"], command["new"], command["old"],
@@ -781,6 +792,10 @@ class StandinControl:
                     poll: bool = True) -> None:
         """app_voicemail's spool now holds these (poll: its poll sees them at once)."""
         self.call("set_mailbox", mailbox=mailbox, new=new, old=old, urgent=urgent, poll=poll)
+
+    def set_hints(self, hints: Dict[str, str], reload: bool = False) -> None:
+        """Its dialplan's hints (extension -> hint), reloaded with a Reload event or quietly."""
+        self.call("set_hints", hints=hints, reload=reload)
 
     def mailboxes(self) -> Dict[str, List[int]]:
         """Each mailbox's counts: the spool's (app_voicemail) or those stored (res_mwi_external)."""
