@@ -131,7 +131,9 @@ class Outbox:
         self.unsendable: Dict[str, str] = {}     # variable -> its newest state, too large to send
         self.echoes = PresenceEchoFilter()       # presence writes sent, until their echo
         self.refusals = Throttle()  # a server that refuses every write is logged once a minute
-        self.written: Dict[str, Tuple[str, float]] = {}  # variable -> (value, wall), newest last
+        # variable -> (value, wall), newest last (an OrderedDict: a dict whose oldest key is
+        # deleted again and again takes ever longer to find its next first key: 3.7 us a write)
+        self.written: "OrderedDict[str, Tuple[str, float]]" = OrderedDict()
 
     def __len__(self) -> int:
         """The states waiting to be written (one per variable at most): what a server that is
@@ -293,10 +295,11 @@ class Outbox:
         now = self.stats.last_ack = time.time()
         self.stats.acknowledged += 1
         written, variable = self.written, request.update.variable
-        written.pop(variable, None)
+        if variable in written:
+            written.move_to_end(variable)
         written[variable] = (request.update.value, now)
         if len(written) > WRITTEN_KEPT:
-            del written[next(iter(written))]
+            written.popitem(last=False)
         self.stats.latency.observe(time.monotonic() - request.queued_at)
 
     def refuse(self, request: Request, why: str) -> None:
