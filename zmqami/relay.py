@@ -11,7 +11,12 @@ Beside that one path: resynchronising a server that is (back) up, reading its li
 devices as down_state while it is down, forgetting a removed one, and deciding the presences
 of the first reads together when no state file says which changed last.
 
-A new kind of state is added here, in rules.py (event -> StateUpdate) and in states.py.
+Per local server it also knows how its voicemail lamps are written (mwi_write), its filters
+(what is taken from it, what is written to it) and, with hinted_only, the names its dialplan
+hints show: what it is never written.
+
+A new kind of state is added here (its list read), in rules.py (event -> StateUpdate, and the
+action that writes it) and, if its sources' reports combine otherwise, in states.py.
 """
 import json
 import logging
