@@ -97,3 +97,23 @@ def test_lamps_between_agents_through_the_hub(standins, agents):
     a.control.set_mailbox(BOX, 0, 3)
     wait_until(lambda: b.control.mailboxes().get(BOX) == [0, 3], message="out on Y's")
     assert runs(a, "MWIUpdate") == 0  # Y's echoes go nowhere
+
+
+def test_agents_keep_the_counts_right_through_restarts_of_either_asterisk(agents, processes):
+    a = processes("a", voicemail="voicemail")
+    b = processes("b", voicemail="external")
+    agents([a], names="X", MWI=True, MWI_WRITE="none", RESYNC_INTERVAL=0)
+    agents([b], names="Y", MWI=True, RESYNC_INTERVAL=0)
+    a.control.set_mailbox(BOX, 1, 0)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [1, 0], message="the lamp on Y's")
+    b.kill()                           # Y's Asterisk restarts; a message comes meanwhile
+    a.control.set_mailbox(BOX, 2, 0)
+    b = restart(processes, b, "b")     # (its database still says 1, 0)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [2, 0], message="Y's after its restart")
+    a.kill()                           # X's Asterisk restarts: Y keeps the lamp lit
+    a = restart(processes, a, "a")
+    a.control.set_mailbox(BOX, 2, 0, poll=False)  # (its spool)
+    wait_until(lambda: runs(a, "VoicemailUsersList") >= 1, message="X read after its restart")
+    assert b.control.mailboxes().get(BOX) == [2, 0]
+    a.control.set_mailbox(BOX, 3, 1)   # and the next message still reaches Y
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [3, 1], message="Y's after X's restart")
