@@ -457,6 +457,49 @@ def scenario_burst(context: zmq.Context, workdir: str, baseline: bool, count: in
         cluster.close()
 
 
+def scenario_hinted(context: zmq.Context, workdir: str, servers: int, share: int,
+                    devices: int) -> List[Row]:
+    """servers stand-ins, each but the source hinting 1/share of the devices; the same stream
+    of device changes with hinted_only and without: the Setvars it takes."""
+    rows = []
+    for hinted in (False, True):
+        cluster = Cluster(context, workdir)
+        try:
+            standins = [cluster.standin() for _ in range(servers)]
+            source, destinations = standins[0], standins[1:]
+            prefix = f"hint{int(hinted)}-"
+            for index, destination in enumerate(destinations):
+                hints = {str(n): f"{prefix}{n}&Custom:{prefix}{n}" for n in range(devices)
+                         if n % share == index % share}
+                destination.control.set_hints(dict(hints, probe="probe&Custom:probe"))
+            cluster.broker(standins, hinted_only="yes" if hinted else "no")
+            cluster.wait_ready(source, destinations, timeout=60)
+            before = [d.control.state()["requests"] for d in destinations]
+            cpu_before = cluster.cpu_seconds()
+            source.control.call("stream", prefix=prefix, count=devices, devices=devices,
+                                rate=1000)
+            expected = [devices if not hinted else len(range(index % share, devices, share))
+                        for index in range(len(destinations))]
+            deadline = time.monotonic() + devices / 1000 + DRAIN_SECONDS
+            while time.monotonic() < deadline:
+                got = [len(d.control.call("writes", prefix=prefix)["writes"])
+                       for d in destinations]
+                if got == expected:
+                    break
+                time.sleep(0.1)
+            setvars = sum(d.control.state()["requests"] - was
+                          for d, was in zip(destinations, before))
+            row = Row(f"{'hinted_only' if hinted else 'every device'}: {servers} servers, each "
+                      f"hinting 1/{share} of {devices} devices, 1000/s", devices,
+                      100.0 * sum(min(g, e) for g, e in zip(got, expected)) / sum(expected),
+                      cpu=cluster.cpu_seconds() - cpu_before, rss=cluster.peak_rss_mb())
+            row.note = f"{setvars} actions to the {len(destinations)} destinations"
+            rows.append(row)
+        finally:
+            cluster.close()
+    return rows
+
+
 def scenario_memory_and_idle(context: zmq.Context, workdir: str, devices: int) -> List[Row]:
     """Broker RSS once it knows devices devices; then its CPU while nothing happens."""
     cluster = Cluster(context, workdir)
@@ -504,6 +547,7 @@ SCENARIOS = {
     "nats-hostile": lambda ctx, wd, quick: [
         scenario_nats_hostile(ctx, wd, 20_000 if quick else 100_000, 30 if quick else 150)],
     "recovery": lambda ctx, wd, quick: scenario_recovery(ctx, wd, 2 if quick else 5),
+    "hinted": lambda ctx, wd, quick: scenario_hinted(ctx, wd, 20, 10, 1000 if quick else 4000),
     "memory": lambda ctx, wd, quick: scenario_memory_and_idle(ctx, wd,
                                                               20_000 if quick else 100_000),
 }
