@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness import restart, run_actions, wait_until
+from harness import restart, run_actions, start_agent, wait_until
 
 BOX = "100@default"
 
@@ -117,3 +117,22 @@ def test_agents_keep_the_counts_right_through_restarts_of_either_asterisk(agents
     assert b.control.mailboxes().get(BOX) == [2, 0]
     a.control.set_mailbox(BOX, 3, 1)   # and the next message still reaches Y
     wait_until(lambda: b.control.mailboxes().get(BOX) == [3, 1], message="Y's after X's restart")
+
+
+def test_agents_keep_the_counts_right_through_restarts_of_either_agent(standins, agents, hub,
+                                                                       tmp_path):
+    a, = standins(1, voicemail="voicemail")
+    b, = standins(1, voicemail="external")
+    x, = agents([a], names="X", MWI=True, MWI_WRITE="none", RESYNC_INTERVAL=0)
+    y, = agents([b], names="Y", MWI=True, RESYNC_INTERVAL=0)
+    a.control.set_mailbox(BOX, 1, 0)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [1, 0], message="the lamp on Y's")
+    urls = dict(ZMQ_PUB_URL=hub.pull_url, ZMQ_SUB_URL=hub.pub_url, MWI=True, RESYNC_INTERVAL=0)
+    assert y.stop() == 0               # Y's agent restarts; a message comes meanwhile
+    a.control.set_mailbox(BOX, 2, 0)
+    start_agent(tmp_path, "Y", b, **urls)  # (it asks its peers for their states)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [2, 0], message="after Y's restart")
+    assert x.stop() == 0               # X's agent restarts; a message comes meanwhile
+    a.control.set_mailbox(BOX, 3, 0, poll=False)
+    start_agent(tmp_path, "X", a, MWI_WRITE="none", **urls)  # (it reads its mailboxes)
+    wait_until(lambda: b.control.mailboxes().get(BOX) == [3, 0], message="after X's restart")

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from harness import (converge, custom_states, free_port, play, python_settings, run_script,
-                     run_without, setvars, start_agent, wait_until)
+from harness import (converge, custom_states, free_port, play, python_settings, restart,
+                     run_script, run_without, setvars, start_agent, wait_until)
 from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
                                  nats_server_binary)
 from zmqami.natsbucket import stored_first
@@ -602,3 +602,23 @@ def test_a_voicemail_lamp_reaches_an_agent_started_later_from_the_bucket(standin
     a.control.set_mailbox("100@default", 0, 3)
     wait_until(lambda: b.control.mailboxes().get("100@default") == [0, 3], message="out on Y's")
     assert not [r for r in a.control.requests() if "MWIUpdate" in r]  # Y's echoes go nowhere
+
+
+def test_voicemail_lamps_over_nats_through_restarts(standins, cluster, nats_agents, processes):
+    nodes = cluster(1)
+    a, = standins(1, voicemail="voicemail")
+    b = processes("b", voicemail="external")
+    x, = nats_agents([a], nodes.urls, names="X", MWI=True, MWI_WRITE="none", **FAST)
+    nats_agents([b], nodes.urls, names="Y", MWI=True, **FAST)
+    a.control.set_mailbox("100@default", 1, 0)
+    wait_until(lambda: b.control.mailboxes().get("100@default") == [1, 0], message="on Y's")
+    b.kill()                            # Y's Asterisk restarts; a message comes meanwhile
+    a.control.set_mailbox("100@default", 2, 0)
+    b = restart(processes, b, "b")      # (its database still says 1, 0)
+    wait_until(lambda: b.control.mailboxes().get("100@default") == [2, 0],
+               message="on Y's after its restart")
+    assert x.stop() == 0                # X's agent restarts; a message comes meanwhile
+    a.control.set_mailbox("100@default", 3, 0, poll=False)
+    nats_agents([a], nodes.urls, names="X", MWI=True, MWI_WRITE="none", **FAST)
+    wait_until(lambda: b.control.mailboxes().get("100@default") == [3, 0],
+               message="on Y's after X's restart")

@@ -171,7 +171,10 @@ class StateTable:
         entry = self.entries.get(update.variable, {}).get(source)
         if entry is not None and entry.changed_at > asked_at:
             return False
-        wall = self.unverified_wall if update.variable not in self.entries else None
+        # (A presence first read from a list may be a stale one from Asterisk's database; a
+        # voicemail server's counts are read from its messages: never stale.)
+        wall = self.unverified_wall if update.is_presence and \
+            update.variable not in self.entries else None
         return self._remember(source, update, asked_at, wall)
 
     def wall(self, variable: str, source: str) -> float:
