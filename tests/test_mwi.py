@@ -22,9 +22,11 @@ def runs(standin, action: str) -> int:
 @pytest.mark.parametrize("ami", [(0, 1, 2), ()], ids=["AMI", "module"])
 def test_a_lamp_reaches_a_receiver_as_mwiupdate_and_shared_storage_as_a_refresh(
         standins, broker, ami):
-    a, = standins(1, ami_port=0, voicemail="voicemail")
-    b, = standins(1, ami_port=0, voicemail="external")
-    c, = standins(1, ami_port=0, voicemail="voicemail")
+    a, = standins(1, ami_port=0, voicemail="voicemail", loadzmq_delay=None)
+    b, = standins(1, ami_port=0, voicemail="external", loadzmq_delay=None)
+    c, = standins(1, ami_port=0, voicemail="voicemail", loadzmq_delay=None)
+    # (already booted: a LoadZmq in the middle of a slow run would resync them, and B would be
+    # written its lamp once more)
     script = broker([a, b, c], ami=ami, server_keys=lamps([a, b, c]), mwi="yes")
     c.control.set_mailbox(BOX, 2, 1, poll=False)  # (the storage A and C share)
     a.control.set_mailbox(BOX, 2, 1)              # a message left: A's poll publishes it
