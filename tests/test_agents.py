@@ -216,6 +216,11 @@ def test_malformed_frames_and_envelopes_are_survived(standins, agents, hub, cont
         client.send_frames(*frames)
     for body in AGENT_GARBAGE:
         client.send_frames(b"[*]", json.dumps(body).encode())
+    # A barrier: each agent answers a ping sent after the garbage on the same connection, so
+    # the hub and both agents have had all of it (the hub takes its senders' messages in
+    # turn: another agent's may be relayed before the garbage, as on a busy machine it was).
+    client.ping_until_pong("X")
+    client.ping_until_pong("Y")
     x.control.set_device("SIP/500", "RINGING")
     wait_until(mirrored(y, "SIP/500", "RINGING"), message="a good event after the garbage")
     assert {s["Variable"] for s in setvars(y)} == {"DEVICE_STATE(Custom:SIP/500)"}
