@@ -1,5 +1,7 @@
 """hinted_only: a server is written only what its own dialplan hints show (ExtensionStateList,
 read again at each resync, each anti-entropy round and after a Reload event)."""
+import json
+
 import pytest
 
 from harness import custom_states, wait_until
@@ -46,3 +48,20 @@ def test_a_newly_hinted_device_gets_its_state_within_an_anti_entropy_round(stand
     b.control.set_hints(HINT_200)  # without a reload: anti-entropy reads it
     wait_until(lambda: custom_states(b) == {"Custom:PJSIP/200": "INUSE"},
                message="the newly hinted device, one anti-entropy round later")
+
+
+def test_a_hint_too_long_for_the_modules_list_is_never_asked_for(standins, broker):
+    """res_zmq_manager copies each line of a list reply into 2048 bytes: a hint naming many
+    devices would kill Asterisk in ExtensionStateList.  Seen in an ExtensionStatus event, it
+    keeps that list from being read (and the stand-in, which plays dead as Asterisk dies, alive)."""
+    a, b = standins(2, loadzmq_delay=None)
+    script = broker([a, b], hinted_only="yes", resync_interval="0")
+    wait_until(lambda: b.control.state()["actions_run"].get("extensionstatelist", 0) >= 1)
+    hint = "&".join(f"PJSIP/{n}" for n in range(300)) + "&Custom:PJSIP/1"  # a 2.7 KB line
+    b.control.publish_raw(json.dumps({"Event": "ExtensionStatus", "Privilege": "call,all",
+                                      "Exten": "1", "Context": "default", "Hint": hint,
+                                      "Status": "0", "StatusText": "Idle"}).encode())
+    b.control.set_hints({"1": hint}, reload=True)
+    script.wait_for_output("Not reading the ExtensionStateList of server-2")
+    assert b.control.state()["actions_run"].get("extensionstatelist", 0) == 1
+    assert b.control.state()["crashes"] == []

@@ -215,13 +215,11 @@ class Agent(Service):
 
     # --- its Asterisk -> the peers ------------------------------------------------------------------
     def on_asterisk_event(self, link: AsteriskLink, event: Dict[str, Any]) -> None:
-        if event["Event"] == "Reload":
-            self.relay.read_hints(self.name)  # (its dialplan may have new hints)
+        if event["Event"] == "Reload":  # for the peers, as the original sent it
             self.send(ALL, "AsteriskEvent", data={"Event": "Reload",
                                                   "Status": _text(event.get("Status")),
                                                   "Module": _text(event.get("Module"))})
-            return
-        self.relay.take_event(self.name, link, event)
+        self.relay.take_event(self.name, link, event)  # (Reload: its hints are read again)
 
     def announce(self, source: str, update: StateUpdate) -> None:
         """A change of its Asterisk's, for every peer."""

@@ -44,7 +44,9 @@ BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishe
 BOOT_WINDOW = 10.0  # seconds after LoadZmq within which FullyBooted is awaited
 # What each list action lists, by the event its items are and the header naming an item.
 LISTED_IN = {"DeviceStateChange": ("DeviceStateList", "Device"),
-             "PresenceStateChange": ("PresenceStateList", "Presentity")}
+             "PresenceStateChange": ("PresenceStateList", "Presentity"),
+             "ExtensionStatus": ("ExtensionStateList", "Exten"),  # (its Hint line: hinted_only)
+             "MessageWaiting": ("MWIGet", "Mailbox")}
 HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks of server_timeout (see check_health)
 LIST_RETRY_FIRST, LIST_RETRY_MAX = 1.0, 30.0  # seconds before a failed list read is tried again
 # The last acknowledged write of each variable, for --status devices: the newest this many per

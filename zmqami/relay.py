@@ -80,10 +80,11 @@ class Relay:
         """An event from a local server: record what it reports, relay what is news."""
         if source in self.traced:
             self.log.info("Got message from %s:\n%s.", source, json.dumps(event, indent=4))
-        if event.get("Event") == "Reload":
+        name = event.get("Event")
+        if name == "Reload":
             self.read_hints(source)  # (its dialplan may have new hints)
             return
-        if event.get("Event") == "MessageWaiting" and self._lamp_writes(source) == "MWIUpdate":
+        if name == "MessageWaiting" and self._lamp_writes(source) == "MWIUpdate":
             self.log.debug("Ignoring MessageWaiting from %s: the echo of an MWIUpdate", source)
             return
         try:
@@ -93,7 +94,7 @@ class Relay:
             self.drops.drop(link.name, f"{event.get('Event')}: {exc}",
                             json.dumps(event).encode("utf-8"))
             return
-        if update is None or not self.published(source, update):
+        if update is None or (self.publish_filters and not self.published(source, update)):
             if self.log.isEnabledFor(logging.DEBUG):  # (printable costs, even for no line)
                 self.log.debug("Ignoring event %s from %s", printable(event["Event"]), source)
             return

@@ -153,8 +153,7 @@ class Voicemail:
     def _action_mwiupdate(self, headers: Headers) -> Reply:
         mailbox = headers.get("mailbox", "")
         if not mailbox:
-            return [self.response(headers, "Error",
-                                  Message="Missing mailbox parameter in request")]
+            return self._missing_mailbox(headers)
         values = []
         for name in ("NewMessages", "OldMessages"):
             text = headers.get(name.lower(), "")
@@ -170,8 +169,7 @@ class Voicemail:
     def _action_mwidelete(self, headers: Headers) -> Reply:
         mailbox = headers.get("mailbox", "")
         if not mailbox:
-            return [self.response(headers, "Error",
-                                  Message="Missing mailbox parameter in request")]
+            return self._missing_mailbox(headers)
         for box in self._selected(mailbox):
             del self.stored[box]
             self.message_waiting(box, 0, 0, waiting=False)
@@ -181,8 +179,7 @@ class Voicemail:
     def _action_mwiget(self, headers: Headers) -> Reply:
         mailbox = headers.get("mailbox", "")
         if not mailbox:
-            return [self.response(headers, "Error",
-                                  Message="Missing mailbox parameter in request")]
+            return self._missing_mailbox(headers)
         action_id = {"ActionID": headers["actionid"]} if "actionid" in headers else {}
         reply = [self.response(headers, "Success", EventList="start",
                                Message="Mailboxes will follow")]
@@ -193,6 +190,9 @@ class Voicemail:
         reply.append({"Event": "MWIGetComplete", **action_id, "EventList": "Complete",
                       "ListItems": str(len(reply) - 1)})
         return reply
+
+    def _missing_mailbox(self, headers: Headers) -> Reply:
+        return [self.response(headers, "Error", Message="Missing mailbox parameter in request")]
 
     def _selected(self, mailbox: str) -> List[str]:
         """The stored mailboxes an id or a /regex/ names, sorted (an invalid regex: none)."""

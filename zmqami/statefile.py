@@ -1,6 +1,6 @@
-"""The last known presences on disk (``state_file`` / ``STATE_FILE``).
+"""The last known presences and voicemail lamps on disk (``state_file`` / ``STATE_FILE``).
 
-A presence has no owner: the same presentity is written on every server, so when the broker (or
+A presence (or a lamp) has no owner: the same presentity is written on every server, so when the broker (or
 an agent) starts, it cannot tell from the servers alone which of two different values is the
 newer one.  With the values it knew when it stopped, it can: a server whose value differs from the
 saved one changed while we were away, and its value wins.

@@ -204,7 +204,8 @@ class StateTable:
         return news
 
     def presence_snapshot(self) -> Dict[str, Tuple[str, str, float]]:
-        """The presences, for a state file: variable -> (value, source, wall-clock time)."""
+        """The presences and voicemail lamps (no owner: the newest report wins), for a state
+        file: variable -> (value, source, wall-clock time)."""
         snapshot = {}
         for variable, reports in self.entries.items():
             if not variable.startswith(DEVICE_PREFIX):
