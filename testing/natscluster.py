@@ -180,11 +180,13 @@ class NatsCluster:
     def urls(self) -> List[str]:
         return [server.url for server in self.servers]
 
-    def add_leaf(self, name: str, workdir: str, user: str, password: str) -> NatsServer:
+    def add_leaf(self, name: str, workdir: str, user: str, password: str,
+                 ports: Optional[List[int]] = None) -> NatsServer:
         """A leaf node connected to every server of the cluster as user (an office's server),
-        with that user for its own clients too; started, and ready."""
-        remotes = [f"nats-leaf://{user}:{password}@127.0.0.1:{server.leaf_port}"
-                   for server in self.servers]
+        or through the ports given, with that user for its own clients too; started, and
+        ready."""
+        ports = ports or [server.leaf_port for server in self.servers]
+        remotes = [f"nats-leaf://{user}:{password}@127.0.0.1:{port}" for port in ports]
         leaf = NatsServer(name, workdir, [], None, {user: password}, leaf_remotes=remotes)
         leaf.start()
         self.servers.append(leaf)

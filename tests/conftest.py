@@ -16,6 +16,27 @@ settings.register_profile("suite", deadline=None, suppress_health_check=[
 settings.load_profile("suite")
 
 
+LOG_TAIL_LINES = 12  # of each log of a failed test, in its report (CI keeps nothing else)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of the logs it left in its tmp_path
+    (scripts, nats-server): what the processes saw is what explains a failure on CI."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp_path = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
+    if report.when != "call" or not report.failed or tmp_path is None:
+        return
+    for log in sorted(tmp_path.rglob("*.log")):
+        try:
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            continue
+        text = "\n".join(line[:240] for line in lines)
+        report.sections.append((f"last lines of {log.relative_to(tmp_path)}", text))
+
+
 @pytest.fixture(autouse=True)
 def no_script_outlives_its_test():
     yield

@@ -10,6 +10,7 @@ import pytest
 
 from harness import (converge, custom_states, free_port, play, python_settings, restart,
                      run_script, run_without, setvars, start_agent, wait_until)
+from testing.cuttable import CuttableLink
 from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
                                  nats_server_binary)
 from zmqami.natsbucket import stored_first
@@ -258,6 +259,31 @@ def test_an_office_agent_behind_a_leaf_node(standins, cluster, nats_agents, tmp_
     wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "BUSY", message="office -> HQ")
     wait_until(lambda: custom_states(x).get("Custom:SIP/2") == "RINGING", message="HQ -> office")
     assert ask(nodes.urls[:1], "X", "AgentPing")["msg_type"] == "AgentPong"
+
+
+def test_a_change_lost_on_a_leaf_nodes_link_is_read_again(standins, cluster, nats_agents,
+                                                          tmp_path):
+    """The office's link to the hub drops while the office agent's own connection (to its leaf
+    node) stays up: a change republished meanwhile never reaches it, and nothing but the agent's
+    own count of the bucket's sequences tells (CI, stop 29: 30 s without HQ's change)."""
+    nodes = cluster(3)
+    link = CuttableLink(nodes.servers[0].leaf_port)
+    try:
+        office = nodes.add_leaf("office", str(tmp_path), USER, PASSWORD, ports=[link.port])
+        x, y = standins(2)
+        agent_x, = nats_agents([x], [office.url], names="X", NATS_JS_DOMAIN="hub",
+                               NATS_REPLICAS=3, **FAST)
+        # (not nodes.urls: they include the office's, behind the link)
+        nats_agents([y], nodes.urls[:3], names="Y", NATS_JS_DOMAIN="hub", **FAST)
+        link.cut()
+        y.control.set_device("SIP/2", "RINGING")
+        wait_until(lambda: stored(nodes.urls, "Y.device.SIP/2"), message="Y's change stored")
+        link.mend()
+        wait_until(lambda: custom_states(x).get("Custom:SIP/2") == "RINGING",
+                   message="the lost change read")
+        agent_x.wait_for_output("did not reach this agent")
+    finally:
+        link.close()
 
 
 def test_a_live_peers_old_states_are_not_taken_for_a_dead_peers(standins, cluster, nats_agents):

@@ -3,7 +3,7 @@
 - ``BucketReader`` takes the peers' keys: the whole bucket read (at start, after a reconnection,
   after a loss), each change republished by the bucket, each key's values in the bucket's order
   and each once, within the bounds on peers and keys; and checks every few seconds that the
-  bucket is there and the same one.
+  bucket is there and the same one, and that no change was lost on its way (``Arrivals``).
 - ``BucketPutter`` puts the agent's own states and heartbeat: the latest value per key, one put
   in flight per key, tried again until NATS takes it.
 """
@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .envelope import ALL, build
 from .natsnames import HEARTBEAT_KEY, state_key, untoken
@@ -30,6 +30,7 @@ BUCKET_CHECK_INTERVAL = 3.0  # s between checks that the bucket is there and the
 # neither stored by the bucket nor kept by an agent.
 MAX_VALUE_BYTES = 32 * 1024
 WATCH_HEARTBEAT = 1.0     # s: a read of the bucket silent for twice this is started again
+MAX_AHEAD = 100_000       # changes held that came after one still missing (Arrivals)
 
 
 def stored_first(entries: List[Tuple[str, bytes, float]]) -> List[Tuple[str, bytes, float]]:
@@ -51,8 +52,51 @@ class Read:
     # (sequence, body, age in s), handed over at once when the read is done
     target: int = 0    # the stream's last sequence as its leader told it when the read began:
     highest: int = 0   # a read that ends below it came from a server still catching up
+    last: int = 0      # the stream's last sequence then, even if it holds nothing (purged)
     progress: float = 0.0  # (the NATS thread's loop time) when it last brought a key
     subscription: Any = None
+
+
+class Arrivals:
+    """Which of the bucket's changes have reached this agent.  The bucket numbers what it stores
+    1, 2, 3... and republishes each on core NATS, which delivers at most once: a leaf node's link
+    or a route that drops, drops changes while this agent's own connection stays up, and
+    nothing else would tell.  A change still missing a whole check after the bucket's last
+    sequence passed it was lost: the bucket must be read again."""
+
+    def __init__(self) -> None:
+        self.complete = 0  # every change up to this one has come (or a read caught up with it)
+        self.ahead: Set[int] = set()  # changes that came after one still missing
+        self.expected = 0  # the bucket's last sequence at the previous check
+
+    def arrived(self, sequence: int) -> None:
+        if sequence == self.complete + 1:
+            self._complete_to(sequence)
+        elif sequence > self.complete and len(self.ahead) < MAX_AHEAD:
+            self.ahead.add(sequence)  # (the one before it may only be late: rare)
+
+    def caught_up(self, sequence: int) -> None:
+        """A read of the whole bucket took everything up to sequence."""
+        if sequence > self.complete:
+            self.ahead = {later for later in self.ahead if later > sequence}
+            self._complete_to(sequence)
+
+    def _complete_to(self, sequence: int) -> None:
+        self.complete = sequence
+        while self.complete + 1 in self.ahead:
+            self.complete += 1
+            self.ahead.discard(self.complete)
+
+    def missed(self, last: int) -> int:
+        """At a check, with the bucket's last sequence: the first change lost (else 0)."""
+        lost = self.complete + 1 if self.complete < self.expected else 0
+        self.expected = 0 if lost else last
+        return lost
+
+    def forget(self) -> None:
+        """The bucket was made again: its sequences start again at 1."""
+        self.complete = self.expected = 0
+        self.ahead.clear()
 
 
 class BucketReader:
@@ -69,6 +113,7 @@ class BucketReader:
         self.stream_created: Any = None
         self.highest_sequence = 0  # of every value taken
         self.suspects: Dict[str, int] = {}  # keys beyond the stream's last sequence at a check
+        self.arrivals = Arrivals()
         self.per_owner: Dict[str, int] = {}  # keys known per peer, bounded (MAX_DEVICES_PER_PEER)
         self.max_keys = client.settings["MAX_DEVICES_PER_PEER"] + 1  # its states, its heartbeat
 
@@ -88,7 +133,8 @@ class BucketReader:
         # The stream's leader answers this: a read that ends below its last sequence was served
         # by a replica still catching up (a server just restarted) and misses changes.
         stream = await client.js.stream_info(client.stream)
-        read.target = stream.state.last_seq if stream.state.messages else 0
+        read.last = stream.state.last_seq
+        read.target = read.last if stream.state.messages else 0
         read.subscription = await client.js.subscribe(
             client.key_prefix + ">", stream=client.stream,
             cb=functools.partial(self.on_read_entry, read.number), ordered_consumer=True,
@@ -176,6 +222,7 @@ class BucketReader:
                      self.client.bucket, len(entries))
         self.has_read = True
         self.stale_reads = 0
+        self.arrivals.caught_up(read.last)
         if read.subscription is not None:
             await read.subscription.unsubscribe()
 
@@ -191,6 +238,7 @@ class BucketReader:
             self.client.warn("input", f"Ignored a message on {msg.subject} that the bucket did "
                                       "not republish (no Nats-Sequence or Nats-Subject)")
             return
+        self.arrivals.arrived(sequence)
         self.take_entry(subject, sequence, msg, None)
 
     def take_entry(self, subject: str, sequence: int, msg: Any, age: Optional[float]) -> None:
@@ -274,6 +322,12 @@ class BucketReader:
             if info.created != self.stream_created:
                 self._bucket_replaced(info)
                 continue
+            lost = self.arrivals.missed(info.state.last_seq) if self.read is None else 0
+            if lost:
+                client.warn("missed", f"A change stored in the NATS bucket {client.bucket} did "
+                                      f"not reach this agent (sequence {lost}): reading the "
+                                      "bucket again")
+                self.read_again()
             forged = self._forged_sequences(info.state.last_seq)
             if forged:
                 for key in forged:
@@ -304,6 +358,7 @@ class BucketReader:
         self.sequences.clear()
         self.suspects.clear()
         self.highest_sequence = 0
+        self.arrivals.forget()
         self.per_owner.clear()
         self.client.putter.store_again()
         self.read_again()
