@@ -22,6 +22,10 @@ READ_BATCH = 1000  # messages handled per wake-up before other sockets get their
 # s: under load the relays (broker, hub, agent) handle input in batches at most this often
 # (EventLoop._pace), which adds at most this to a state's way through each of them.
 BATCH_INTERVAL = 0.002
+# Under load means: the loop's thread used more than BUSY_TO_BATCH of a CPU over the last
+# LOAD_WINDOW; batching goes on until it uses less than BUSY_TO_STOP (batches cost less).
+LOAD_WINDOW = 0.05
+BUSY_TO_BATCH, BUSY_TO_STOP = 0.4, 0.2
 # Plain ints: pyzmq turns each flag or option it is given into an enum, which costs about a
 # microsecond; on the path of every message that adds up.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -103,12 +107,15 @@ class Timer:
 
 
 class EventLoop:
-    """batch_interval (seconds): under load, handle input at most once per batch_interval (_pace)."""
+    """batch_interval (seconds): under load (only), handle input at most once per batch_interval
+    (_pace)."""
 
     def __init__(self, batch_interval: float = 0.0) -> None:
         self.poller = zmq.Poller()
         self.batch_interval = batch_interval
+        self.batching = False  # under load: input is let in once per batch_interval
         self._batch_at = 0.0  # when _pace last let input in
+        self._window = (0.0, 0.0)  # (monotonic, thread CPU) time where the load's measure began
         self.running = True  # until stop(), which may come before run() (a signal at start-up)
         self.stop_signal: Optional[str] = None
         self._readers: Dict[Pollable, Callable[[], None]] = {}
@@ -228,6 +235,7 @@ class EventLoop:
 
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> None:
+        self._window = (time.monotonic(), time.thread_time())  # (CPU time: of this thread)
         while self.running:
             ready = self.poller.poll(self._poll_timeout_ms())
             for sock, events in ready:
@@ -246,20 +254,35 @@ class EventLoop:
                 self._pace()
 
     def _pace(self) -> None:
-        """After input was handled: let more gather until batch_interval after the last batch.
+        """After input was handled: under load, let more gather until batch_interval after the
+        last batch; otherwise wait for nothing.
 
         Each wake-up costs a poll, system calls, context switches in this process and in ZeroMQ's
-        I/O thread, whatever it finds: at thousands of messages a second, handling them in a
-        batch every couple of milliseconds costs a fraction of handling each as it comes, and
-        keeps a busy machine from falling behind.  Input after a quiet spell is handled at once:
-        only input that follows other input within batch_interval waits, at most that long.
+        I/O thread, whatever it finds.  While messages come now and then, each is handled the
+        moment it arrives.  At thousands a second, handling them one by one would keep the loop
+        busy most of the time: then a batch every couple of milliseconds costs a fraction of
+        that, and keeps a busy machine from falling behind.  The loop's load tells the two apart
+        (the share of a CPU its thread used: not of the time it spent handling, which a machine
+        busy with other work stretches); only under load does input wait, and at most
+        batch_interval.
         """
         now = time.monotonic()
+        if now - self._window[0] >= LOAD_WINDOW:
+            self.measure_load(now, time.thread_time())
+        if not self.batching:
+            return
         wait = self._batch_at + self.batch_interval - now
         if wait > 0:
             time.sleep(wait)  # (a signal ends run() once this short wait is over)
             now += wait
         self._batch_at = now
+
+    def measure_load(self, now: float, cpu: float) -> None:
+        """The load over the window that ends now (monotonic time), when this thread has used
+        cpu seconds: under load, or no longer, batching starts or stops."""
+        load = (cpu - self._window[1]) / max(now - self._window[0], 1e-9)
+        self.batching = load > (BUSY_TO_STOP if self.batching else BUSY_TO_BATCH)
+        self._window = (now, cpu)
 
     def close(self) -> None:
         if self._wakeup:
