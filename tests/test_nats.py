@@ -286,6 +286,31 @@ def test_a_change_lost_on_a_leaf_nodes_link_is_read_again(standins, cluster, nat
         link.close()
 
 
+def test_a_put_the_bucket_refuses_is_logged_with_its_reason_and_tried_again(standins, cluster,
+                                                                          nats_agents, tmp_path):
+    """Each put's acknowledgement comes back to one inbox: JetStream's refusal is a failed put,
+    logged with what JetStream said, and put again (a bucket made with a tiny value limit)."""
+    nodes = cluster(1)
+
+    async def make_tiny_bucket():
+        from nats.js.api import RePublish
+        client = await nats.connect(nodes.urls, user=USER, password=PASSWORD)
+        await client.jetstream().create_key_value(
+            bucket="zmqami", history=1, max_value_size=64,
+            republish=RePublish(src="$KV.zmqami.>", dest="zmqami.kv.>"))
+        await client.close()
+    asyncio.run(make_tiny_bucket())
+    x, = standins(1)
+    status = f"ipc://{tmp_path}/x.status"
+    agent_x, = nats_agents([x], nodes.urls, names="X", STATUS_SOCKET=status, **FAST)
+    x.control.set_device("SIP/1", "BUSY")
+    line = agent_x.wait_for_output("NATS did not store a state (")
+    assert "message size exceeds maximum allowed" in line
+    wait_until(lambda: fetch_status(status)["totals"]["states_not_yet_stored"] >= 2,
+               message="the refused states (SIP/1, the heartbeat) kept to be put again")
+    assert agent_x.proc.poll() is None
+
+
 def test_a_live_peers_old_states_are_not_taken_for_a_dead_peers(standins, cluster, nats_agents):
     nodes = cluster(1)
     x, y = standins(2)

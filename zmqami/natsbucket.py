@@ -5,21 +5,26 @@
   and each once, within the bounds on peers and keys; and checks every few seconds that the
   bucket is there and the same one, and that no change was lost on its way (``Arrivals``).
 - ``BucketPutter`` puts the agent's own states and heartbeat: the latest value per key, one put
-  in flight per key, tried again until NATS takes it.
+  in flight per key, tried again until NATS takes it; the puts go out one after the other, and
+  their acknowledgements come back to one inbox (not a request, a task and a timer each).
 """
 import asyncio
 import functools
+import itertools
+import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from .envelope import ALL, build
 from .natsnames import HEARTBEAT_KEY, state_key, untoken
-from .stats import printable
+from .stats import preview, printable
 
 log = logging.getLogger("agent")
 
+PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
 RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then doubling up to
 # (a stream without a leader takes seconds to elect one: the states are stored soon after)
 READ_TIMEOUT = 10.0       # s: a read of the bucket that brings nothing for so long starts again
@@ -373,6 +378,20 @@ class BucketPutter:
         self.connection = 0  # counts reconnections: a put knows on which one it was sent
         self.retry: Optional[asyncio.TimerHandle] = None  # after a failed put: all again, later
         self.retry_wait = RETRY_WAIT[0]
+        self.sending: Deque[str] = deque()  # keys whose put is to be published, in order
+        self.sender: Optional["asyncio.Task[None]"] = None
+        self.inbox = ""  # JetStream acknowledges each put on <inbox>.<its token>
+        self.tokens = itertools.count()
+        # token -> (key, connection, when sent): the puts awaiting their acknowledgement, oldest
+        # first (a put unacknowledged for PUT_TIMEOUT failed)
+        self.acks: Dict[str, Tuple[str, int, float]] = {}
+        self.sweep: Optional[asyncio.TimerHandle] = None
+
+    async def listen(self) -> None:
+        """Subscribe to the inbox of this connection's acknowledgements (nats-py subscribes
+        again after each reconnection)."""
+        self.inbox = self.client.nc.new_inbox()
+        await self.client.nc.subscribe(self.inbox + ".*", cb=self.on_ack)
 
     def store_snapshot(self, message: Dict[str, Any]) -> None:
         """An AgentStates to every peer (at start, after its Asterisk's restart, anti-entropy):
@@ -395,17 +414,72 @@ class BucketPutter:
         never lands after a newer one."""
         body, data = self.unstored.pop(key)
         self.putting[key] = (self.connection, body, data)
-        self.client.aio.create_task(self._put_and_check(key, self.connection, body, data))
+        self.sending.append(key)
+        if self.sender is None:
+            self.sender = self.client.aio.create_task(self._send_puts())
 
-    async def _put_and_check(self, key: str, connection: int, body: bytes, data: Any) -> None:
+    async def _send_puts(self) -> None:
+        """Publish the puts waiting, each with the reply subject of its acknowledgement."""
         try:
-            await self.client.js.publish(self.client.put_prefix + key, body)
-            failure = None
-        except Exception as exc:  # no leader, connection lost, timeout...
-            failure = exc
+            while self.sending:
+                key = self.sending.popleft()
+                connection, body, _ = self.putting.get(key, (None, b"", None))
+                if connection != self.connection:
+                    continue  # (reconnected meanwhile: it is put again from unstored)
+                token = str(next(self.tokens))
+                self.acks[token] = (key, connection, self.client.aio.time())
+                try:
+                    await self.client.nc.publish(self.client.put_prefix + key, body,
+                                                 reply=f"{self.inbox}.{token}")
+                except Exception as exc:  # connection closed, buffer full...
+                    del self.acks[token]
+                    self._put_done(key, connection, why(exc))
+        finally:
+            self.sender = None
+        if self.acks and self.sweep is None:
+            self.sweep = self.client.aio.call_later(PUT_TIMEOUT / 4, self._time_out_puts)
+
+    async def on_ack(self, msg: Any) -> None:
+        """JetStream's answer to a put: its acknowledgement, an error, or "no responders"."""
+        entry = self.acks.pop(msg.subject[len(self.inbox) + 1:], None)
+        if entry is None:
+            return  # timed out already, or not a put of ours
+        key, connection, _ = entry
+        status = (msg.headers or {}).get("Status")
+        if status:
+            self._put_done(key, connection, f"status {printable(status)}: no stream answered"
+                           if status == "503" else f"status {printable(status)}")
+            return
+        try:
+            answer = json.loads(msg.data)
+        except ValueError:
+            answer = None
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if isinstance(answer, dict) and "seq" in answer and error is None:
+            self._put_done(key, connection, None)
+        elif isinstance(error, dict):
+            self._put_done(key, connection, f"JetStream: {printable(error.get('description'))}")
+        else:
+            self._put_done(key, connection, f"an answer that is no acknowledgement: "
+                                            f"{preview(msg.data)}")
+
+    def _time_out_puts(self) -> None:
+        """Every PUT_TIMEOUT / 4 while puts await their acknowledgement: those sent PUT_TIMEOUT
+        ago or more failed (an answer lost, a stream without a leader)."""
+        self.sweep = None
+        expired = self.client.aio.time() - PUT_TIMEOUT
+        for token, (key, connection, sent) in list(self.acks.items()):
+            if sent > expired:
+                break
+            del self.acks[token]
+            self._put_done(key, connection, f"no acknowledgement within {PUT_TIMEOUT:g} s")
+        if self.acks:
+            self.sweep = self.client.aio.call_later(PUT_TIMEOUT / 4, self._time_out_puts)
+
+    def _put_done(self, key: str, connection: int, failure: Optional[str]) -> None:
         if self.putting.get(key, (None,))[0] != connection:
             return  # sent on a connection since lost: already put again on the new one
-        del self.putting[key]
+        body, data = self.putting.pop(key)[1:]
         if failure is None:
             self.stored[key] = (body, data)
             if self.retry is None and self.retry_wait > RETRY_WAIT[0]:
@@ -416,7 +490,7 @@ class BucketPutter:
             return
         self.unstored.setdefault(key, (body, data))  # unless a newer value came
         if self.retry is None:
-            self.client.warn("store", f"NATS did not store a state ({failure!r}); trying again, "
+            self.client.warn("store", f"NATS did not store a state ({failure}); trying again, "
                                       f"{len(self.unstored)} states waiting")
             self.retry = self.client.aio.call_later(self.retry_wait, self.put_unstored)
             self.retry_wait = min(2 * self.retry_wait, RETRY_WAIT[1])
@@ -437,6 +511,8 @@ class BucketPutter:
         for key, (_, body, data) in self.putting.items():
             self.unstored.setdefault(key, (body, data))
         self.putting.clear()
+        self.sending.clear()
+        self.acks.clear()
         if self.retry is not None:
             self.retry.cancel()
         self.put_unstored()

@@ -42,7 +42,8 @@ import zmq
 from .config import ConfigError, check_each
 from .envelope import ALL, topic
 from .loop import NOBLOCK, EventLoop, drain
-from .natsbucket import MAX_VALUE_BYTES, RETRY_WAIT, BucketPutter, BucketReader, why
+from .natsbucket import (MAX_VALUE_BYTES, PUT_TIMEOUT, RETRY_WAIT, BucketPutter, BucketReader,
+                         why)
 from .natsnames import HEARTBEAT_KEY, STATE_EVENTS, key_owner, state_key, subject_for, token
 from .network import OnMessage, as_list
 from .stats import Throttle, held_back, printable
@@ -51,7 +52,6 @@ log = logging.getLogger("agent")
 
 CONNECT_TIMEOUT = 2.0     # s for each connection attempt
 RECONNECT_WAIT = 1.0      # s between two attempts on the same server
-PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
 STOP_TIMEOUT = 3.0        # s at exit to store what is pending and close
 ALL_TOPIC = topic(ALL)
 
@@ -357,6 +357,7 @@ class NatsClient:
         self.js = self.nc.jetstream(timeout=PUT_TIMEOUT, domain=settings["NATS_JS_DOMAIN"])
         for subject in self.subjects:
             await self.nc.subscribe(subject, cb=self._on_published)
+        await self.putter.listen()
         await self.nc.subscribe(self.republished + ">", cb=self.reader.on_republished)
         await self._open_bucket()
         self.bucket_open = True
