@@ -468,7 +468,8 @@ class BucketPutter:
         ago or more failed (an answer lost, a stream without a leader)."""
         self.sweep = None
         expired = self.client.aio.time() - PUT_TIMEOUT
-        for token, (key, connection, sent) in list(self.acks.items()):
+        while self.acks:
+            token, (key, connection, sent) = next(iter(self.acks.items()))  # the oldest
             if sent > expired:
                 break
             del self.acks[token]
