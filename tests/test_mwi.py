@@ -28,6 +28,9 @@ def test_a_lamp_reaches_a_receiver_as_mwiupdate_and_shared_storage_as_a_refresh(
     # (already booted: a LoadZmq in the middle of a slow run would resync them, and B would be
     # written its lamp once more)
     script = broker([a, b, c], ami=ami, server_keys=lamps([a, b, c]), mwi="yes")
+    # (C's first read answered: one after the next line would show the broker the box C shares
+    # with A before A's news, and there would be nothing to tell C)
+    wait_until(lambda: runs(c, "VoicemailUsersList") >= 1, message="C's mailboxes read")
     c.control.set_mailbox(BOX, 2, 1, poll=False)  # (the storage A and C share)
     a.control.set_mailbox(BOX, 2, 1)              # a message left: A's poll publishes it
     wait_until(lambda: b.control.mailboxes().get(BOX) == [2, 1], message="the lamp on B")
