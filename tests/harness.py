@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from testing.natscluster import free_port  # noqa: F401  (one for tests, bench and NATS)
+from zmqami.ami import AmiParser, format_action
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 30.0  # seconds: generous, so that a busy CI machine never fails a test by timing
@@ -251,10 +253,8 @@ def mirrored(standin, device: str, state: str) -> Callable[[], bool]:
 def ami_session(port: int, data: bytes) -> List:
     """Send data on a new AMI connection; the messages received until the server closes it
     (data ends with a Logoff)."""
-    import socket
-    from zmqami.ami import AmiParser
     parser, received, closed = AmiParser(), [], []
-    with socket.create_connection(("127.0.0.1", port)) as conn:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(data)
 
         def done():
@@ -273,7 +273,6 @@ def ami_session(port: int, data: bytes) -> List:
 def run_actions(standin, *actions: Dict[str, str], user: str = AMI_USER,
                 secret: str = AMI_SECRET) -> List:
     """Log in to a stand-in's AMI, run these actions, log off: what it answered."""
-    from zmqami.ami import format_action
     login = {"Action": "Login", "Username": user, "Secret": secret, "Events": "off"}
     return ami_session(standin.ami_port, b"".join(
         format_action(action) for action in (login, *actions, {"Action": "Logoff"})))

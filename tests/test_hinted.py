@@ -23,7 +23,8 @@ def test_only_what_its_hints_name_is_written_and_a_reload_adds_the_new_ones(
     a, b = standins(2)
     b.control.set_hints(HINT_100)
     if topology == "broker":
-        broker([a, b], presence="yes", resync_interval="0", server_keys={1: {"hinted_only": "yes"}})
+        broker([a, b], presence="yes", resync_interval="0",
+               server_keys={1: {"hinted_only": "yes"}})
     else:
         agents([a], names="X", PRESENCE=True, RESYNC_INTERVAL=0)
         agents([b], names="Y", PRESENCE=True, RESYNC_INTERVAL=0, HINTED_ONLY=True)
@@ -53,7 +54,8 @@ def test_a_newly_hinted_device_gets_its_state_within_an_anti_entropy_round(stand
 def test_a_hint_too_long_for_the_modules_list_is_never_asked_for(standins, broker):
     """res_zmq_manager copies each line of a list reply into 2048 bytes: a hint naming many
     devices would kill Asterisk in ExtensionStateList.  Seen in an ExtensionStatus event, it
-    keeps that list from being read (and the stand-in, which plays dead as Asterisk dies, alive)."""
+    keeps that list from being read (and the stand-in, which plays dead as Asterisk dies,
+    alive)."""
     a, b = standins(2, loadzmq_delay=None)
     script = broker([a, b], hinted_only="yes", resync_interval="0")
     wait_until(lambda: b.control.state()["actions_run"].get("extensionstatelist", 0) >= 1)

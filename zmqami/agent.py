@@ -21,7 +21,6 @@ original agent ignores them, as it ignores every msg_type and field it does not 
 import json
 import logging
 import os
-import re
 import sys
 import time
 from urllib.parse import urlsplit
@@ -34,8 +33,8 @@ from .actions import ActionGate
 from .agent_settings import AGENT_SETTINGS, ASTERISK_SETTINGS, RESTART_SETTINGS
 from .ami import AmiLink
 from .asterisk import HEALTH_CHECK_INTERVAL, AsteriskLink, LinkHandlers, ZmqManagerLink
-from .config import PROJECT_DIR, RUN_DIR, ConfigError, in_checkout, reload_settings, \
-    run_settings_script
+from .config import PROJECT_DIR, RUN_DIR, ConfigError, in_checkout, name_filter, \
+    reload_settings, run_settings_script
 from .envelope import ALL, STATS, Envelope, is_node_name
 from .inbox import Inbox
 from .loop import EventLoop
@@ -107,9 +106,9 @@ class Agent(Service):
         """What a reload may change of how its Asterisk's states are taken and written."""
         self.relay.mwi_write = {self.name: settings["MWI_WRITE"]}
         self.relay.hinted_only = {self.name} if settings["HINTED_ONLY"] else set()
-        self.relay.publish_filters = {self.name: re.compile(settings["PUBLISH_FILTER"], re.I)} \
+        self.relay.publish_filters = {self.name: name_filter(settings["PUBLISH_FILTER"])} \
             if settings["PUBLISH_FILTER"] else {}
-        self.relay.accept_filters = {self.name: re.compile(settings["ACCEPT_FILTER"], re.I)} \
+        self.relay.accept_filters = {self.name: name_filter(settings["ACCEPT_FILTER"])} \
             if settings["ACCEPT_FILTER"] else {}
 
     def start(self) -> None:

@@ -4,11 +4,12 @@ from typing import Any, Dict
 
 from .config import (COMMON_SETTINGS, Schema, Setting, check_each, is_action_names, is_bool,
                      is_down_state, is_log_level, is_name_token, is_nats_urls, is_one_of,
-                     is_optional_regex, is_optional_text, is_url, is_url_or_urls, is_whole_number, number_between)
-from .rules import MAILBOX_WRITES
+                     is_optional_regex, is_optional_text, is_url, is_url_or_urls,
+                     is_whole_number, number_between)
 from .envelope import is_node_name
 from .natsnet import check_nats_security
 from .network import curve_client_keys
+from .rules import MAILBOX_WRITES
 
 
 # Actions a client may have an agent run: read-only ones.  Others (Originate, Setvar, Command, ...)

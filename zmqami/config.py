@@ -303,15 +303,14 @@ class _IniReader:
 
     def regex(self, section: str, key: str) -> Optional[Pattern[str]]:
         """A filter: a regular expression, matched anywhere in a name, in any case."""
-        text = self.parser.get(section, key, fallback="").strip() if \
-            self.parser.has_section(section) else ""
+        text = self.raw(section, key, "")
         if not text:
             return None
         problem = regex_problem(text)
         if problem:
             self.error(section, key, problem)
             return None
-        return re.compile(text, re.IGNORECASE)
+        return name_filter(text)
 
     def boolean(self, section: str, key: str, default: bool) -> bool:
         value = self.raw(section, key, "yes" if default else "no")
@@ -445,8 +444,8 @@ def load_broker_config(path: str) -> BrokerConfig:
     return config
 
 
-GENERAL_KEYS = ("device_state", "presence", "mwi", "hinted_only", "log_level", "request_timeout", "count_messages",
-                "verbose_messages", "ping_interval", "server_timeout", "resync_interval",
+GENERAL_KEYS = ("device_state", "presence", "mwi", "hinted_only", "log_level", "request_timeout",
+                "count_messages", "verbose_messages", "ping_interval", "server_timeout", "resync_interval",
                 "max_devices", "down_state", "log_file", "state_file", "metrics_port",
                 "metrics_address", "log_syslog", "status_socket")
 SERVER_KEYS = ("name", "addr", "cmd_port", "evt_port", "ami_trace", "ami_user", "ami_secret",
@@ -595,10 +594,16 @@ def is_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be True or False"
 
 
+def name_filter(text: str) -> Pattern[str]:
+    """A filter of state names (publish_filter, accept_filter): a regular expression, matched
+    anywhere in a name, in any case."""
+    return re.compile(text, re.IGNORECASE)
+
+
 def regex_problem(text: str) -> Optional[str]:
     """Why text is not a regular expression a filter can use, or None."""
     try:
-        re.compile(text, re.IGNORECASE)
+        name_filter(text)
     except re.error as exc:
         return f"{printable(text)!r} is not a regular expression: {exc}"
     return None

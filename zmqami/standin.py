@@ -882,7 +882,8 @@ def main(argv: Optional[List[str]] = None, server_class: Optional[type] = None) 
     parser.add_argument("--voicemail", choices=("voicemail", "external"),
                         help="voicemail lamps: app_voicemail, or res_mwi_external (MWIUpdate)")
     parser.add_argument("--endpoints", type=int, default=0,
-                        help="PJSIP/1 ... PJSIP/N, UNAVAILABLE from boot, as Asterisk 22 lists them")
+                        help="PJSIP/1 ... PJSIP/N, UNAVAILABLE from boot, as Asterisk 22 "
+                             "lists them")
     parser.add_argument("--boot-on-command", action="store_true",
                         help="publish the boot events only when the control socket says boot")
     args = parser.parse_args(argv)
