@@ -9,8 +9,13 @@ event leaving the source Asterisk to the Setvar reaching the other.
 
 The baseline is the original broker's algorithm (one blocking request at a time, destination after
 destination, a fixed 1000 ms timeout), run the same way: python bench.py --baseline-broker CONFIG.
+The floor is the least any relay can do here: the broker's loop and pacing, and nothing else (no
+checks, no state, no retries): python bench.py --floor-broker CONFIG.  Its rows show what this
+machine, its stand-ins and pyzmq allow a relay in Python on the day, whatever the relay's logic.
 """
 import argparse
+import configparser
+import itertools
 import json
 import os
 import statistics
@@ -26,6 +31,8 @@ import zmq
 from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, free_port,
                                  make_unlimited_bucket)
 from testing.standins import start_standin_process
+from zmqami.asterisk import ECHO_MARK
+from zmqami.loop import BATCH_INTERVAL, EventLoop, drain, send_frames
 from zmqami.standin import AMI_SECRET, AMI_USER, Standin
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -107,8 +114,9 @@ class Cluster:
         self.labels[process.pid] = "agent" if script == "agent.py" else script[:-3]
         return process
 
-    def broker(self, servers: List[Standin], baseline: bool = False, ami: bool = False,
+    def broker(self, servers: List[Standin], relay: str = "broker", ami: bool = False,
                **general: str) -> None:
+        """relay: "broker" (broker.py), "baseline" or "floor" (this file's)."""
         # Every run streams new devices: the bound on a flood (max_devices) must not cut them.
         lines = ["[general]", "log_level = warning", "max_devices = 10000000"] + \
             [f"{k} = {v}" for k, v in general.items()]
@@ -124,10 +132,10 @@ class Cluster:
         path = os.path.join(self.workdir, f"broker{len(self.relays)}.ini")
         with open(path, "w") as handle:
             handle.write("\n".join(lines) + "\n")
-        if baseline:
-            self.run("bench.py", "--baseline-broker", path)
-        else:
+        if relay == "broker":
             self.run("broker.py", path)
+        else:
+            self.run("bench.py", f"--{relay}-broker", path)
 
     def agents(self, servers: List[Standin], nats_nodes: int = 0, ami: bool = False,
                nats_urls: Optional[List[str]] = None, first_index: int = 0,
@@ -268,7 +276,7 @@ def scenario_isolation(context: zmq.Context, workdir: str, baseline: bool, secon
     try:
         source, hung, live = cluster.standin(), cluster.standin("hung"), cluster.standin()
         dead = Standin(free_port(), free_port(), control=None)
-        cluster.broker([source, hung, dead, live], baseline=baseline)
+        cluster.broker([source, hung, dead, live], relay="baseline" if baseline else "broker")
         cluster.wait_ready(source, [live], timeout=60)
         name = "isolation: 100/s, 1 hung + 1 dead, latency to the live one"
         row = stream(cluster, source, [live], ("baseline " if baseline else "") + name, 100,
@@ -287,12 +295,13 @@ def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: Lis
         if topology in ("agents", "nats"):
             cluster.agents([source, first, second], nats_nodes=3 if topology == "nats" else 0)
         else:
-            cluster.broker([source, first, second], baseline=topology == "baseline",
-                           ami=topology == "ami")
+            cluster.broker([source, first, second], ami=topology == "ami",
+                           relay=topology if topology in ("baseline", "floor") else "broker")
         cluster.wait_ready(source, [first, second], timeout=60)
         label = {"broker": "broker", "agents": "agent -> hub -> 2 agents",
                  "nats": "agent -> 3-node NATS (R3 bucket) -> 2 agents",
-                 "baseline": "baseline broker", "ami": "broker over AMI"}[topology]
+                 "baseline": "baseline broker", "ami": "broker over AMI",
+                 "floor": "floor relay"}[topology]
         return [stream(cluster, source, [first, second], f"{label}: {rate}/s into 2", rate,
                        int(rate * seconds)) for rate in rates]
     finally:
@@ -419,7 +428,7 @@ def scenario_burst(context: zmq.Context, workdir: str, baseline: bool, count: in
     cluster = Cluster(context, workdir)
     try:
         source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
-        cluster.broker([source, first, second], baseline=baseline)
+        cluster.broker([source, first, second], relay="baseline" if baseline else "broker")
         cluster.wait_ready(source, [first, second], timeout=60)
         requests_before = [d.control.state()["requests"] for d in (first, second)]
         prefix = "burst-"
@@ -539,6 +548,8 @@ SCENARIOS = {
     "nats-failover": lambda ctx, wd, quick: [scenario_nats_failover(ctx, wd, 2 if quick else 4)],
     "baseline": lambda ctx, wd, quick: scenario_rates(ctx, wd, "baseline", [1000, 3000, 6000],
                                                       2 if quick else 4),
+    "floor": lambda ctx, wd, quick: scenario_rates(ctx, wd, "floor", [1000, 3000, 6000],
+                                                   2 if quick else 4),
     "burst": lambda ctx, wd, quick: [scenario_burst(ctx, wd, False, 20_000 if quick else 100_000),
                                      scenario_burst(ctx, wd, True, 20_000 if quick else 100_000)],
     "isolation": lambda ctx, wd, quick: [
@@ -564,21 +575,32 @@ def print_table(rows: List[Row]) -> None:
 
 # --- the original broker's algorithm, for the baseline ---------------------------------------------
 
-def baseline_broker(config_path: str) -> None:
-    """The original's relay: each event to each other server in turn, waiting for each reply."""
-    import configparser
-    import uuid
+def servers_in(config_path: str) -> List[Dict[str, str]]:
+    """The cmd and evt addresses of each server of a broker's config file."""
     parser = configparser.ConfigParser()
     parser.read(config_path)
+    sections = [s.strip() for s in parser.get("servers", "sections").split(",")]
+    return [{kind: f"tcp://{parser.get(section, 'addr')}:{parser.get(section, kind + '_port')}"
+             for kind in ("cmd", "evt")} for section in sections]
+
+
+def setvar(event: Dict[str, str], action_id: str) -> str:
+    return json.dumps({"Action": "Setvar", "ActionID": action_id,
+                       "Variable": f"DEVICE_STATE(Custom:{event['Device']})",
+                       "Value": event["State"]})
+
+
+def baseline_broker(config_path: str) -> None:
+    """The original's relay: each event to each other server in turn, waiting for each reply."""
+    import uuid
     context = zmq.Context()
     servers = []
     poller = zmq.Poller()
-    for section in [s.strip() for s in parser.get("servers", "sections").split(",")]:
-        addr = parser.get(section, "addr")
-        server = {"cmd_url": f"tcp://{addr}:{parser.get(section, 'cmd_port')}"}
+    for urls in servers_in(config_path):
+        server = {"cmd_url": urls["cmd"]}
         server["evt"] = context.socket(zmq.SUB)
         server["evt"].setsockopt(zmq.SUBSCRIBE, b"{")
-        server["evt"].connect(f"tcp://{addr}:{parser.get(section, 'evt_port')}")
+        server["evt"].connect(urls["evt"])
         server["cmd"] = context.socket(zmq.REQ)
         server["cmd"].connect(server["cmd_url"])
         poller.register(server["evt"], zmq.POLLIN)
@@ -589,9 +611,7 @@ def baseline_broker(config_path: str) -> None:
             event = json.loads(sock.recv())
             if event.get("Event") != "DeviceStateChange" or event["Device"].startswith("Custom:"):
                 continue
-            action = json.dumps({"Action": "Setvar", "ActionID": uuid.uuid4().hex,
-                                 "Variable": f"DEVICE_STATE(Custom:{event['Device']})",
-                                 "Value": event["State"]})
+            action = setvar(event, uuid.uuid4().hex)
             for server in servers:
                 if server is source:
                     continue
@@ -604,15 +624,52 @@ def baseline_broker(config_path: str) -> None:
                     server["cmd"].connect(server["cmd_url"])
 
 
+def floor_broker(config_path: str) -> None:
+    """The broker's loop, batching under load as the broker does, with nothing else: each
+    DeviceStateChange of a device not Custom: is sent on as a Setvar to every other server,
+    replies and echoes are read and dropped.  No relay can cost less in Python with pyzmq."""
+    loop = EventLoop(BATCH_INTERVAL)
+    context = zmq.Context()
+    links = []
+    for urls in servers_in(config_path):
+        evt, cmd = context.socket(zmq.SUB), context.socket(zmq.DEALER)
+        evt.setsockopt(zmq.SUBSCRIBE, b"{")
+        evt.connect(urls["evt"])
+        cmd.connect(urls["cmd"])
+        links.append((evt, cmd))
+    action_ids = itertools.count()
+
+    def relay_from(source: zmq.Socket):
+        def relay(frames: List[bytes]) -> None:
+            if ECHO_MARK in frames[0]:
+                return
+            event = json.loads(frames[0])
+            if event.get("Event") == "DeviceStateChange":
+                action = setvar(event, str(next(action_ids))).encode()
+                for evt, cmd in links:
+                    if evt is not source:
+                        send_frames(cmd, (b"", action))
+        return lambda: drain(source, relay)
+
+    for evt, cmd in links:
+        loop.add_reader(evt, relay_from(evt))
+        loop.add_reader(cmd, lambda cmd=cmd: drain(cmd, lambda frames: None))
+    loop.run()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("scenarios", nargs="*", choices=[[]] + list(SCENARIOS),
                         help="scenarios to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--baseline-broker", metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-broker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_broker:
         baseline_broker(args.baseline_broker)
+        return 0
+    if args.floor_broker:
+        floor_broker(args.floor_broker)
         return 0
     context = zmq.Context()
     rows: List[Row] = []
