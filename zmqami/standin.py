@@ -121,9 +121,10 @@ class StandinAsterisk:
         self.stuck = False        # a request was read and never answered
         self.written_at: Dict[str, Tuple[str, float]] = {}  # Custom: device -> (state, when)
         self.cmd = self._bind(zmq.REP, cmd_port)
+        # ZeroMQ's default high-water mark, as res_zmq_manager's PUB has: a subscriber more than
+        # 1000 events behind loses the rest of a flood.
         self.evt = self._bind(zmq.XPUB, evt_port)
         self.evt.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.evt.setsockopt(zmq.SNDHWM, 100_000)
         self.control = self._bind(zmq.REP, control_port, HOST)  # tests reach it there
         self.ports = {"cmd_port": self._port(self.cmd), "evt_port": self._port(self.evt),
                       "control_port": self._port(self.control)}
