@@ -1,5 +1,6 @@
 """The agent's puts to the NATS bucket (natsbucket.BucketPutter): a put goes out at once, unless
-puts went out less than PUT_INTERVAL ago; then it waits, and those that come meanwhile go with it."""
+puts went out less than PUT_INTERVAL ago; then it waits, and those that come meanwhile go with
+it."""
 import asyncio
 from typing import List, Tuple
 
