@@ -746,9 +746,9 @@ class ZmqManagerLink(AsteriskLink):
         (MODULE_EVENT_HWM), so it may have dropped some.  Once the flood is over, its states are
         read again (the module says nothing of what it dropped)."""
         if self._flood_timer is None:
-            log.warning("%s published more than %d events faster than they were read: "
-                        "res_zmq_manager drops what a reader is that far behind; reading its "
-                        "states again once the flood is over", self.name, MODULE_EVENT_HWM)
+            log.info("%s published more than %d events faster than they were read: "
+                     "res_zmq_manager drops what a reader is that far behind; reading its "
+                     "states again once the flood is over", self.name, MODULE_EVENT_HWM)
         else:
             self._flood_timer.cancel()
         self._flood_timer = self.loop.call_later(FLOOD_QUIET, self._flood_over)

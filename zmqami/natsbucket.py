@@ -29,7 +29,7 @@ log = logging.getLogger("agent")
 PUT_TIMEOUT = 2.0         # s for JetStream to acknowledge a state
 # s: puts go out at most this often, together.  A replicated bucket costs its servers about as
 # much per batch of puts as per put (each is one round of replication): at 1000 states/s, puts
-# sent together every 5 ms took the three servers' CPU from 2.2 s to 1.5 s (BENCHMARKS.md).
+# sent together every 5 ms took the three servers' CPU from 2.2 s to 1.4 s (BENCHMARKS.md).
 PUT_INTERVAL = 0.005
 RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then doubling up to
 # (a stream without a leader takes seconds to elect one: the states are stored soon after)
