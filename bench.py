@@ -627,7 +627,7 @@ def baseline_broker(config_path: str) -> None:
 def floor_broker(config_path: str) -> None:
     """The broker's loop, batching under load as the broker does, with nothing else: each
     DeviceStateChange of a device not Custom: is sent on as a Setvar to every other server,
-    replies and echoes are read and dropped.  No relay can cost less in Python with pyzmq."""
+    replies and echoes are read and dropped.  No relay with this loop can cost less."""
     loop = EventLoop(BATCH_INTERVAL)
     context = zmq.Context()
     links = []
