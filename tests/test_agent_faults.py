@@ -1,7 +1,4 @@
 """The agent network through faults: agents, Asterisk servers and hubs killed and restarted."""
-import os
-import signal
-
 from conftest import RunningHub
 from harness import HubClient, converge, custom_states, play, restart, setvars, wait_until
 
@@ -95,28 +92,3 @@ def test_agent_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, ag
     x.control.set_device("SIP/2", "ONHOLD", publish=False)
     converge("agents, anti-entropy (RESYNC_INTERVAL 0.5 s): lost events, drifted mirror",
              lambda: custom_states(y) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"})
-
-
-def test_states_its_asterisk_dropped_in_a_flood_are_read_again(standins, agents, processes):
-    """As the broker's: an agent stopped while its Asterisk publishes a flood through
-    res_zmq_manager (which keeps 1000 events for a reader) never gets its final states; it sees
-    the flood when it reads on, and sends its states again once the flood is over."""
-    x = processes("x", loadzmq_delay=None)  # (no boot events: they would start a resync)
-    y, = standins(1, loadzmq_delay=None)
-    # No anti-entropy, and timeouts longer than the stop: only the flood can tell.
-    agent_x, _ = agents([x, y], RESYNC_INTERVAL=0, ASTERISK_TIMEOUT=60000,
-                        KEEP_ALIVE_INTERVAL=60)
-    os.kill(agent_x.proc.pid, signal.SIGSTOP)
-    try:
-        for count, states in ((100_000, ["INUSE", "NOT_INUSE"]), (500, ["BUSY"])):
-            x.control.call("stream", prefix="F/", count=count, devices=500, rate=10**9,
-                           states=states)
-            wait_until(lambda: x.control.call("stream_status")["done"],
-                       message="the stand-in to publish its flood")
-    finally:
-        os.kill(agent_x.proc.pid, signal.SIGCONT)
-    final = {f"Custom:F/{i}": "BUSY" for i in range(500)}
-    converge("agents, a flood beyond the module's buffer while the agent was stopped",
-             lambda: {d: s for d, s in custom_states(y).items() if d.startswith("Custom:F/")}
-             == final)
-    assert len(agent_x.lines("faster than they were read")) == 1

@@ -1,7 +1,4 @@
 """The broker through faults: hung and dead servers, crashes and restarts, lost events."""
-import os
-import signal
-
 from harness import converge, custom_states, free_port, play, restart, wait_until
 from zmqami.standin import Standin
 
@@ -89,32 +86,6 @@ def test_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, broker):
     converge("broker, anti-entropy (resync_interval 0.5 s): lost events and a drifted mirror",
              lambda: custom_states(b) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"})
     script.wait_for_output("Read the devices of server-1")
-
-
-def test_states_the_module_dropped_in_a_flood_are_read_again(standins, broker, processes):
-    """res_zmq_manager's PUB holds 1000 events for a reader: a broker further behind (here
-    stopped while A publishes a flood) never gets the rest, the final states among them.  It
-    sees the flood when it reads on, and reads A's states again once the flood is over."""
-    a = processes("a", loadzmq_delay=None)  # (no boot events: they would start a resync)
-    b, = standins(1, loadzmq_delay=None)
-    # No anti-entropy, and timeouts longer than the stop: only the flood can tell.
-    script = broker([a, b], resync_interval="0", ping_interval="60", server_timeout="600",
-                    request_timeout="60000")
-    os.kill(script.proc.pid, signal.SIGSTOP)
-    try:
-        # More than ZeroMQ's and the kernel's buffers hold (about 9 MB), then the final states.
-        for count, states in ((100_000, ["INUSE", "NOT_INUSE"]), (500, ["BUSY"])):
-            a.control.call("stream", prefix="F/", count=count, devices=500, rate=10**9,
-                           states=states)
-            wait_until(lambda: a.control.call("stream_status")["done"],
-                       message="the stand-in to publish its flood")
-    finally:
-        os.kill(script.proc.pid, signal.SIGCONT)
-    final = {f"Custom:F/{i}": "BUSY" for i in range(500)}
-    converge("broker, a flood beyond the module's buffer while it was stopped: read again",
-             lambda: {d: s for d, s in custom_states(b).items() if d.startswith("Custom:F/")}
-             == final)
-    assert len(script.lines("faster than they were read")) == 1
 
 
 def test_presence_survives_a_restart_and_lost_events(standins, broker, processes):

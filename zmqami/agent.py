@@ -98,7 +98,7 @@ class Agent(Service):
     def connect_asterisk(self, settings: Dict[str, Any]) -> AsteriskLink:
         link = make_link(self.loop, self.context, settings, LinkHandlers(
             on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
-            on_down=self.on_asterisk_down, on_flood=lambda link: self.repair()))
+            on_down=self.on_asterisk_down))
         self.relay.links = {self.name: link}  # (its own states are reported under its name)
         return link
 

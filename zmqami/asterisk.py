@@ -25,7 +25,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
-from .loop import READ_BATCH, EventLoop, Timer, drain, keep_alive, send_frames
+from .loop import EventLoop, Timer, drain, keep_alive, send_frames
 from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
                     StateUpdate, check_module_action, decode_event, longest_line_bytes,
                     unique_id)
@@ -38,12 +38,6 @@ log = logging.getLogger(__name__)
 # busy machine, does not hold back the rest (at 10 the window, not the CPU, capped the rate).
 MAX_IN_FLIGHT = 100
 EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
-# res_zmq_manager's PUB socket keeps ZeroMQ's default high-water mark: a reader more than 1000
-# events behind (a flood, a stall of this process) loses the rest, and nothing tells it which.
-# READ_BATCH events waiting here at once is such a flood: once none has come for FLOOD_QUIET
-# seconds, the server's states are read again (LinkHandlers.on_flood).
-MODULE_EVENT_HWM = 1000
-FLOOD_QUIET = 1.0
 EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connection reset)
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
 BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
@@ -372,15 +366,12 @@ class LinkHandlers:
     """What a link tells its owner: each event, input it dropped, the server going up and down.
 
     on_up is also called when the server (re)starts (its LoadZmq or FullyBooted event): either
-    way the server may hold stale states and has missed what happened meanwhile.  on_flood: the
-    server published more events at once than it holds for a reader, and may have dropped some
-    (res_zmq_manager): its states are to be read again.
+    way the server may hold stale states and has missed what happened meanwhile.
     """
     on_event: Callable[["AsteriskLink", Dict[str, Any]], None]
     drops: DropLog
     on_up: Callable[["AsteriskLink"], None] = _ignore
     on_down: Callable[["AsteriskLink"], None] = _ignore
-    on_flood: Callable[["AsteriskLink"], None] = _ignore
 
 
 class AsteriskLink:
@@ -595,7 +586,6 @@ class ZmqManagerLink(AsteriskLink):
         self.cmd_url = cmd_url
         self.evt_url = evt_url
         self._boot_timer: Optional[Timer] = None  # LoadZmq seen, FullyBooted awaited
-        self._flood_timer: Optional[Timer] = None  # a flood of events seen, its end awaited
         # list action -> the items its events showed with a line too long for the module's
         # reply-line buffer: that list is not asked for while it would hold one (list_refusal)
         self.long_lines: Dict[str, Set[str]] = {action: set() for action, _ in LISTED_IN.values()}
@@ -621,9 +611,8 @@ class ZmqManagerLink(AsteriskLink):
 
     def close(self) -> None:
         super().close()
-        for timer in (self._boot_timer, self._flood_timer):
-            if timer is not None:
-                timer.cancel()
+        if self._boot_timer is not None:
+            self._boot_timer.cancel()
         for sock in (self.evt_socket, self.cmd_socket):
             if sock is not None:
                 self.loop.remove_reader(sock)
@@ -738,25 +727,7 @@ class ZmqManagerLink(AsteriskLink):
         self.outbox.reply(action_id if isinstance(action_id, str) else None, reply)
 
     def _read_events(self) -> None:
-        if drain(self.evt_socket, self._on_event) == READ_BATCH:
-            self._flooded()
-
-    def _flooded(self) -> None:
-        """READ_BATCH events were waiting: more than the module's PUB holds for a reader
-        (MODULE_EVENT_HWM), so it may have dropped some.  Once the flood is over, its states are
-        read again (the module says nothing of what it dropped)."""
-        if self._flood_timer is None:
-            log.info("%s published more than %d events faster than they were read: "
-                     "res_zmq_manager drops what a reader is that far behind; reading its "
-                     "states again once the flood is over", self.name, MODULE_EVENT_HWM)
-        else:
-            self._flood_timer.cancel()
-        self._flood_timer = self.loop.call_later(FLOOD_QUIET, self._flood_over)
-
-    def _flood_over(self) -> None:
-        self._flood_timer = None
-        if self.up is True:  # (else its coming up reads its states)
-            self.handlers.on_flood(self)
+        drain(self.evt_socket, self._on_event)
 
     def _on_event(self, frames: List[bytes]) -> None:
         self.stats.events += 1

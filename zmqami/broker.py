@@ -40,8 +40,7 @@ class Broker(Service):
                            mwi=config.mwi)
         self.handlers = LinkHandlers(
             on_event=lambda link, event: self.relay.take_event(link.name, link, event),
-            drops=self.drops, on_up=self.resync, on_down=self.show_down,
-            on_flood=lambda link: self.relay.read_lists(link.name, repair=True))
+            drops=self.drops, on_up=self.resync, on_down=self.show_down)
         self.servers: Dict[str, ServerConfig] = {}   # link name -> what it was made from
         self.links: List[AsteriskLink] = []
         self.state_file: Optional[StateFile] = None
