@@ -573,7 +573,7 @@ def print_table(rows: List[Row]) -> None:
             print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
 
 
-# --- the original broker's algorithm, for the baseline ---------------------------------------------
+# --- the relays bench.py runs itself: the original's algorithm (baseline), and the floor -----------
 
 def servers_in(config_path: str) -> List[Dict[str, str]]:
     """The cmd and evt addresses of each server of a broker's config file."""
