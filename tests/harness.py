@@ -300,3 +300,26 @@ def play(source, count: int, devices: int, prefix: str = "SIP/") -> Dict[str, st
         source.control.set_device(f"{prefix}{i % devices}", state)
         expected[f"Custom:{prefix}{i % devices}"] = state
     return expected
+
+
+def flood_while_stopped(script: "Script", standin, devices: int = 500) -> Dict[str, str]:
+    """Stop script (SIGSTOP) while standin publishes more events than ZeroMQ's high-water marks
+    and the kernel's buffers hold (about 9 MB), then one final state per device, and keep it
+    stopped for STALL and two seconds in all (a VM paused that long); then let it run on.
+    Returns the mirrors the final states should give.  res_zmq_manager's PUB drops what a
+    subscriber so far behind has not read: the final states never reach the script."""
+    from zmqami.loop import STALL
+    stopped_at = time.monotonic()
+    os.kill(script.proc.pid, signal.SIGSTOP)
+    try:
+        for count, states in ((100_000, ["INUSE", "NOT_INUSE"]), (devices, ["BUSY"])):
+            standin.control.call("stream", prefix="F/", count=count, devices=devices,
+                                 rate=10**9, states=states)
+            wait_until(lambda: standin.control.call("stream_status")["done"],
+                       message="the stand-in to publish its flood")
+        # The fault's length, not a synchronisation: the pause must outlast STALL and the
+        # loop's longest wait (1 s, its health checks).
+        wait_until(lambda: time.monotonic() > stopped_at + STALL + 2, message="the pause")
+    finally:
+        os.kill(script.proc.pid, signal.SIGCONT)
+    return {f"Custom:F/{i}": "BUSY" for i in range(devices)}

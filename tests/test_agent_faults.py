@@ -1,6 +1,7 @@
 """The agent network through faults: agents, Asterisk servers and hubs killed and restarted."""
 from conftest import RunningHub
-from harness import HubClient, converge, custom_states, play, restart, setvars, wait_until
+from harness import (HubClient, converge, custom_states, flood_while_stopped, play, restart,
+                     setvars, wait_until)
 
 FAST = dict(KEEP_ALIVE_INTERVAL=0.3, PEER_TIMEOUT=1.0, ASTERISK_TIMEOUT=300)
 
@@ -92,3 +93,19 @@ def test_agent_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, ag
     x.control.set_device("SIP/2", "ONHOLD", publish=False)
     converge("agents, anti-entropy (RESYNC_INTERVAL 0.5 s): lost events, drifted mirror",
              lambda: custom_states(y) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"})
+
+
+def test_an_agent_held_for_seconds_reads_its_asterisk_again(standins, agents, processes):
+    """As the broker's: an agent stopped (a paused VM) while its Asterisk publishes a flood
+    misses what res_zmq_manager dropped; once it has read what waited, it sends its states
+    again."""
+    x = processes("x", loadzmq_delay=None)  # (no boot events: they would start a resync)
+    y, = standins(1, loadzmq_delay=None)
+    # No anti-entropy, and timeouts longer than the pause: only the pause itself can tell.
+    agent_x, _ = agents([x, y], RESYNC_INTERVAL=0, ASTERISK_TIMEOUT=60000,
+                        KEEP_ALIVE_INTERVAL=60)
+    final = flood_while_stopped(agent_x, x)
+    converge("agents, paused during a flood beyond the module's buffer: read again",
+             lambda: {d: s for d, s in custom_states(y).items() if d.startswith("Custom:F/")}
+             == final)
+    assert len(agent_x.lines("The agent did not run for")) == 1

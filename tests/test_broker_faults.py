@@ -1,5 +1,6 @@
 """The broker through faults: hung and dead servers, crashes and restarts, lost events."""
-from harness import converge, custom_states, free_port, play, restart, wait_until
+from harness import (converge, custom_states, flood_while_stopped, free_port, play, restart,
+                     wait_until)
 from zmqami.standin import Standin
 
 FAST = dict(ping_interval="0.2", server_timeout="1", request_timeout="300")
@@ -86,6 +87,22 @@ def test_anti_entropy_repairs_lost_events_and_drifted_mirrors(standins, broker):
     converge("broker, anti-entropy (resync_interval 0.5 s): lost events and a drifted mirror",
              lambda: custom_states(b) == {"Custom:SIP/1": "INUSE", "Custom:SIP/2": "ONHOLD"})
     script.wait_for_output("Read the devices of server-1")
+
+
+def test_a_broker_held_for_seconds_reads_the_servers_again(standins, broker, processes):
+    """A broker stopped (a paused VM) while A publishes a flood misses what res_zmq_manager
+    dropped meanwhile, the final states among them: once it runs again and has read what
+    waited, it reads A's states again."""
+    a = processes("a", loadzmq_delay=None)  # (no boot events: they would start a resync)
+    b, = standins(1, loadzmq_delay=None)
+    # No anti-entropy, and timeouts longer than the pause: only the pause itself can tell.
+    script = broker([a, b], resync_interval="0", ping_interval="60", server_timeout="600",
+                    request_timeout="60000")
+    final = flood_while_stopped(script, a)
+    converge("broker, paused during a flood beyond the module's buffer: read again",
+             lambda: {d: s for d, s in custom_states(b).items() if d.startswith("Custom:F/")}
+             == final)
+    assert len(script.lines("The broker did not run for")) == 1
 
 
 def test_presence_survives_a_restart_and_lost_events(standins, broker, processes):

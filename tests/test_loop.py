@@ -1,10 +1,12 @@
-"""The event loop: input is handled the moment it arrives, and batched only under load."""
+"""The event loop: input is handled the moment it arrives, and batched only under load; a stall
+of the process is noticed."""
 import threading
+import time
 
 import zmq
 
 from harness import wait_until
-from zmqami.loop import BUSY_TO_BATCH, BUSY_TO_STOP, EventLoop, drain
+from zmqami.loop import BUSY_TO_BATCH, BUSY_TO_STOP, STALL, EventLoop, drain
 
 
 def test_a_loop_that_is_not_loaded_handles_each_message_at_once(context):
@@ -48,3 +50,18 @@ def test_batching_starts_under_load_and_stops_when_it_is_gone():
     assert measure(BUSY_TO_STOP + 0.05) is True  # (batches cost less: it stays on)
     assert measure(BUSY_TO_STOP - 0.05) is False
     assert measure(BUSY_TO_BATCH - 0.05) is False
+
+
+def test_a_wake_up_long_after_its_timeout_without_running_is_a_stall():
+    """Wall time the thread neither ran nor was allowed to wait for (the poll's timeout, a
+    batch's pause) is a stall of the process: a paused VM, SIGSTOP."""
+    loop = EventLoop(batch_interval=0.002)
+    stalls = []
+    loop.on_stall(stalls.append)
+    now, cpu = time.monotonic(), time.thread_time()
+    loop._check_stall(now - 0.5, cpu, timeout=1.0)  # woke before its timeout: input
+    loop._check_stall(now - 1.5, cpu, timeout=1.0)  # its timeout, then a little late
+    loop._check_stall(now - STALL - 2, cpu - STALL - 2, timeout=0.0)  # it was busy all along
+    assert stalls == []
+    loop._check_stall(now - STALL - 2, cpu, timeout=1.0)  # held for more than STALL
+    assert len(stalls) == 1 and stalls[0] > STALL

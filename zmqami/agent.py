@@ -98,7 +98,7 @@ class Agent(Service):
     def connect_asterisk(self, settings: Dict[str, Any]) -> AsteriskLink:
         link = make_link(self.loop, self.context, settings, LinkHandlers(
             on_event=self.on_asterisk_event, drops=self.drops, on_up=self.on_asterisk_up,
-            on_down=self.on_asterisk_down))
+            on_down=self.on_asterisk_down, on_caught_up=lambda link: self.repair()))
         self.relay.links = {self.name: link}  # (its own states are reported under its name)
         return link
 
@@ -345,6 +345,15 @@ class Agent(Service):
         self.peers.check()
         self.set_health(f"Asterisk {({True: 'up', False: 'DOWN', None: 'unknown'})[self.asterisk.up]}, "
                         f"{self.peers.up_count()} of {len(self.peers)} peers up")
+
+    def after_stall(self, seconds: float) -> None:
+        module = isinstance(self.asterisk, ZmqManagerLink)  # (AMI drops nothing)
+        log.warning("The agent did not run for %.1f s (stopped, or its host paused): asking its "
+                    "peers for their states%s", seconds, ", and reading its Asterisk's again "
+                    "once it has read what it sent meanwhile" if module else "")
+        if module:
+            self.asterisk.read_again_when_caught_up()
+        self.on_hub_connection()
 
     def on_hub_connection(self) -> None:
         """A hub connection was made (again): the peers' states may have been missed meanwhile."""

@@ -25,7 +25,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
-from .loop import EventLoop, Timer, drain, keep_alive, send_frames
+from .loop import READ_BATCH, EventLoop, Timer, drain, keep_alive, send_frames
 from .rules import (CRASHING_ACTIONS, MODULE_MAX_LINE_BYTES, BadInput, PresenceEchoFilter,
                     StateUpdate, check_module_action, decode_event, longest_line_bytes,
                     unique_id)
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # busy machine, does not hold back the rest (at 10 the window, not the CPU, capped the rate).
 MAX_IN_FLIGHT = 100
 EVENT_HWM = 100_000  # events buffered by ZeroMQ before a burst is dropped
+# s without READ_BATCH events waiting at once, after a stall, before the server's states are
+# read again (ZmqManagerLink.read_again_when_caught_up): a list read before the events that
+# waited would be overwritten by their older states.
+CAUGHT_UP_SETTLE = 0.5
 EVENT_MAX_BYTES = 1024 * 1024        # larger events are refused (and the connection reset)
 REPLY_MAX_BYTES = 64 * 1024 * 1024   # a DeviceStateList of 100,000 devices is about 8 MB
 BOOT_EVENTS = ("LoadZmq", "FullyBooted")  # what a (re)started Asterisk publishes
@@ -366,12 +370,15 @@ class LinkHandlers:
     """What a link tells its owner: each event, input it dropped, the server going up and down.
 
     on_up is also called when the server (re)starts (its LoadZmq or FullyBooted event): either
-    way the server may hold stale states and has missed what happened meanwhile.
+    way the server may hold stale states and has missed what happened meanwhile.  on_caught_up:
+    the events that waited while the process was stalled have been read
+    (read_again_when_caught_up): the server's states are to be read again, for those it dropped.
     """
     on_event: Callable[["AsteriskLink", Dict[str, Any]], None]
     drops: DropLog
     on_up: Callable[["AsteriskLink"], None] = _ignore
     on_down: Callable[["AsteriskLink"], None] = _ignore
+    on_caught_up: Callable[["AsteriskLink"], None] = _ignore
 
 
 class AsteriskLink:
@@ -586,6 +593,7 @@ class ZmqManagerLink(AsteriskLink):
         self.cmd_url = cmd_url
         self.evt_url = evt_url
         self._boot_timer: Optional[Timer] = None  # LoadZmq seen, FullyBooted awaited
+        self._catch_up_timer: Optional[Timer] = None  # after a stall: read again when it fires
         # list action -> the items its events showed with a line too long for the module's
         # reply-line buffer: that list is not asked for while it would hold one (list_refusal)
         self.long_lines: Dict[str, Set[str]] = {action: set() for action, _ in LISTED_IN.values()}
@@ -611,8 +619,9 @@ class ZmqManagerLink(AsteriskLink):
 
     def close(self) -> None:
         super().close()
-        if self._boot_timer is not None:
-            self._boot_timer.cancel()
+        for timer in (self._boot_timer, self._catch_up_timer):
+            if timer is not None:
+                timer.cancel()
         for sock in (self.evt_socket, self.cmd_socket):
             if sock is not None:
                 self.loop.remove_reader(sock)
@@ -726,8 +735,22 @@ class ZmqManagerLink(AsteriskLink):
         log.debug("Reply from %s: %s", self.name, raw)
         self.outbox.reply(action_id if isinstance(action_id, str) else None, reply)
 
+    def read_again_when_caught_up(self) -> None:
+        """The process was stalled: res_zmq_manager's PUB keeps 1000 events for a reader and
+        drops the rest, unannounced.  Once the events that waited are read (they are older than
+        any list read now), its states are read again: CAUGHT_UP_SETTLE after the last time
+        READ_BATCH events were waiting at once."""
+        if self._catch_up_timer is not None:
+            self._catch_up_timer.cancel()
+        self._catch_up_timer = self.loop.call_later(CAUGHT_UP_SETTLE, self._caught_up)
+
+    def _caught_up(self) -> None:
+        self._catch_up_timer = None
+        self.handlers.on_caught_up(self)
+
     def _read_events(self) -> None:
-        drain(self.evt_socket, self._on_event)
+        if drain(self.evt_socket, self._on_event) == READ_BATCH and self._catch_up_timer:
+            self.read_again_when_caught_up()  # (more waiting: later)
 
     def _on_event(self, frames: List[bytes]) -> None:
         self.stats.events += 1

@@ -40,7 +40,8 @@ class Broker(Service):
                            mwi=config.mwi)
         self.handlers = LinkHandlers(
             on_event=lambda link, event: self.relay.take_event(link.name, link, event),
-            drops=self.drops, on_up=self.resync, on_down=self.show_down)
+            drops=self.drops, on_up=self.resync, on_down=self.show_down,
+            on_caught_up=lambda link: self.relay.read_lists(link.name, repair=True))
         self.servers: Dict[str, ServerConfig] = {}   # link name -> what it was made from
         self.links: List[AsteriskLink] = []
         self.state_file: Optional[StateFile] = None
@@ -198,6 +199,14 @@ class Broker(Service):
         """A server is (back) up: write every known state on it, then read its own states."""
         first = self.relay.resync(link.name)
         self.relay.read_lists(link.name, repair=False, first=first)
+
+    def after_stall(self, seconds: float) -> None:
+        log.warning("The broker did not run for %.1f s (stopped, or its host paused): reading "
+                    "the servers' states again once it has read what they sent meanwhile",
+                    seconds)
+        for link in self.links:
+            if isinstance(link, ZmqManagerLink):  # (AMI drops nothing: Asterisk holds it)
+                link.read_again_when_caught_up()
 
     def repair_all(self) -> None:
         """Anti-entropy: read every server's states again; relay what was missed, repair mirrors."""

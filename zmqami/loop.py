@@ -26,6 +26,9 @@ BATCH_INTERVAL = 0.002
 # LOAD_WINDOW; batching goes on until it uses less than BUSY_TO_STOP (batches cost less).
 LOAD_WINDOW = 0.05
 BUSY_TO_BATCH, BUSY_TO_STOP = 0.4, 0.2
+# s: a wake-up this much later than the loop asked for, without the loop's thread running
+# meanwhile, is a stall of the whole process (SIGSTOP, a paused VM, swapping): EventLoop.on_stall.
+STALL = 1.0
 # Plain ints: pyzmq turns each flag or option it is given into an enum, which costs about a
 # microsecond; on the path of every message that adds up.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -126,6 +129,7 @@ class EventLoop:
         self._on_hangup: Optional[Callable[[], None]] = None
         self._hangup_pending = False
         self._soon: Dict[Callable[[], None], None] = {}  # ordered, each callback once
+        self._on_stall: Optional[Callable[[float], None]] = None
 
     # --- readers and writers ---------------------------------------------------------------------
     # zmq.Poller hands back a plain socket as its file descriptor: that is the key for those.
@@ -227,6 +231,12 @@ class EventLoop:
         self.stop_signal = signal.Signals(signum).name
         self.stop()
 
+    def on_stall(self, callback: Callable[[float], None]) -> None:
+        """callback(seconds) after the process did not run for seconds (more than STALL) while
+        the loop was neither waiting for input nor handling it: its peers went on without it,
+        and what they sent meanwhile may have been dropped (ZeroMQ's high-water marks)."""
+        self._on_stall = callback
+
     def _drain_wakeup(self) -> None:
         try:
             self._wakeup[0].recv(64)
@@ -237,7 +247,9 @@ class EventLoop:
     def run(self) -> None:
         self._window = (time.monotonic(), time.thread_time())  # (CPU time: of this thread)
         while self.running:
-            ready = self.poller.poll(self._poll_timeout_ms())
+            timeout = self._poll_timeout_ms()
+            started, cpu = time.monotonic(), time.thread_time()
+            ready = self.poller.poll(timeout)
             for sock, events in ready:
                 if events & READABLE and sock in self._readers:
                     self._readers[sock]()
@@ -252,6 +264,17 @@ class EventLoop:
             self._run_due_timers()
             if ready and self.batch_interval:
                 self._pace()
+            if self._on_stall is not None and timeout is not None:
+                self._check_stall(started, cpu, timeout / 1000)
+
+    def _check_stall(self, started: float, cpu: float, timeout: float) -> None:
+        """After a wake-up that began at started (monotonic), the thread's CPU time then cpu:
+        the time it neither ran nor was allowed to wait (the poll's timeout, a batch's pause)
+        is time the process was held."""
+        held = (time.monotonic() - started) - (time.thread_time() - cpu) - timeout - \
+            self.batch_interval
+        if held > STALL:
+            self._on_stall(held)
 
     def _pace(self) -> None:
         """After input was handled: under load, let more gather until batch_interval after the

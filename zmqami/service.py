@@ -38,6 +38,10 @@ class Service:
     def stop(self) -> None:
         """The loop has ended: log what was done, save, close the connections."""
 
+    def after_stall(self, seconds: float) -> None:
+        """The process did not run for seconds (stopped, its host paused): what the others sent
+        meanwhile may have been dropped."""
+
     def reload(self) -> None:
         """SIGHUP."""
 
@@ -57,6 +61,7 @@ class Service:
         set, listens there (metrics_where: the file and key, for an error)."""
         self.loop.stop_on_signals()
         self.loop.reload_on_sighup(self.reload)
+        self.loop.on_stall(self.after_stall)
         self.start()
         self.metrics = serve_metrics(self.loop, self.program, self.metrics_snapshot,
                                      metrics_address, metrics_port, metrics_where)
