@@ -304,15 +304,16 @@ def play(source, count: int, devices: int, prefix: str = "SIP/") -> Dict[str, st
 
 def flood_while_stopped(script: "Script", standin, devices: int = 500) -> Dict[str, str]:
     """Stop script (SIGSTOP) while standin publishes more events than ZeroMQ's high-water marks
-    and the kernel's buffers hold (about 9 MB), then one final state per device, and keep it
-    stopped for STALL and two seconds in all (a VM paused that long); then let it run on.
+    and the kernel's buffers hold (about 5 MB; about 3 MB got through here), then one final
+    state per device, and keep it stopped for STALL and two seconds in all (a VM paused that
+    long); then let it run on.
     Returns the mirrors the final states should give.  res_zmq_manager's PUB drops what a
     subscriber so far behind has not read: the final states never reach the script."""
     from zmqami.loop import STALL
     stopped_at = time.monotonic()
     os.kill(script.proc.pid, signal.SIGSTOP)
     try:
-        for count, states in ((100_000, ["INUSE", "NOT_INUSE"]), (devices, ["BUSY"])):
+        for count, states in ((50_000, ["INUSE", "NOT_INUSE"]), (devices, ["BUSY"])):
             standin.control.call("stream", prefix="F/", count=count, devices=devices,
                                  rate=10**9, states=states)
             wait_until(lambda: standin.control.call("stream_status")["done"],
