@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 from testing.natscluster import free_port  # noqa: F401  (one for tests, bench and NATS)
 from zmqami.ami import AmiParser, format_action
+from zmqami.loop import STALL
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 30.0  # seconds: generous, so that a busy CI machine never fails a test by timing
@@ -309,7 +310,6 @@ def flood_while_stopped(script: "Script", standin, devices: int = 500) -> Dict[s
     long); then let it run on.
     Returns the mirrors the final states should give.  res_zmq_manager's PUB drops what a
     subscriber so far behind has not read: the final states never reach the script."""
-    from zmqami.loop import STALL
     stopped_at = time.monotonic()
     os.kill(script.proc.pid, signal.SIGSTOP)
     try:

@@ -59,9 +59,10 @@ def test_a_wake_up_long_after_its_timeout_without_running_is_a_stall():
     stalls = []
     loop.on_stall(stalls.append)
     now, cpu = time.monotonic(), time.thread_time()
-    loop._check_stall(now - 0.5, cpu, timeout=1.0)  # woke before its timeout: input
-    loop._check_stall(now - 1.5, cpu, timeout=1.0)  # its timeout, then a little late
-    loop._check_stall(now - STALL - 2, cpu - STALL - 2, timeout=0.0)  # it was busy all along
+    loop._check_stall((now - 0.5, cpu), 1000)  # woke before its timeout: input
+    loop._check_stall((now - 1.5, cpu), 1000)  # its timeout, then a little late
+    loop._check_stall((now - STALL - 2, cpu - STALL - 2), 0)  # it was busy all along
+    loop._check_stall((now - STALL - 2, cpu), None)  # (no timeout: it waited for input)
     assert stalls == []
-    loop._check_stall(now - STALL - 2, cpu, timeout=1.0)  # held for more than STALL
+    loop._check_stall((now - STALL - 2, cpu), 1000)  # held for more than STALL
     assert len(stalls) == 1 and stalls[0] > STALL

@@ -746,7 +746,8 @@ class ZmqManagerLink(AsteriskLink):
 
     def _caught_up(self) -> None:
         self._catch_up_timer = None
-        self.handlers.on_caught_up(self)
+        if self.up is True:  # (else its coming up reads its states)
+            self.handlers.on_caught_up(self)
 
     def _read_events(self) -> None:
         if drain(self.evt_socket, self._on_event) == READ_BATCH and self._catch_up_timer:

@@ -201,12 +201,12 @@ class Broker(Service):
         self.relay.read_lists(link.name, repair=False, first=first)
 
     def after_stall(self, seconds: float) -> None:
-        log.warning("The broker did not run for %.1f s (stopped, or its host paused): reading "
-                    "the servers' states again once it has read what they sent meanwhile",
-                    seconds)
-        for link in self.links:
-            if isinstance(link, ZmqManagerLink):  # (AMI drops nothing: Asterisk holds it)
-                link.read_again_when_caught_up()
+        modules = [link for link in self.links if isinstance(link, ZmqManagerLink)]
+        log.warning("The broker did not run for %.1f s (stopped, or its host paused)%s", seconds,
+                    ": reading the states of the servers reached through res_zmq_manager again "
+                    "once it has read what they sent meanwhile" if modules else "")
+        for link in modules:  # (AMI drops nothing: Asterisk holds what a session has not read)
+            link.read_again_when_caught_up()
 
     def repair_all(self) -> None:
         """Anti-entropy: read every server's states again; relay what was missed, repair mirrors."""

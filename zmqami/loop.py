@@ -246,9 +246,9 @@ class EventLoop:
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> None:
         self._window = (time.monotonic(), time.thread_time())  # (CPU time: of this thread)
+        since = self._window  # where the stall check's measure begins
         while self.running:
             timeout = self._poll_timeout_ms()
-            started, cpu = time.monotonic(), time.thread_time()
             ready = self.poller.poll(timeout)
             for sock, events in ready:
                 if events & READABLE and sock in self._readers:
@@ -264,17 +264,22 @@ class EventLoop:
             self._run_due_timers()
             if ready and self.batch_interval:
                 self._pace()
-            if self._on_stall is not None and timeout is not None:
-                self._check_stall(started, cpu, timeout / 1000)
+            if self._on_stall is not None:
+                since = self._check_stall(since, timeout)
 
-    def _check_stall(self, started: float, cpu: float, timeout: float) -> None:
-        """After a wake-up that began at started (monotonic), the thread's CPU time then cpu:
-        the time it neither ran nor was allowed to wait (the poll's timeout, a batch's pause)
-        is time the process was held."""
-        held = (time.monotonic() - started) - (time.thread_time() - cpu) - timeout - \
-            self.batch_interval
-        if held > STALL:
-            self._on_stall(held)
+    def _check_stall(self, since: Tuple[float, float], timeout_ms: Optional[int]
+                     ) -> Tuple[float, float]:
+        """At the end of a wake-up that began at since (monotonic time, this thread's CPU time),
+        with a poll of timeout_ms: the time the thread neither ran nor was allowed to wait (the
+        poll's timeout, a batch's pause) is time the process was held.  Returns now, where the
+        next wake-up's measure begins (one clock reading of each kind per wake-up)."""
+        now = (time.monotonic(), time.thread_time())
+        if timeout_ms is not None:
+            held = (now[0] - since[0]) - (now[1] - since[1]) - timeout_ms / 1000 - \
+                self.batch_interval
+            if held > STALL:
+                self._on_stall(held)
+        return now
 
     def _pace(self) -> None:
         """After input was handled: under load, let more gather until batch_interval after the

@@ -2,8 +2,8 @@
 
 A presence (or a lamp) has no owner: the same presentity is written on every server, so when
 the broker (or an agent) starts, it cannot tell from the servers alone which of two different
-values is the newer one.  With the values it knew when it stopped, it can: a server whose value differs from the
-saved one changed while we were away, and its value wins.
+values is the newer one.  With the values it knew when it stopped, it can: a server whose value
+differs from the saved one changed while we were away, and its value wins.
 
 The file is JSON, written to a temporary file and renamed over the old one (a crash leaves either
 the old file or the new one), at most every SAVE_INTERVAL seconds while something changed, and at
