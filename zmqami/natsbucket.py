@@ -36,6 +36,7 @@ RETRY_WAIT = (0.25, 1.0)  # s before storing failed states again: first, then do
 READ_TIMEOUT = 10.0       # s: a read of the bucket that brings nothing for so long starts again
 STALE_READS_MAX = 8       # reads in a row found behind the stream's leader, read again
 BUCKET_CHECK_INTERVAL = 3.0  # s between checks that the bucket is there and the same one
+BUCKET_CHECK_SPACING = 0.2   # s at least between two checks, however many are asked for sooner
 # The largest value an agent stores: a presence of the largest valid subtype and message (4000
 # bytes of UTF-8 each, escaped up to 3 times in JSON), in its envelope.  Larger values are
 # neither stored by the bucket nor kept by an agent.
@@ -127,6 +128,9 @@ class BucketReader:
         self.arrivals = Arrivals()
         self.per_owner: Dict[str, int] = {}  # keys known per peer, bounded (MAX_DEVICES_PER_PEER)
         self.max_keys = client.settings["MAX_DEVICES_PER_PEER"] + 1  # its states, its heartbeat
+        # Set to check the bucket before BUCKET_CHECK_INTERVAL is up (made in the NATS thread's
+        # loop: an asyncio.Event of Python 3.9 binds to the loop of the thread that makes it).
+        self.check_asked: Optional[asyncio.Event] = None
 
     # --- reading the whole bucket ---------------------------------------------------------------
     async def read_bucket(self) -> None:
@@ -262,6 +266,8 @@ class BucketReader:
         key = subject[len(client.key_prefix):]
         known = self.sequences.get(key)
         if known is not None and sequence <= known or key.startswith(client.own_keys):
+            if age is None and known is not None and sequence < known:
+                self.check_bucket_soon()  # a change numbered from 1 again: a new bucket?
             return
         if len(msg.data) > MAX_VALUE_BYTES:
             client.warn("input", f"Ignored a value of {len(msg.data)} bytes in the NATS bucket "
@@ -312,8 +318,15 @@ class BucketReader:
         stream's last one were never the bucket's (a forged republished header): forgotten."""
         from nats.js.errors import NotFoundError
         client = self.client
+        self.check_asked = asyncio.Event()
         while True:
-            await asyncio.sleep(BUCKET_CHECK_INTERVAL)
+            await asyncio.sleep(BUCKET_CHECK_SPACING)  # whoever asks (forged sequences too)
+            try:
+                await asyncio.wait_for(self.check_asked.wait(),
+                                       BUCKET_CHECK_INTERVAL - BUCKET_CHECK_SPACING)
+            except asyncio.TimeoutError:
+                pass
+            self.check_asked.clear()
             if not client.connected():
                 continue
             try:
@@ -323,6 +336,7 @@ class BucketReader:
                                     "(or waiting for it)")
                 try:
                     await client.bucket_republishing()
+                    self.check_asked.set()  # the check after it finds a new bucket: take it
                 except Exception as exc:  # no permission: another agent or an admin makes it
                     client.warn("lost", f"Cannot make the NATS bucket {client.bucket} "
                                         f"({why(exc)}); waiting for it")
@@ -349,6 +363,13 @@ class BucketReader:
                                       f"{printable(forged[0])}: not from the bucket; reading it "
                                       "again")
                 self.read_again()
+
+    def check_bucket_soon(self) -> None:
+        """A put found no stream, a change came numbered below one already taken, or the
+        connection came back (perhaps to a server that lost its store): check the bucket now
+        rather than at the next interval."""
+        if self.check_asked is not None:
+            self.check_asked.set()
 
     def _forged_sequences(self, last: int) -> List[str]:
         """The keys whose sequence was beyond the stream's last one at the previous check and
@@ -458,9 +479,12 @@ class BucketPutter:
             return  # timed out already, or not a put of ours
         key, connection, _ = entry
         status = (msg.headers or {}).get("Status")
+        if status == "503":  # no responders: the bucket's stream is gone, or has no leader
+            self.client.reader.check_bucket_soon()
+            self._put_done(key, connection, "status 503: no stream answered")
+            return
         if status:
-            self._put_done(key, connection, f"status {printable(status)}: no stream answered"
-                           if status == "503" else f"status {printable(status)}")
+            self._put_done(key, connection, f"status {printable(status)}")
             return
         try:
             answer = json.loads(msg.data)

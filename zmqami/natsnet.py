@@ -412,6 +412,7 @@ class NatsClient:
         if self.bucket_open:
             self.putter.put_again_after_reconnecting()
             self.reader.read_again()  # the changes missed while disconnected
+            self.reader.check_bucket_soon()  # (a server restarted may have lost the bucket)
 
     async def _on_disconnected(self) -> None:
         if self.connected_url is not None:
