@@ -1,4 +1,6 @@
 """python broker.py config.ini, end to end, against stand-in Asterisk servers on 127.0.0.1."""
+import json
+import re
 import signal
 
 import pytest
@@ -56,9 +58,15 @@ def test_presence_is_relayed_whole_once_and_its_echo_suppressed(standins, broker
                message="B's genuine change on A")
 
 
+# What res_zmq_manager's PUB never sends the broker: no subscription of the broker's matches it
+# (asterisk.EVENT_SUBSCRIPTIONS), so it stays in Asterisk.
+UNSUBSCRIBED = [b"not json", b"\xff\xfe\x00", b"[1, 2]", b'"Ping"', b"", b"{}", b'{"Event": 5}',
+                b"[" * 50000, b'{"Event":"VarSet","Variable":"x","Value":"y"}']
+# What reaches it, and is checked, counted and dropped.
 HOSTILE = [
-    b"not json", b"\xff\xfe\x00", b"[1, 2]", b'"Ping"', b"", b"{}", b'{"Event": 5}',
-    b"[" * 50000, b'{"Event":"DeviceStateChange"}',
+    b'{"Event":"DeviceStateChange"', b'{"Event":"DeviceStateChange"}\xff',
+    b'{"Event":"Reload",' + b"[" * 50000, b'{"Event":"LoadZmq"]',
+    b'{"Event":"DeviceStateChange"}',
     b'{"Event":"DeviceStateChange","Device":5,"State":"INUSE"}',
     b'{"Event":"DeviceStateChange","Device":"SIP/1","State":null}',
     b'{"Event":"DeviceStateChange","Device":"SIP/1","State":"FOO"}',
@@ -73,7 +81,7 @@ HOSTILE = [
 def test_hostile_input_is_logged_once_counted_dropped_and_the_broker_goes_on(standins, broker):
     a, b = standins(2)
     script = broker([a, b], presence="yes", count_messages="yes")
-    for raw in HOSTILE:
+    for raw in UNSUBSCRIBED + HOSTILE:
         a.control.publish_raw(raw)
     a.control.publish_raw(b'{"Event":"DeviceStateChange"}', b"two frames")
     a.control.set_device("SIP/200", "BUSY")
@@ -111,6 +119,22 @@ def test_statistics_verbose_messages_and_ami_trace(standins, broker, tmp_path):
     assert "server-2: " in script.lines("Statistics:")[-1]
 
 
+def test_only_the_events_the_broker_uses_leave_asterisk(standins, broker):
+    """res_zmq_manager publishes every event of Asterisk (a call: 34, 6 of them states); its PUB
+    keeps what no subscription matches, and the broker subscribes to the events it uses."""
+    a, b = standins(2)
+    script = broker([a, b], count_messages="yes")
+    for i in range(500):
+        a.control.publish_raw(json.dumps({"Event": "VarSet", "Privilege": "dialplan,all",
+                                          "Variable": "CALLERID", "Value": str(i)},
+                                         separators=(",", ":")).encode())
+    a.control.set_device("SIP/500", "INUSE")
+    wait_until(mirrored(b, "SIP/500", "INUSE"), message="the state after 500 VarSet events")
+    assert script.stop() == 0
+    events_in = int(re.search(r"server-1: (\d+) events in", script.lines("Statistics:")[-1])[1])
+    assert events_in < 10, script.lines("Statistics:")[-1]
+
+
 def test_ami_trace_logs_every_message_of_that_server(standins, tmp_path):
     from harness import Script, broker_config
     a, b = standins(2)
@@ -121,6 +145,8 @@ def test_ami_trace_logs_every_message_of_that_server(standins, tmp_path):
         wait_until(lambda: a.control.state()["subscriptions"] and b.control.state()["subscriptions"])
         a.control.set_device("SIP/400", "RINGING")
         script.wait_for_output("Got message from server-1:")
+        a.control.publish_raw(b'{"Event":"VarSet","Variable":"traced","Value":"1"}')
+        script.wait_for_output('"Variable": "traced"')  # traced: every event, not those used
         b.control.set_device("SIP/401", "RINGING")
         wait_until(mirrored(a, "SIP/401", "RINGING"))
         assert not script.lines("Got message from server-2")

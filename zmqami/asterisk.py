@@ -57,6 +57,16 @@ LIST_RETRY_FIRST, LIST_RETRY_MAX = 1.0, 30.0  # seconds before a failed list rea
 # server (at 100,000 devices a full record would add a fifth to the broker's memory).
 WRITTEN_KEPT = 10_000
 
+# res_zmq_manager publishes every event of Asterisk, each a JSON object that begins with its name
+# (compact; LoadZmq, written by the module itself, with spaces): a captured call made 34 events,
+# 6 of them DeviceStateChange, and as many VarSet and Newexten as its dialplan runs.  Its PUB drops
+# what a subscription does not match before it queues anything: subscribed to these only, the
+# rest stays in Asterisk, costs neither the network nor the relay, and never takes a place under
+# the PUB's high-water mark (1000) that a state needs.  (ami_trace: everything, to show it.)
+SUBSCRIBED_EVENTS = tuple(LISTED_IN) + BOOT_EVENTS + ("Reload",)
+EVENT_SUBSCRIPTIONS = tuple(opening + f'"{name}"'.encode("ascii") for name in SUBSCRIBED_EVENTS
+                            for opening in (b'{"Event":', b'{"Event": '))
+
 # res_zmq_manager's compact JSON.  A Custom: device's event is the echo of a mirror we wrote (two in
 # three events on a busy relay): never relayed, so not decoded.  Inside a JSON string the quotes
 # would be escaped, so the mark cannot be forged by a value.
@@ -587,11 +597,13 @@ class ZmqManagerLink(AsteriskLink):
     NO_ANSWER = "Did not receive REP from %s within %d ms"  # the original's words
 
     def __init__(self, loop: EventLoop, context: zmq.Context, name: str, cmd_url: str,
-                 evt_url: str, request_timeout_ms: int, handlers: LinkHandlers) -> None:
+                 evt_url: str, request_timeout_ms: int, handlers: LinkHandlers,
+                 every_event: bool = False) -> None:
         super().__init__(loop, name, request_timeout_ms, handlers)
         self.context = context
         self.cmd_url = cmd_url
         self.evt_url = evt_url
+        self.every_event = every_event  # subscribed to everything (ami_trace), not the events used
         self._boot_timer: Optional[Timer] = None  # LoadZmq seen, FullyBooted awaited
         self._catch_up_timer: Optional[Timer] = None  # after a stall: read again when it fires
         # list action -> the items its events showed with a line too long for the module's
@@ -609,8 +621,8 @@ class ZmqManagerLink(AsteriskLink):
         _common_options(self.evt_socket)
         self.evt_socket.setsockopt(zmq.RCVHWM, EVENT_HWM)
         self.evt_socket.setsockopt(zmq.MAXMSGSIZE, EVENT_MAX_BYTES)
-        # Everything, not just "{": what is not a JSON object is counted and reported, not hidden.
-        self.evt_socket.setsockopt(zmq.SUBSCRIBE, b"")
+        for subscription in (b"",) if self.every_event else EVENT_SUBSCRIPTIONS:
+            self.evt_socket.setsockopt(zmq.SUBSCRIBE, subscription)
         self.evt_socket.connect(self.evt_url)
         self.loop.add_reader(self.evt_socket, self._read_events)
         log.info("Connected to %s events on %s", self.name, self.evt_url)

@@ -238,7 +238,7 @@ def make_link(loop: EventLoop, context: zmq.Context, server: ServerConfig, timeo
         return AmiLink(loop, server.name, server.addr, server.ami_port, server.ami_user,
                        server.ami_secret, timeout_ms, handlers)
     return ZmqManagerLink(loop, context, server.name, server.cmd_url, server.evt_url, timeout_ms,
-                          handlers)
+                          handlers, every_event=server.ami_trace)
 
 
 def state_file_entries(config: BrokerConfig) -> int:
