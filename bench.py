@@ -224,11 +224,14 @@ class Cluster:
 
 
 def stream(cluster: Cluster, source: Standin, live: List[Standin], name: str, rate: float,
-           count: int, devices: Optional[int] = None, drain: float = DRAIN_SECONDS) -> Row:
-    """A paced stream from source; latency of each event's Setvar on every live destination."""
+           count: int, devices: Optional[int] = None, drain: float = DRAIN_SECONDS,
+           others: int = 0) -> Row:
+    """A paced stream from source; latency of each event's Setvar on every live destination.
+    others: a call's other events published before each state (testing.standins.CALL_EVENTS)."""
     prefix = f"b{int(time.time() * 1000) % 10**8}-"
     cpu_before = cluster.cpu_by_process()
-    source.control.call("stream", prefix=prefix, count=count, devices=devices or count, rate=rate)
+    source.control.call("stream", prefix=prefix, count=count, devices=devices or count, rate=rate,
+                        others=others)
     return collect(cluster, source, live, name, prefix, count, devices or count, drain,
                    cpu_before)
 
@@ -287,8 +290,9 @@ def scenario_isolation(context: zmq.Context, workdir: str, baseline: bool, secon
 
 
 def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: List[int],
-                   seconds: float) -> List[Row]:
-    """Paced streams of distinct devices from one server to two others."""
+                   seconds: float, others: int = 0) -> List[Row]:
+    """Paced streams of distinct devices from one server to two others; others: each state
+    among so many other events of a call, as Asterisk publishes them through res_zmq_manager."""
     cluster = Cluster(context, workdir)
     try:
         source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
@@ -302,8 +306,9 @@ def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: Lis
                  "nats": "agent -> 3-node NATS (R3 bucket) -> 2 agents",
                  "baseline": "baseline broker", "ami": "broker over AMI",
                  "floor": "floor relay"}[topology]
-        return [stream(cluster, source, [first, second], f"{label}: {rate}/s into 2", rate,
-                       int(rate * seconds)) for rate in rates]
+        return [stream(cluster, source, [first, second], f"{label}: {rate}/s"
+                       f"{f' among {rate * (others + 1)} events/s' if others else ''} into 2",
+                       rate, int(rate * seconds), others=others) for rate in rates]
     finally:
         cluster.close()
 
@@ -550,6 +555,10 @@ SCENARIOS = {
                                                       2 if quick else 4),
     "floor": lambda ctx, wd, quick: scenario_rates(ctx, wd, "floor", [1000, 3000, 6000],
                                                    2 if quick else 4),
+    # A call publishes 34 events through res_zmq_manager, 6 of them states: 5 others per state.
+    "calls": lambda ctx, wd, quick: [
+        row for topology in ("broker", "baseline")
+        for row in scenario_rates(ctx, wd, topology, [1000], 2 if quick else 4, others=5)],
     "burst": lambda ctx, wd, quick: [scenario_burst(ctx, wd, False, 20_000 if quick else 100_000),
                                      scenario_burst(ctx, wd, True, 20_000 if quick else 100_000)],
     "isolation": lambda ctx, wd, quick: [

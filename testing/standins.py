@@ -16,6 +16,20 @@ from zmqami import standin
 from zmqami.standin import LOADZMQ_DELAY, Standin, StandinAsterisk, StandinControl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The events of a call other than its states, as a captured one (Asterisk 20, a SIP phone called:
+# 34 events, 6 of them DeviceStateChange) had them: what a stream with ``others`` mixes in.
+_CHANNEL = {"Privilege": "call,all", "Channel": "SIP/100-00000000", "ChannelState": "5",
+            "ChannelStateDesc": "Ringing", "CallerIDNum": "999", "CallerIDName": "Lab",
+            "ConnectedLineNum": "999", "ConnectedLineName": "Lab", "Language": "en",
+            "AccountCode": "", "Context": "test", "Exten": "", "Priority": "1",
+            "Uniqueid": "1795726106.0", "Linkedid": "1795726106.0"}
+CALL_EVENTS = [{"Event": "Newchannel", **_CHANNEL},
+               {"Event": "VarSet", **_CHANNEL, "Privilege": "dialplan,all",
+                "Variable": "SIPCALLID", "Value": "2d5a9c1e46b3f0a7"},
+               {"Event": "Newexten", **_CHANNEL, "Privilege": "dialplan,all", "Extension": "100",
+                "Application": "Dial", "AppData": "SIP/100,30"},
+               {"Event": "Newstate", **_CHANNEL},
+               {"Event": "Hangup", **_CHANNEL, "Cause": "16", "Cause-txt": "Normal Clearing"}]
 
 
 class StreamingStandin(StandinAsterisk):
@@ -27,7 +41,8 @@ class StreamingStandin(StandinAsterisk):
         self.stream: Optional[Dict[str, Any]] = None
 
     def _control_stream(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        """Publish count DeviceStateChange events at rate per second, over devices devices."""
+        """Publish count DeviceStateChange events at rate per second, over devices devices;
+        with others, that many of a call's other events before each (CALL_EVENTS)."""
         self.stream = dict(command, start=time.monotonic(), sent=[], timer=None)
         self.stream["timer"] = self.loop.call_every(0.001, self._stream_tick)
         self._stream_tick()
@@ -43,6 +58,8 @@ class StreamingStandin(StandinAsterisk):
             device = f"{stream['prefix']}{i % stream['devices']}"
             state = states[(i // stream["devices"]) % len(states)]
             self.devices[device] = state
+            for n in range(stream.get("others", 0)):
+                self.publish(CALL_EVENTS[(i + n) % len(CALL_EVENTS)])
             self.publish({"Event": "DeviceStateChange", "Privilege": "call,all",
                           "Device": device, "State": state})
             sent.append(time.monotonic())
