@@ -120,7 +120,6 @@ class StandinAsterisk:
         self.delay = 0.0          # seconds, in slow mode
         self.stuck = False        # a request was read and never answered
         self.written_at: Dict[str, Tuple[str, float]] = {}  # Custom: device -> (state, when)
-        self.held_events: Optional[List[bytes]] = None  # while requests are answered (_on_request)
         self.cmd = self._bind(zmq.REP, cmd_port)
         # ZeroMQ's default high-water mark, as res_zmq_manager's PUB has: a subscriber more than
         # 1000 events behind loses the rest of a flood.
@@ -181,10 +180,7 @@ class StandinAsterisk:
             self._play_dead(f"an event line of {longest} bytes overflows the module's "
                             f"{MODULE_EVENT_LINE}-byte buffer")
         if self.mode != "crashed":
-            if self.held_events is None:
-                self.evt.send(_compact(event))
-            else:
-                self.held_events.append(_compact(event))
+            self.evt.send(_compact(event))
             if self.ami is not None:
                 self.ami.publish(event)
 
@@ -234,20 +230,10 @@ class StandinAsterisk:
 
     # --- the cmd socket --------------------------------------------------------------------------
     def _on_request(self) -> None:
-        """Answer the requests waiting, one by one, as the module's one command thread does.
-        The events they cause go out together after them: each send wakes ZeroMQ's I/O thread
-        unless it is awake already, and a stand-in cheaper per request leaves more of the
-        machine to the programs measured beside it (bench.py).  Asterisk publishes them from
-        other threads, in no set order with the replies."""
-        self.held_events = []
-        try:
-            for _ in range(READ_BATCH):
-                if not self._answer_next():
-                    return
-        finally:
-            held, self.held_events = self.held_events, None
-            for message in held:
-                self.evt.send(message)
+        """Answer the requests waiting, one by one, as the module's one command thread does."""
+        for _ in range(READ_BATCH):
+            if not self._answer_next():
+                return
 
     def _answer_next(self) -> bool:
         """Read and answer one request; False when there is none or no more may be read now."""
