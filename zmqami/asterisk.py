@@ -61,18 +61,21 @@ WRITTEN_KEPT = 10_000
 # DeviceStateChange, and as many VarSet and Newexten as its dialplan runs.  Its PUB drops what no
 # subscription matches before it queues anything, so a link subscribed to the events it uses
 # keeps the rest in Asterisk: off the network, off the relay, and out of the 1000 places the
-# PUB keeps for a slow reader.  But a prefix only matches if each event's JSON begins with its
-# name: the module writes the headers in their order (Event first) with jansson 2.8 and later,
-# in its hash table's order with older ones (Asterisk 13 on a distribution of 2016 or before).
-# So a link subscribes to everything until NAMED_FIRST_PROOF events of NAMED_FIRST_HEADERS
-# headers or more have all begun with their name (by chance, in a hash table's order, a name
-# comes first in so large an object about once in ten or more); one that does not keeps it
-# subscribed to everything, and so does each restart of Asterisk (another build), until shown
-# again.  (ami_trace: everything, always, to show it.)
+# PUB keeps for a slow reader.  Each event is a JSON object of its header lines, which Asterisk
+# writes (compact) in their order, the name first, with jansson 2.8 or later, and in an order
+# jansson does not define with older ones (main/json.c asks for no order): then any header may
+# come first.  So a link subscribes to each used event by its name, and to every other header
+# those events have (the captures': Asterisk 20 and 22) as a first key: with a recent jansson
+# only the names ever match; with an old one, more than the events used comes through, never
+# less.  (ami_trace: everything, to show it.)
 SUBSCRIBED_EVENTS = tuple(LISTED_IN) + BOOT_EVENTS + ("Reload",)
-EVENT_SUBSCRIPTIONS = tuple(opening + f'"{name}"'.encode("ascii") for name in SUBSCRIBED_EVENTS
-                            for opening in (b'{"Event":', b'{"Event": '))
-NAMED_FIRST_PROOF, NAMED_FIRST_HEADERS = 20, 8
+SUBSCRIBED_EVENT_HEADERS = ("Privilege", "SystemName", "Device", "State", "Presentity", "Status",
+                            "Subtype", "Message", "Exten", "Context", "Hint", "StatusText",
+                            "Mailbox", "Waiting", "New", "Old", "Module", "Uptime", "LastReload")
+EVENT_SUBSCRIPTIONS = tuple(
+    [opening + f'"{name}"'.encode("ascii") for name in SUBSCRIBED_EVENTS
+     for opening in (b'{"Event":', b'{"Event": ')]  # (LoadZmq: the module's own, with a space)
+    + [f'{{"{header}":'.encode("ascii") for header in SUBSCRIBED_EVENT_HEADERS])
 
 # res_zmq_manager's compact JSON.  A Custom: device's event is the echo of a mirror we wrote (two in
 # three events on a busy relay): never relayed, so not decoded.  Inside a JSON string the quotes
@@ -599,50 +602,6 @@ class AsteriskLink:
         self.handlers.on_event(self, event)
 
 
-class EventSubscription:
-    """What a link's SUB socket asks res_zmq_manager for: everything, until its events are shown
-    to begin with their names; then only the events used (EVENT_SUBSCRIPTIONS)."""
-
-    def __init__(self, sock: zmq.Socket, name: str, everything: bool) -> None:
-        self.sock = sock
-        self.name = name
-        self.everything = everything  # always everything (ami_trace)
-        self.narrowed = False
-        self.named_first = 0  # large events seen, each beginning with its name
-        self.unnamed = False  # one did not: everything, until Asterisk restarts
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-
-    def saw(self, raw: bytes, event: Dict[str, Any]) -> None:
-        """An event read while subscribed to everything: one more proof, or the disproof."""
-        if self.narrowed or self.unnamed or self.everything:
-            return
-        if not raw.startswith(b'{"Event":'):
-            self.unnamed = True
-            log.info("%s's events do not begin with their names (jansson before 2.8?): reading "
-                     "all of them", self.name)
-        elif len(event) >= NAMED_FIRST_HEADERS:
-            self.named_first += 1
-            if self.named_first >= NAMED_FIRST_PROOF:
-                self._narrow()
-
-    def _narrow(self) -> None:
-        for subscription in EVENT_SUBSCRIPTIONS:  # (before the old one goes: nothing missed)
-            self.sock.setsockopt(zmq.SUBSCRIBE, subscription)
-        self.sock.setsockopt(zmq.UNSUBSCRIBE, b"")
-        self.narrowed = True
-        log.info("%s's events begin with their names: reading only %s", self.name,
-                 ", ".join(SUBSCRIBED_EVENTS))
-
-    def restarted(self) -> None:
-        """Asterisk (re)started, perhaps another build: everything again, until shown again."""
-        if self.narrowed:
-            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-            for subscription in EVENT_SUBSCRIPTIONS:
-                self.sock.setsockopt(zmq.UNSUBSCRIBE, subscription)
-        self.narrowed = self.unnamed = False
-        self.named_first = 0
-
-
 class ZmqManagerLink(AsteriskLink):
     """One Asterisk server reached through res_zmq_manager (SUB for events, DEALER for actions)."""
     NO_ANSWER = "Did not receive REP from %s within %d ms"  # the original's words
@@ -654,8 +613,7 @@ class ZmqManagerLink(AsteriskLink):
         self.context = context
         self.cmd_url = cmd_url
         self.evt_url = evt_url
-        self.every_event = every_event  # subscribed to everything always (ami_trace)
-        self.subscription: Optional[EventSubscription] = None
+        self.every_event = every_event  # subscribed to everything (ami_trace), not the events used
         self._boot_timer: Optional[Timer] = None  # LoadZmq seen, FullyBooted awaited
         self._catch_up_timer: Optional[Timer] = None  # after a stall: read again when it fires
         # list action -> the items its events showed with a line too long for the module's
@@ -673,7 +631,8 @@ class ZmqManagerLink(AsteriskLink):
         _common_options(self.evt_socket)
         self.evt_socket.setsockopt(zmq.RCVHWM, EVENT_HWM)
         self.evt_socket.setsockopt(zmq.MAXMSGSIZE, EVENT_MAX_BYTES)
-        self.subscription = EventSubscription(self.evt_socket, self.name, self.every_event)
+        for subscription in (b"",) if self.every_event else EVENT_SUBSCRIPTIONS:
+            self.evt_socket.setsockopt(zmq.SUBSCRIBE, subscription)
         self.evt_socket.connect(self.evt_url)
         self.loop.add_reader(self.evt_socket, self._read_events)
         log.info("Connected to %s events on %s", self.name, self.evt_url)
@@ -707,7 +666,6 @@ class ZmqManagerLink(AsteriskLink):
         """A (re)starting Asterisk publishes LoadZmq when the module loads, and FullyBooted
         when it has loaded everything: it is resynchronised then (at the latest BOOT_WINDOW
         after LoadZmq), once.  FullyBooted alone (LoadZmq came before we subscribed) counts too."""
-        self.subscription.restarted()
         if event == "LoadZmq":
             log.info("%s published LoadZmq: it (re)started; resynchronising once it is fully "
                      "booted", self.name)
@@ -830,8 +788,6 @@ class ZmqManagerLink(AsteriskLink):
             return
         if len(frames[0]) > MODULE_MAX_LINE_BYTES or self.long_lines_known:
             self._watch_line_lengths(event, len(frames[0]))
-        if not self.subscription.narrowed:
-            self.subscription.saw(frames[0], event)
         if event["Event"] in BOOT_EVENTS:
             self._booted(event["Event"])
         self._deliver_event(event)
