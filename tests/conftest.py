@@ -4,8 +4,8 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 
-from harness import (HubClient, Script, broker_config, free_port, kill_all_scripts,
-                     python_settings, start_agent, wait_until)
+from harness import (SUBSCRIBED, HubClient, Script, broker_config, free_port, kill_all_scripts,
+                     python_settings, start_agent, subscribed, wait_until)
 from testing.standins import start_standin_process
 from zmqami.standin import Standin, start_standin
 
@@ -78,7 +78,10 @@ def broker(tmp_path):
         # Every live server subscribed to (res_zmq_manager) or logged in to (AMI).
         zmq_servers = [s for i, s in enumerate(servers) if s.control is not None and i not in ami]
         ami_servers = [s for i, s in enumerate(servers) if s.control is not None and i in ami]
-        wait_until(lambda: all(s.control.state()["subscriptions"] >= 1 for s in zmq_servers)
+        traced = {servers[i].evt_port for i, keys in (server_keys or {}).items()
+                  if keys.get("ami_trace") == "yes"}
+        wait_until(lambda: all(subscribed(s, 1 if s.evt_port in traced else SUBSCRIBED)
+                               for s in zmq_servers)
                    and all(s.control.state()["ami_sessions"] >= 1 for s in ami_servers)
                    or script.proc.poll() is not None, message="the broker to connect")
         assert script.proc.poll() is None, script.output()
@@ -131,9 +134,8 @@ def agents(tmp_path, hub, context):
             new.append(script)
         for index, (name, standin) in enumerate(zip(names, servers)):
             client.ping_until_pong(name)
-            key = "ami_sessions" if index in ami else "subscriptions"
-            wait_until(lambda: standin.control.state()[key] >= 1,
-                       message=f"agent {name} to connect to its Asterisk")
+            wait_until(lambda: standin.control.state()["ami_sessions"] >= 1 if index in ami
+                       else subscribed(standin), message=f"agent {name} to connect to its Asterisk")
         return new
 
     yield start

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 from testing.natscluster import free_port  # noqa: F401  (one for tests, bench and NATS)
 from zmqami.ami import AmiParser, format_action
+from zmqami.asterisk import EVENT_SUBSCRIPTIONS
 from zmqami.loop import STALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,16 @@ def run_without(package: str, tmp_path: Path, script: str, *args: str
 
 
 AMI_USER, AMI_SECRET = "zmq-ami", "stand-in-secret"  # the stand-in's manager user
+
+
+# A relay's subscriptions to res_zmq_manager (ami_trace: one, to everything).  ZeroMQ sends them
+# together on each connection; a test waits for all before it publishes.
+SUBSCRIBED = len(EVENT_SUBSCRIPTIONS)
+
+
+def subscribed(standin, count: int = SUBSCRIBED) -> bool:
+    """Every subscription of a relay (count of them) has reached this stand-in."""
+    return standin.control.state()["subscriptions"] >= count
 
 
 def broker_config(servers: list, names: Optional[List[str]] = None, ami=(), ami_secret=AMI_SECRET,

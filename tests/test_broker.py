@@ -5,9 +5,8 @@ import signal
 
 import pytest
 
-from harness import ROOT, mirrored, run_script, setvars, wait_until
+from harness import ROOT, SUBSCRIBED, mirrored, run_script, setvars, subscribed, wait_until
 from testing.standins import CALL_EVENTS
-from zmqami.asterisk import EVENT_SUBSCRIPTIONS
 
 
 def test_a_state_reaches_every_other_server_and_nothing_goes_back(standins, broker):
@@ -135,7 +134,7 @@ def test_only_the_events_the_broker_uses_leave_asterisk(standins, broker):
     keeps what no subscription of the broker's matches."""
     a, b = standins(2)
     script = broker([a, b], count_messages="yes")
-    wait_until(lambda: a.control.state()["subscriptions"] == len(EVENT_SUBSCRIPTIONS),
+    wait_until(lambda: a.control.state()["subscriptions"] == SUBSCRIBED,
                message="the broker's subscriptions at the publisher")
     for _ in range(500):
         a.control.publish_raw(compact(CALL_EVENTS[1]))  # VarSet: kept in Asterisk
@@ -173,7 +172,7 @@ def test_ami_trace_logs_every_message_of_that_server(standins, tmp_path):
     (tmp_path / "trace.ini").write_text(text)
     script = Script("broker.py", str(tmp_path / "trace.ini"), log_dir=tmp_path)
     try:
-        wait_until(lambda: a.control.state()["subscriptions"] and b.control.state()["subscriptions"])
+        wait_until(lambda: subscribed(a, 1) and subscribed(b))
         a.control.set_device("SIP/400", "RINGING")
         script.wait_for_output("Got message from server-1:")
         a.control.publish_raw(b'{"Event":"VarSet","Variable":"traced","Value":"1"}')

@@ -1,6 +1,6 @@
 """The broker through faults: hung and dead servers, crashes and restarts, lost events."""
 from harness import (converge, custom_states, flood_while_stopped, free_port, play, restart,
-                     wait_until)
+                     subscribed, wait_until)
 from zmqami.standin import Standin
 
 FAST = dict(ping_interval="0.2", server_timeout="1", request_timeout="300")
@@ -68,7 +68,7 @@ def test_a_quick_restart_is_seen_by_its_boot_events(standins, broker, processes)
     # The module publishes LoadZmq 2 s after it loads; here it is published once the broker has
     # subscribed again, so that the test never depends on how fast the broker reconnects.
     a = restart(processes, a, "a", loadzmq_delay=None)
-    wait_until(lambda: a.control.state()["subscriptions"] >= 1,
+    wait_until(lambda: subscribed(a),
                message="the broker to subscribe to the restarted server")
     a.control.boot()
     converge("broker, quick restart seen by LoadZmq: stale mirror rewritten",

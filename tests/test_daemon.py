@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from harness import (ROOT, HubClient, Script, broker_config, custom_states, free_port,
-                     python_settings, run_script, setvars, wait_until)
+                     python_settings, run_script, setvars, subscribed, wait_until)
 
 
 def start_broker(tmp_path, servers, **general):
@@ -75,7 +75,7 @@ def test_sighup_adds_and_removes_servers_and_keeps_the_known_states(standins, tm
     a, b, c = standins(3)
     config, script = start_broker(tmp_path, [a, b])
     try:
-        wait_until(lambda: a.control.state()["subscriptions"] and b.control.state()["subscriptions"])
+        wait_until(lambda: subscribed(a) and subscribed(b))
         a.control.set_device("SIP/1", "INUSE")
         wait_until(lambda: custom_states(b).get("Custom:SIP/1") == "INUSE")
         config.write_text(broker_config([a, b, c]))

@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from harness import HubClient, broker_config, custom_states, restart, start_agent, wait_until
+from harness import (HubClient, broker_config, custom_states, restart, start_agent, subscribed,
+                     wait_until)
 from zmqami.rules import aggregate_device_states
 
 TRIALS = 20
@@ -130,7 +131,7 @@ def quick_restart(processes, server, name, **options):
     states only): its phones have not registered again yet.  Its boot events come once the
     program under test has subscribed again."""
     server = restart(processes, server, name, loadzmq_delay=None, **options)
-    wait_until(lambda: server.control.state()["subscriptions"] >= 1,
+    wait_until(lambda: subscribed(server),
                message="a subscription to the restarted server")
     server.control.boot()
     return server

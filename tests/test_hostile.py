@@ -11,7 +11,7 @@ import zmq
 
 from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config, custom_states,
                      free_port, presence_event, python_settings, run_script, start_agent,
-                     wait_until)
+                     subscribed, wait_until)
 from zmqami.ami import format_action
 
 OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
@@ -269,7 +269,7 @@ def test_ipv6_end_to_end_on_the_loopback(standins, tmp_path, context):
     config = tmp_path / "ipv6.ini"
     config.write_text(broker_config([a, b, c], ami=(2,)).replace("addr = 127.0.0.1", "addr = ::1"))
     broker_script = Script("broker.py", str(config), log_dir=tmp_path, name="broker6")
-    wait_until(lambda: a.control.state()["subscriptions"] and b.control.state()["subscriptions"]
+    wait_until(lambda: subscribed(a) and subscribed(b)
                and c.control.state()["ami_sessions"], message="the broker to reach ::1")
     a.control.set_device("SIP/6", "RINGING")
     for standin in (b, c):

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from harness import (converge, custom_states, free_port, play, python_settings, restart,
-                     run_script, run_without, setvars, start_agent, wait_until)
+                     run_script, run_without, setvars, start_agent, subscribed, wait_until)
 from testing.cuttable import CuttableLink
 from testing.natscluster import (NatsCluster, fill_bucket_as_mallory, make_unlimited_bucket,
                                  nats_server_binary)
@@ -59,7 +59,7 @@ def nats_agents(tmp_path):
 
 def wait_ready(script, standin) -> None:
     script.wait_for_output("from the NATS bucket")
-    wait_until(lambda: standin.control.state()["subscriptions"] >= 1,
+    wait_until(lambda: subscribed(standin),
                message=f"{script.name} to connect to its Asterisk")
 
 
