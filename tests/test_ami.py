@@ -174,8 +174,11 @@ def test_chunked_tcp_and_restart_of_an_ami_server(standins, broker, processes, c
     a = restart(processes, a, "a")     # its database still says RINGING
     wait_until(lambda: custom_states(a).get("Custom:SIP/200") == "NOT_INUSE",
                message="the restarted AMI server resynchronised")
-    script.wait_for_output("connection closed by Asterisk")
-    assert len(script.lines("connection closed by Asterisk")) == 1
+    # The loss, logged once: "connection closed by Asterisk", or "connection lost: Connection
+    # reset by peer" when kill -9 found a request of the broker's still unread (the kernel then
+    # resets the connection; seen once in a full run).
+    script.wait_for_output("server-1: connection ")
+    assert len(script.lines("server-1: connection ")) == 1, script.output()
 
 
 def test_shutdown_event_and_failed_login(standins, broker, tmp_path):
