@@ -306,9 +306,13 @@ def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: Lis
                  "nats": "agent -> 3-node NATS (R3 bucket) -> 2 agents",
                  "baseline": "baseline broker", "ami": "broker over AMI",
                  "floor": "floor relay"}[topology]
-        return [stream(cluster, source, [first, second], f"{label}: {rate}/s"
-                       f"{f' among {rate * (others + 1)} events/s' if others else ''} into 2",
-                       rate, int(rate * seconds), others=others) for rate in rates]
+        rows = []
+        for rate in rates:
+            among = f" among {rate * (others + 1)} events/s" if others else ""
+            rows.append(stream(cluster, source, [first, second],
+                               f"{label}: {rate}/s{among} into 2", rate, int(rate * seconds),
+                               others=others))
+        return rows
     finally:
         cluster.close()
 

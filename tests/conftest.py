@@ -76,12 +76,12 @@ def broker(tmp_path):
         script = Script("broker.py", str(config), log_dir=tmp_path)
         running.append(script)
         # Every live server subscribed to (res_zmq_manager) or logged in to (AMI).
-        zmq_servers = [s for i, s in enumerate(servers) if s.control is not None and i not in ami]
+        # (ami_trace: one subscription, to everything)
+        zmq_servers = [(s, 1 if (server_keys or {}).get(i, {}).get("ami_trace") == "yes"
+                        else SUBSCRIBED)
+                       for i, s in enumerate(servers) if s.control is not None and i not in ami]
         ami_servers = [s for i, s in enumerate(servers) if s.control is not None and i in ami]
-        traced = {servers[i].evt_port for i, keys in (server_keys or {}).items()
-                  if keys.get("ami_trace") == "yes"}
-        wait_until(lambda: all(subscribed(s, 1 if s.evt_port in traced else SUBSCRIBED)
-                               for s in zmq_servers)
+        wait_until(lambda: all(subscribed(s, count) for s, count in zmq_servers)
                    and all(s.control.state()["ami_sessions"] >= 1 for s in ami_servers)
                    or script.proc.poll() is not None, message="the broker to connect")
         assert script.proc.poll() is None, script.output()

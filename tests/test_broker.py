@@ -1,5 +1,4 @@
 """python broker.py config.ini, end to end, against stand-in Asterisk servers on 127.0.0.1."""
-import json
 import re
 import signal
 
@@ -7,6 +6,7 @@ import pytest
 
 from harness import ROOT, SUBSCRIBED, mirrored, run_script, setvars, subscribed, wait_until
 from testing.standins import CALL_EVENTS
+from zmqami.standin import module_json
 
 
 def test_a_state_reaches_every_other_server_and_nothing_goes_back(standins, broker):
@@ -121,10 +121,6 @@ def test_statistics_verbose_messages_and_ami_trace(standins, broker, tmp_path):
     assert "server-2: " in script.lines("Statistics:")[-1]
 
 
-def compact(event) -> bytes:
-    return json.dumps(event, separators=(",", ":")).encode()
-
-
 def events_in(script, server: str) -> int:
     return int(re.search(rf"{server}: (\d+) events in", script.lines("Statistics:")[-1])[1])
 
@@ -137,7 +133,7 @@ def test_only_the_events_the_broker_uses_leave_asterisk(standins, broker):
     wait_until(lambda: a.control.state()["subscriptions"] == SUBSCRIBED,
                message="the broker's subscriptions at the publisher")
     for _ in range(500):
-        a.control.publish_raw(compact(CALL_EVENTS[1]))  # VarSet: kept in Asterisk
+        a.control.publish_raw(module_json(CALL_EVENTS[1]))  # VarSet: kept in Asterisk
     a.control.set_device("SIP/500", "INUSE")
     wait_until(mirrored(b, "SIP/500", "INUSE"), message="the state after 500 VarSet events")
     assert script.stop() == 0
@@ -155,12 +151,12 @@ def test_events_whose_headers_come_in_any_order_are_all_relayed(standins, broker
     for n, first in enumerate(("Privilege", "Device", "State")):
         device = f"SIP/{600 + n}"
         event = dict(state, Device=device)
-        a.control.publish_raw(compact({first: event[first], **event}))
+        a.control.publish_raw(module_json({first: event[first], **event}))
         wait_until(mirrored(b, device, "BUSY"), message=f"a state whose {first} comes first")
     presence = {"Event": "PresenceStateChange", "Privilege": "call,all",
                 "Presentity": "CustomPresence:600", "Status": "away", "Subtype": "",
                 "Message": "lunch"}
-    a.control.publish_raw(compact({"Message": "lunch", **presence}))
+    a.control.publish_raw(module_json({"Message": "lunch", **presence}))
     wait_until(lambda: b.control.presences().get("CustomPresence:600") == ["away", "", "lunch"],
                message="a presence whose Message comes first")
 

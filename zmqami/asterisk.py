@@ -772,7 +772,8 @@ class ZmqManagerLink(AsteriskLink):
             self.handlers.on_caught_up(self)
 
     def _read_events(self) -> None:
-        if drain(self.evt_socket, self._on_event) == READ_BATCH and self._catch_up_timer:
+        if drain(self.evt_socket, self._on_event) == READ_BATCH and \
+                self._catch_up_timer is not None:
             self.read_again_when_caught_up()  # (more waiting: later)
 
     def _on_event(self, frames: List[bytes]) -> None:

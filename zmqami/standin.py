@@ -79,7 +79,7 @@ def asterisk_headers(pairs: Iterable[Tuple[str, str]]) -> Dict[str, str]:
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def _compact(obj: Any) -> bytes:
+def module_json(obj: Any) -> bytes:
     """JSON as the module writes it: no spaces, raw UTF-8."""
     return _COMPACT_JSON.encode(obj).encode("utf-8")
 
@@ -169,7 +169,7 @@ class StandinAsterisk:
         # The module publishes LoadZmq with its own spacing; every other event is compact.
         # (Not to AMI sessions: there FullyBooted comes with each login.)
         self.evt.send(b'{"Event": "LoadZmq"}')
-        self.evt.send(_compact({"Event": "FullyBooted", "Privilege": "system,all",
+        self.evt.send(module_json({"Event": "FullyBooted", "Privilege": "system,all",
                                 "Status": "Fully Booted", "Uptime": "1", "LastReload": "1"}))
 
     # --- the evt socket --------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class StandinAsterisk:
             self._play_dead(f"an event line of {longest} bytes overflows the module's "
                             f"{MODULE_EVENT_LINE}-byte buffer")
         if self.mode != "crashed":
-            self.evt.send(_compact(event))
+            self.evt.send(module_json(event))
             if self.ami is not None:
                 self.ami.publish(event)
 
@@ -257,7 +257,7 @@ class StandinAsterisk:
         return True
 
     def _send_reply(self, reply: List[Dict[str, str]], resume: bool = False) -> None:
-        self.cmd.send(_compact(reply))
+        self.cmd.send(module_json(reply))
         if resume:
             self.loop.add_reader(self.cmd, self._on_request)
 
