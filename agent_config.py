@@ -66,6 +66,12 @@ HINTED_ONLY = False
 PUBLISH_FILTER = None
 ACCEPT_FILTER = None
 
+# Under load, send this host's states to the peers many to a message (AsteriskEvents): less
+# work for the hub and the peers.  An original agent would miss those states: 'auto' packs
+# only after five minutes without a word from an original agent; True: every agent on the
+# network is of this version; False: never.  (Not over NATS, where each state has its key.)
+PACK_EVENTS = 'auto'
+
 # Seconds of silence after which a peer agent is down (its devices then show DOWN_STATE here);
 # None: 3 x KEEP_ALIVE_INTERVAL.
 PEER_TIMEOUT = None

@@ -155,7 +155,8 @@ class Cluster:
                 handle.write(f"LOG_LEVEL = 'warning'\nPUB_BIND_URL = {pub!r}\n"
                              f"SUB_BIND_URL = {pull!r}\n")
             self.run("server.py", hub_config)
-            network = f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\n"
+            # every agent here is of this version: what 'auto' does after five minutes
+            network = f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\nPACK_EVENTS = True\n"
         for i, server in enumerate(servers, first_index):
             config = os.path.join(self.workdir, f"agent{len(self.relays)}.py")
             with open(config, "w") as handle:

@@ -335,3 +335,16 @@ def flood_while_stopped(script: "Script", standin, devices: int = 500) -> Dict[s
     finally:
         os.kill(script.proc.pid, signal.SIGCONT)
     return {f"Custom:F/{i}": "BUSY" for i in range(devices)}
+
+
+def flood_until_packed(source, destination, monitor, name: str) -> None:
+    """Change 50 of source's devices at once, until its agent (name) sent some together."""
+    devices = [f"SIP/{i}" for i in range(50)]
+    for attempt in range(20):
+        state = ("INUSE", "BUSY")[attempt % 2]
+        source.control.set_devices({device: state for device in devices})
+        for device in devices:
+            wait_until(mirrored(destination, device, state), message=f"{device} {state}")
+        if monitor.find("AsteriskEvents", name):
+            return
+    raise AssertionError(f"{name} never sent states together")

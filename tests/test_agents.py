@@ -7,8 +7,8 @@ import sys
 import pytest
 import zmq.auth
 
-from harness import (ROOT, HubClient, Script, mirrored, python_settings, run_script, setvars,
-                     wait_until)
+from harness import (ROOT, HubClient, Script, flood_until_packed, mirrored, python_settings,
+                     run_script, setvars, wait_until)
 
 
 def test_a_state_change_reaches_the_other_agents_and_not_its_own(standins, agents, hub, context):
@@ -47,6 +47,30 @@ def test_every_state_of_an_agentstates_is_written_and_stays_writable(standins, a
         wait_until(mirrored(y, device, "RINGING"), message=f"{device}'s next change")
     action_ids = [setvar["ActionID"] for setvar in setvars(y)]
     assert len(action_ids) == len(set(action_ids))
+
+
+def test_states_taken_together_go_together_unless_an_original_agent_may_listen(
+        standins, agents, hub, context):
+    x, y = standins(2)
+    monitor = HubClient(context, hub, name="monitor", topics=["[*]"])
+    (packing,), (auto,) = agents([x], PACK_EVENTS=True), agents([y], names="Y")
+    flood_until_packed(x, y, monitor, "X")
+    for pack in monitor.find("AsteriskEvents", "X"):
+        assert 2 <= len(pack["x_events"]) <= 50
+        assert all(event.keys() == {"Event", "Device", "State"} for event in pack["x_events"])
+    # 'auto': nothing together in the first five minutes, when an original agent may not have
+    # reported yet; each change in an AsteriskEvent of its own, as the original sent it.
+    y.control.set_devices({f"SIP/{i}": "RINGING" for i in range(50)})
+    for i in range(50):
+        wait_until(mirrored(x, f"SIP/{i}", "RINGING"), message=f"SIP/{i} RINGING")
+    assert not monitor.find("AsteriskEvents", "Y")
+    assert len(monitor.find("AsteriskEvent", "Y")) >= 50
+    # An original agent's Ping report (no x_heartbeat) is heard by the agent that would pack.
+    old = HubClient(context, hub, name="Old")
+    old.send("AsteriskStats", "AsteriskActionStatus",
+             data={"Action": "Ping", "Response": "Success", "Timestamp": "1.0"})
+    auto.wait_for_output("An original agent (Old) is on the network")
+    assert not packing.lines("An original agent")
 
 
 def test_unknown_and_custom_devices_are_not_relayed(standins, agents, hub, context):
@@ -205,6 +229,9 @@ AGENT_GARBAGE = [
     {"msg_type": "AgentPing", "uuid": "u5", "origin": 42},
     {"msg_type": "AsteriskAction", "uuid": "u6", "origin": "Evil", "x_data": ["Ping"]},
     {"msg_type": "SomethingNew", "uuid": "u7", "origin": "Newer", "x_future": 1},
+    {"msg_type": "AsteriskEvents", "uuid": "u8", "origin": "Evil", "x_events": {"not": "a list"}},
+    {"msg_type": "AsteriskEvents", "uuid": "u9", "origin": "Evil", "x_events": [
+        {"Event": "DeviceStateChange", "Device": "SIP/1\r\nAction: Originate", "State": "INUSE"}]},
 ]
 
 
@@ -282,6 +309,7 @@ def test_pid_file_rules(standins, agents, hub, tmp_path):
     ("agent.py", "ASTERISK_EVT_URL = 'udp://127.0.0.1:1'\n", "must be a ZeroMQ address"),
     ("agent.py", "SYSTEM_NAME = '[Moscow]'\n", "SYSTEM_NAME: must be a name"),
     ("agent.py", "PRESENCE = 'yes'\n", "PRESENCE: must be True or False"),
+    ("agent.py", "PACK_EVENTS = 1\n", "PACK_EVENTS: must be True, False or 'auto'"),
     ("agent.py", "LOG_LEVEL = 'loud'\n", "LOG_LEVEL: must be one of debug, info, warning, error"),
     ("agent.py", "ZMQ_PUB_URL = 5556\n", "ZMQ_PUB_URL: must be a ZeroMQ address"),
     ("agent.py", "SYSTEM_NAME = 'x\n", "line 1"),

@@ -101,8 +101,9 @@ def random_frames(rng: random.Random):
               "Presentity", "Status", "Message"]
     body = {rng.choice(fields): junk for _ in range(rng.randrange(6))}
     if kind == 3:
-        body.update(msg_type=rng.choice(["AsteriskEvent", "AgentStates", "AsteriskAction",
-                                         "AgentHeartbeat", "AgentStateRequest", "AgentPing"]),
+        body.update(msg_type=rng.choice(["AsteriskEvent", "AsteriskEvents", "AgentStates",
+                                         "AsteriskAction", "AgentHeartbeat", "AgentStateRequest",
+                                         "AgentPing"]),
                     uuid="f" * 32, origin="Fuzzer")
     if kind == 4:
         body.update(Event=rng.choice(["DeviceStateChange", "PresenceStateChange", "LoadZmq"]))

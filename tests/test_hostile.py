@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from harness import (AMI_SECRET, AMI_USER, HubClient, Script, broker_config, custom_states,
-                     free_port, presence_event, python_settings, run_script, start_agent,
-                     subscribed, wait_until)
+                     flood_until_packed, free_port, presence_event, python_settings, run_script,
+                     start_agent, subscribed, wait_until)
 from zmqami.ami import format_action
 
 OWN_ACTIONS = {"ping", "devicestatelist", "presencestatelist"}  # keep-alives and resyncs
@@ -341,7 +341,7 @@ def test_every_message_of_a_new_agent_survives_the_original_hub(standins, tmp_pa
     urls = dict(ZMQ_PUB_URL=pull, ZMQ_SUB_URL=pub)
     for name, standin, lamps in (("X", x, "none"), ("Y", y, "external")):
         start_agent(tmp_path, name, standin, PRESENCE=True, KEEP_ALIVE_INTERVAL=0.3,
-                    RESYNC_INTERVAL=0.3, MWI=True, MWI_WRITE=lamps, **urls)
+                    RESYNC_INTERVAL=0.3, MWI=True, MWI_WRITE=lamps, PACK_EVENTS=True, **urls)
     client = HubClient(context, SimpleNamespace(pull_url=pull, pub_url=pub), name="Console")
     client.ping_until_pong("X")
     client.ping_until_pong("Y")
@@ -353,10 +353,14 @@ def test_every_message_of_a_new_agent_survives_the_original_hub(standins, tmp_pa
     x.control.set_mailbox("100@default", 1, 0)  # a voicemail lamp (MessageWaiting)
     wait_until(lambda: custom_states(y).get("Custom:SIP/1") == "INUSE")
     wait_until(lambda: y.control.mailboxes().get("100@default") == [1, 0])
+    monitor = HubClient(context, SimpleNamespace(pull_url=pull, pub_url=pub), name="monitor",
+                        topics=["[*]"])
+    flood_until_packed(x, y, monitor, "X")
     x.control.set_mode("hung")  # the next AsteriskAction is answered with null
     client.send("X", "AsteriskAction", data={"Action": "Ping"})
     for msg_type in ("AgentPing", "AgentPong", "AgentHeartbeat", "AgentStateRequest",
-                     "AgentStates", "AsteriskEvent", "AsteriskAction", "AsteriskActionStatus"):
+                     "AgentStates", "AsteriskEvent", "AsteriskEvents", "AsteriskAction",
+                     "AsteriskActionStatus"):
         hub.wait_for_output(f"relayed {msg_type}")
     wait_until(lambda: [m for m in client.find("AsteriskActionStatus", "X") if m["x_data"] is None],
                message="an AsteriskActionStatus with null data")

@@ -515,6 +515,8 @@ def test_a_compromised_agent_can_neither_speak_for_another_nor_delete_the_bucket
         await client.publish("zmqami.all", as_paris("AgentStates", events=[
             {"Event": "DeviceStateChange", "Device": f"SIP/{200 + i}", "State": "BUSY"}
             for i in range(200)]))
+        await client.publish("zmqami.all", as_paris("AsteriskEvents", events=[
+            {"Event": "DeviceStateChange", "Device": "SIP/300", "State": "BUSY"}]))
         # 3. a heartbeat "from Paris" saying its Asterisk is down
         await js.publish("$KV.zmqami.Mallory.heartbeat", as_paris("AgentHeartbeat",
                                                                   asterisk="down"))
@@ -525,13 +527,14 @@ def test_a_compromised_agent_can_neither_speak_for_another_nor_delete_the_bucket
         await client.close()
         return info
     assert asyncio.run(attack()).config.name == "KV_zmqami"
-    wait_until(lambda: fetch_status(status)["totals"]["unproven_origins"] >= 3,
-               message="the three forged states dropped by Rome")
+    wait_until(lambda: fetch_status(status)["totals"]["unproven_origins"] >= 4,
+               message="the four forged states dropped by Rome")
     paris.control.set_device("SIP/101", "RINGING")  # Paris itself still relays
     wait_until(lambda: custom_states(rome).get("Custom:SIP/101") == "RINGING")
     mirrors = custom_states(rome)
     assert mirrors["Custom:SIP/100"] == "INUSE"             # not BUSY, not UNAVAILABLE
     assert not [d for d in mirrors if d.startswith("Custom:SIP/2")]
+    assert "Custom:SIP/300" not in mirrors
     peers = {peer["name"]: peer["up"] for peer in fetch_status(status)["peers"]}
     assert peers["Paris"] is True
     assert agent_rome.lines("origin 'Paris' in a key of 'Mallory'")  # (the others: counted,

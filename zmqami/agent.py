@@ -41,6 +41,7 @@ from .loop import EventLoop
 from .metrics import link_snapshot
 from .natsnet import NatsNetwork, nats_permissions, print_bucket
 from .network import HubNetwork
+from .outgoing import StateSender
 from .peers import Peers
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .relay import Relay
@@ -90,10 +91,13 @@ class Agent(Service):
         self.network = network(self.loop, context, settings, self.name,
                                on_message=lambda *args: self.inbox.take(*args),
                                on_connected=self.on_hub_connection)
+        self.outgoing = StateSender(self.loop, self.send, settings["PACK_EVENTS"],
+                                    packing=network is HubNetwork)
         self.inbox = Inbox(self.name, self.network, self.drops, self.peers, handlers={
             "AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-            "AsteriskAction": self.run_action, "AgentHeartbeat": self.peers.heartbeat,
-            "AgentStateRequest": self.on_state_request, "AgentStates": self.apply_states})
+            "AsteriskEvents": self.apply_events, "AsteriskAction": self.run_action,
+            "AgentHeartbeat": self.peers.heartbeat, "AgentStateRequest": self.on_state_request,
+            "AgentStates": self.apply_states}, hear=self.outgoing.heard)
 
     def connect_asterisk(self, settings: Dict[str, Any]) -> AsteriskLink:
         link = make_link(self.loop, self.context, settings, LinkHandlers(
@@ -155,6 +159,7 @@ class Agent(Service):
         self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.peers.timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
         self.states.down_state = settings["DOWN_STATE"]
+        self.outgoing.mode = settings["PACK_EVENTS"]
         self.configure_relay(settings)
         self.schedule_timers()
         if asterisk_changed:
@@ -223,12 +228,11 @@ class Agent(Service):
     def announce(self, source: str, update: StateUpdate) -> None:
         """A change of its Asterisk's, for every peer."""
         log.debug("My device %s state %s.", update.variable, update.value)
-        self.send(ALL, "AsteriskEvent", data=self.event_of(update))
+        self.outgoing.add(self.event_of(update))
 
     def announce_gone(self, source: str, variable: str) -> None:
         """A phone of its Asterisk's not registered again since its restart: down for the peers."""
-        self.send(ALL, "AsteriskEvent", data=event_for(StateUpdate(variable,
-                                                                   self.states.down_state)))
+        self.outgoing.add(event_for(StateUpdate(variable, self.states.down_state)))
 
     def on_asterisk_up(self, link: AsteriskLink) -> None:
         """Its Asterisk is (back) up: give it every peer's states, and tell the peers its own."""
@@ -252,6 +256,7 @@ class Agent(Service):
         requesters, self.state_requesters = self.state_requesters, set()
         if not readings:
             return  # it relays neither device states nor presences
+        self.outgoing.flush()  # the changes taken before these readings go first
         for requester in ([ALL] if ALL in requesters else sorted(requesters)):
             self.send(requester, "AgentStates", events=events)
         log.info("Sent %d states of Asterisk to %s", len(events),
@@ -278,14 +283,25 @@ class Agent(Service):
     def apply_event(self, message: Envelope) -> None:
         self.apply_peer_event(message, message.field("data"))
 
+    def apply_events(self, message: Envelope) -> None:
+        """A peer's changes, sent together (outgoing.StateSender): each as an AsteriskEvent's."""
+        for event in self.events_of(message) or ():
+            self.apply_peer_event(message, event)
+
     def apply_states(self, message: Envelope) -> None:
-        events = message.field("events")
-        if not isinstance(events, list):
-            self.inbox.drop(message, "x_events is not a list")
+        events = self.events_of(message)
+        if events is None:
             return
         for event in events:
             self.apply_peer_event(message, event, snapshot=True)
         log.info("Received %d states from %s", len(events), message.origin)
+
+    def events_of(self, message: Envelope) -> Optional[List[Any]]:
+        events = message.field("events")
+        if isinstance(events, list):
+            return events
+        self.inbox.drop(message, "x_events is not a list")
+        return None
 
     def apply_peer_event(self, message: Envelope, data: Any, snapshot: bool = False) -> None:
         """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here.

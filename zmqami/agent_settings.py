@@ -43,6 +43,8 @@ AGENT_SETTINGS = Schema({
     "HINTED_ONLY": Setting(False, is_bool),
     "PUBLISH_FILTER": Setting(None, is_optional_regex),
     "ACCEPT_FILTER": Setting(None, is_optional_regex),
+    "PACK_EVENTS": Setting("auto", lambda v: None if v is True or v is False or v == "auto"
+                           else "must be True, False or 'auto'"),
     "PEER_TIMEOUT": Setting(None, number_between(0.1, 864000, "seconds", none=True)),
     "DOWN_STATE": Setting("UNAVAILABLE", is_down_state),
     "RESYNC_INTERVAL": Setting(300, number_between(0.1, 86400, "seconds", zero=True)),

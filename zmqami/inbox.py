@@ -20,12 +20,13 @@ Handler = Callable[[Envelope], None]
 
 class Inbox:
     def __init__(self, name: str, network: object, drops: DropLog, peers: Peers,
-                 handlers: Dict[str, Handler]) -> None:
+                 handlers: Dict[str, Handler], hear: Handler = lambda message: None) -> None:
         self.name = name
         self.network = network   # its proves_origin and source (the name drops are counted under)
         self.drops = drops
         self.peers = peers
         self.handlers = handlers  # by msg_type
+        self.hear = hear  # every peer's message, known or not, before its handler
         self.seen = RecentIds(SEEN_UUIDS)
         self.sent = RecentIds(SEEN_UUIDS)  # its own messages' uuids, to tell a namesake's
         self.received = 0
@@ -51,6 +52,7 @@ class Inbox:
             if message.uuid not in self.sent:
                 self.name_clash(message)
             return
+        self.hear(message)
         handler = self.handlers.get(message.msg_type)
         if handler is None:
             log.debug("Ignoring %s from %s.", message.msg_type, message.origin)

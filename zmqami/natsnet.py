@@ -147,7 +147,7 @@ def _stored_value(raw: bytes) -> str:
 def carries_state(message: Any) -> bool:
     """True for a message that says what a peer's devices, presences or health are: over NATS
     these come from the bucket only, where each agent may put under its own name only."""
-    if message.msg_type in ("AgentStates", "AgentHeartbeat"):
+    if message.msg_type in ("AgentStates", "AgentHeartbeat", "AsteriskEvents"):
         return True
     data = message.field("data")
     return message.msg_type == "AsteriskEvent" and isinstance(data, dict) and \

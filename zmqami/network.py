@@ -67,6 +67,8 @@ class HubNetwork:
         self.sub = hub_socket(context, zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(ALL))
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(name))
+        # The Ping reports every agent sends: an original agent's tell it is there (outgoing.py).
+        self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(envelope.STATS))
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
                                                    zmq.EVENT_DISCONNECTED)
 

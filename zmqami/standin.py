@@ -409,6 +409,11 @@ class StandinAsterisk:
         self.set_device(command["device"], command["state"], command.get("publish", True))
         return {}
 
+    def _control_set_devices(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        for device, state in command["states"].items():
+            self.set_device(device, state)
+        return {}
+
     def _control_set_presence(self, command: Dict[str, Any]) -> Dict[str, Any]:
         self.set_presence(command["presentity"], command["status"], command.get("subtype", ""),
                           command.get("message", ""), command.get("publish", True))
@@ -760,6 +765,10 @@ class StandinControl:
     def set_device(self, device: str, state: str, publish: bool = True) -> None:
         """Change a device; publish=False changes it without an event (a lost event)."""
         self.call("set_device", device=device, state=state, publish=publish)
+
+    def set_devices(self, states: Dict[str, str]) -> None:
+        """Many devices change at once (their events published back to back)."""
+        self.call("set_devices", states=states)
 
     def set_presence(self, presentity: str, status: str, subtype: str = "",
                      message: str = "", publish: bool = True) -> None:

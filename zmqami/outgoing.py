@@ -1,0 +1,84 @@
+"""An agent's own states on their way to its peers through the hub.
+
+Each state goes in an ``AsteriskEvent`` of its own, as the original agent sent it.  Under load a
+wake-up of the agent's loop takes many states from its Asterisk at once; then, if no original
+agent listens, they go together in one ``AsteriskEvents`` (``x_events``: the x_data of each, in
+order): one message for the hub to relay and for each peer to read, instead of one per state.
+An original agent ignores a msg_type it does not know, so it would miss those states: with
+PACK_EVENTS = 'auto' an agent packs only once it has heard no original agent for
+ORIGINAL_AGENT_QUIET seconds (an original agent reports its Asterisk's Ping to
+``[AsteriskStats]`` every KEEP_ALIVE_INTERVAL, 30 s by default, and sends AsteriskEvent for each
+of its own states, all without x_heartbeat).  Over NATS each state has its key: never packed.
+"""
+import logging
+import time
+from typing import Any, Callable, Dict, List
+
+from .envelope import ALL, Envelope, is_heartbeat
+from .loop import EventLoop
+
+log = logging.getLogger("agent")
+
+PACKED = "AsteriskEvents"
+PACK_MAX = 1000  # states per AsteriskEvents (an event line is at most 4 KB: at most 4 MB)
+ORIGINAL_AGENT_QUIET = 300.0  # s without a word from an original agent before 'auto' packs
+# What an original agent sends of its own accord: its states, its Ping reports, its pongs.  (A
+# client without x_heartbeat, e.g. one that sends AsteriskAction, is not an agent.)
+ORIGINAL_AGENT_SENDS = ("AsteriskEvent", "AsteriskActionStatus", "AgentPong")
+
+Send = Callable[..., None]  # agent.send(target, msg_type, **fields)
+
+
+class StateSender:
+    """mode: True (every agent on the network packs), False (never), 'auto' (see above);
+    packing: False over NATS."""
+
+    def __init__(self, loop: EventLoop, send: Send, mode: Any, packing: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.loop = loop
+        self.clock = clock
+        self.send = send
+        self.mode = mode
+        self.packing = packing
+        self.queued: List[Dict[str, Any]] = []
+        self.quiet_since = clock()  # of original agents ('auto')
+        self.original_agent = ""  # the last one heard, while packing waits for quiet
+
+    def add(self, data: Dict[str, Any]) -> None:
+        """A state for every peer (an AsteriskEvent's x_data): sent once this wake-up's are in."""
+        self.queued.append(data)
+        self.loop.soon(self.flush)
+
+    def flush(self) -> None:
+        queued, self.queued = self.queued, []
+        if len(queued) > 1 and self.may_pack():
+            for start in range(0, len(queued), PACK_MAX):
+                self.send(ALL, PACKED, events=queued[start:start + PACK_MAX])
+            return
+        for data in queued:
+            self.send(ALL, "AsteriskEvent", data=data)
+
+    def may_pack(self) -> bool:
+        if not self.packing or self.mode is False:
+            return False
+        if self.mode is True:
+            return True
+        if self.clock() - self.quiet_since < ORIGINAL_AGENT_QUIET:
+            return False
+        if self.original_agent:
+            log.info("No original agent heard for %g s (the last: %s): states now go together "
+                     "under load.", ORIGINAL_AGENT_QUIET, self.original_agent)
+            self.original_agent = ""
+        return True
+
+    def heard(self, message: Envelope) -> None:
+        """Any message from the network: one an original agent sent puts packing off."""
+        if message.msg_type not in ORIGINAL_AGENT_SENDS or \
+                is_heartbeat(message.field("heartbeat")):
+            return
+        if not self.original_agent and self.mode == "auto" and self.packing:
+            log.info("An original agent (%s) is on the network: each state goes in a message "
+                     "of its own until none is heard for %g s.", message.origin,
+                     ORIGINAL_AGENT_QUIET)
+        self.original_agent = str(message.origin)
+        self.quiet_since = self.clock()
