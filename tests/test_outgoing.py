@@ -1,7 +1,7 @@
 """Which of an agent's states go together (AsteriskEvents) and which one by one (outgoing.py)."""
 import pytest
 
-from zmqami.envelope import Envelope
+from zmqami.envelope import HUB_MAX_BYTES, Envelope, build
 from zmqami.loop import EventLoop
 from zmqami.outgoing import ORIGINAL_AGENT_QUIET, PACK_MAX, StateSender
 
@@ -90,3 +90,11 @@ def test_auto_packs_only_while_no_original_agent_has_been_heard_for_five_minutes
     sent.clear()
     take(states, 3)
     assert sent == [("AsteriskEvents", 3)]
+
+
+def test_a_full_pack_of_the_largest_presences_fits_a_hub_message():
+    text = "é" * 2000  # the most a subtype or message may hold (4000 bytes), 12,000 as JSON
+    event = {"Event": "PresenceStateChange", "Presentity": "CustomPresence:" + "x" * 185,
+             "Status": "away", "Subtype": text, "Message": text, "ChangedAt": "1764800000.000"}
+    frames = build("*", "AsteriskEvents", "Moscow", events=[event] * PACK_MAX, heartbeat="30")
+    assert len(frames[1]) < HUB_MAX_BYTES / 2

@@ -20,7 +20,9 @@ from .loop import EventLoop
 log = logging.getLogger("agent")
 
 PACKED = "AsteriskEvents"
-PACK_MAX = 1000  # states per AsteriskEvents (an event line is at most 4 KB: at most 4 MB)
+# States per AsteriskEvents: a presence's x_data is at most about 25 KB (a name of 200 bytes, a
+# subtype and a message of 4000, escaped as JSON), so a message stays far below HUB_MAX_BYTES.
+PACK_MAX = 200
 ORIGINAL_AGENT_QUIET = 300.0  # s without a word from an original agent before 'auto' packs
 # What an original agent sends of its own accord: its states, its Ping reports, its pongs.  (A
 # client without x_heartbeat, e.g. one that sends AsteriskAction, is not an agent.)
