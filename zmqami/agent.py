@@ -43,9 +43,10 @@ from .natsnet import NatsNetwork, nats_permissions, print_bucket
 from .network import HubNetwork
 from .outgoing import StateSender
 from .peers import Peers
+from .peerstates import PeerStates
 from .pidfile import PidFileBusy, claim_pid_file, release_pid_file
 from .relay import Relay
-from .rules import BadInput, StateUpdate, event_for, relayed_update, unique_id
+from .rules import BadInput, StateUpdate, event_for, unique_id
 from .states import ListReading, StateTable
 from .statefile import SAVE_INTERVAL, StateFile
 from .service import Service
@@ -86,6 +87,8 @@ class Agent(Service):
         self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.asterisk_ok: Optional[bool] = None
         self.asterisk = self.connect_asterisk(settings)
+        self.peer_states = PeerStates(self.states, self.relay, self.peers,
+                                      drop=lambda *args: self.inbox.drop(*args))  # (made below)
         self.configure_relay(settings)
         network = NatsNetwork if settings["NATS_URLS"] else HubNetwork
         self.network = network(self.loop, context, settings, self.name,
@@ -93,11 +96,12 @@ class Agent(Service):
                                on_connected=self.on_hub_connection)
         self.outgoing = StateSender(self.loop, self.send, settings["PACK_EVENTS"],
                                     packing=network is HubNetwork)
+        self.set_pack_events(settings["PACK_EVENTS"])
         self.inbox = Inbox(self.name, self.network, self.drops, self.peers, handlers={
-            "AgentPing": self.answer_ping, "AsteriskEvent": self.apply_event,
-            "AsteriskEvents": self.apply_events, "AsteriskAction": self.run_action,
+            "AgentPing": self.answer_ping, "AsteriskEvent": self.peer_states.apply_event,
+            "AsteriskEvents": self.peer_states.apply_events, "AsteriskAction": self.run_action,
             "AgentHeartbeat": self.peers.heartbeat, "AgentStateRequest": self.on_state_request,
-            "AgentStates": self.apply_states}, hear=self.outgoing.heard)
+            "AgentStates": self.peer_states.apply_states}, hear=self.outgoing.heard)
 
     def connect_asterisk(self, settings: Dict[str, Any]) -> AsteriskLink:
         link = make_link(self.loop, self.context, settings, LinkHandlers(
@@ -108,12 +112,19 @@ class Agent(Service):
 
     def configure_relay(self, settings: Dict[str, Any]) -> None:
         """What a reload may change of how its Asterisk's states are taken and written."""
+        self.peer_states.kinds = (settings["DEVICE_STATE"], settings["PRESENCE"], settings["MWI"])
         self.relay.mwi_write = {self.name: settings["MWI_WRITE"]}
         self.relay.hinted_only = {self.name} if settings["HINTED_ONLY"] else set()
         self.relay.publish_filters = {self.name: name_filter(settings["PUBLISH_FILTER"])} \
             if settings["PUBLISH_FILTER"] else {}
         self.relay.accept_filters = {self.name: name_filter(settings["ACCEPT_FILTER"])} \
             if settings["ACCEPT_FILTER"] else {}
+
+    def set_pack_events(self, mode: Any) -> None:
+        """PACK_EVENTS; 'auto' listens for original agents' reports too (outgoing.py)."""
+        self.outgoing.mode = mode
+        if isinstance(self.network, HubNetwork):
+            self.network.hear_reports(mode == "auto")
 
     def start(self) -> None:
         log.info("Agent %s (version %s) starting.", self.name, __version__)
@@ -159,7 +170,7 @@ class Agent(Service):
         self.actions = ActionGate(settings["ALLOWED_ACTIONS"])
         self.peers.timeout = settings["PEER_TIMEOUT"] or 3 * settings["KEEP_ALIVE_INTERVAL"]
         self.states.down_state = settings["DOWN_STATE"]
-        self.outgoing.mode = settings["PACK_EVENTS"]
+        self.set_pack_events(settings["PACK_EVENTS"])
         self.configure_relay(settings)
         self.schedule_timers()
         if asterisk_changed:
@@ -280,50 +291,6 @@ class Agent(Service):
             event["ChangedAt"] = f"{self.states.wall(update.variable, self.name):.3f}"
         return event
 
-    def apply_event(self, message: Envelope) -> None:
-        self.apply_peer_event(message, message.field("data"))
-
-    def apply_events(self, message: Envelope) -> None:
-        """A peer's changes, sent together (outgoing.StateSender): each as an AsteriskEvent's."""
-        for event in self.events_of(message) or ():
-            self.apply_peer_event(message, event)
-
-    def apply_states(self, message: Envelope) -> None:
-        events = self.events_of(message)
-        if events is None:
-            return
-        for event in events:
-            self.apply_peer_event(message, event, snapshot=True)
-        log.info("Received %d states from %s", len(events), message.origin)
-
-    def events_of(self, message: Envelope) -> Optional[List[Any]]:
-        events = message.field("events")
-        if isinstance(events, list):
-            return events
-        self.inbox.drop(message, "x_events is not a list")
-        return None
-
-    def apply_peer_event(self, message: Envelope, data: Any, snapshot: bool = False) -> None:
-        """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here.
-
-        A presence is taken only if it changed no earlier than the one known (its ChangedAt;
-        without one, an event is a change seen now, a snapshot's value the oldest of all)."""
-        try:
-            if not isinstance(data, dict):
-                raise BadInput("not an object")
-            update = relayed_update(data, self.settings["DEVICE_STATE"], self.settings["PRESENCE"],
-                                    self.settings["MWI"])
-            self.states.check_room(message.origin, update)
-        except BadInput as exc:
-            self.inbox.drop(message, str(exc), repr(data).encode())
-            return
-        stale = message.age > 0 and self.peers.is_down(message.origin)  # a stopped peer's (NATS)
-        if update is None or not self.states.record(message.origin, update,
-                                                    changed_at(data, snapshot), down=stale):
-            return
-        log.debug("Other device: %s - %s (from %s).", update.variable, update.value, message.origin)
-        self.relay.write_mirrors(update.variable, message.uuid)
-
     def run_action(self, message: Envelope) -> None:
         origin = message.origin
         try:
@@ -397,20 +364,6 @@ class Agent(Service):
         if self.asterisk_ok is not False:
             log.error("asterisk_ping unknown reply: %s (logged again when it answers)", reply)
         self.asterisk_ok = False
-
-
-def changed_at(data: Dict[str, Any], snapshot: bool) -> Optional[float]:
-    """A peer's ChangedAt (wall clock), if it is a sane one; else None (now) for an event and 0
-    for a snapshot (AgentStates).  A time ahead of ours counts as now: a peer whose clock is
-    ahead must not make its value unbeatable."""
-    value = data.get("ChangedAt")
-    try:
-        wall = -1.0 if value is None else float(value)  # (None: a device state's, no exception)
-    except (TypeError, ValueError, OverflowError):
-        wall = -1.0
-    if not wall >= 0:  # (also NaN)
-        return 0.0 if snapshot else None
-    return min(wall, time.time())
 
 
 def make_link(loop: EventLoop, context: zmq.Context, settings: Dict[str, Any],

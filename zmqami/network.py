@@ -67,10 +67,17 @@ class HubNetwork:
         self.sub = hub_socket(context, zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(ALL))
         self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(name))
-        # The Ping reports every agent sends: an original agent's tell it is there (outgoing.py).
-        self.sub.setsockopt(zmq.SUBSCRIBE, envelope.topic(envelope.STATS))
+        self.hearing_reports = False
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
                                                    zmq.EVENT_DISCONNECTED)
+
+    def hear_reports(self, on: bool) -> None:
+        """Take the Ping reports every agent sends to [AsteriskStats] too (an original agent's
+        tell it is there: outgoing.py), or no longer: as many messages as the heartbeats."""
+        if on != self.hearing_reports:
+            self.sub.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE,
+                                envelope.topic(envelope.STATS))
+            self.hearing_reports = on
 
     def secure(self, config_path: str) -> None:
         """CURVE on the hub connections when CURVE_SERVER_KEY_FILE is set."""
