@@ -118,3 +118,40 @@ def test_hung_and_slow_modes(standins, context):
     command.connect(f"tcp://127.0.0.1:{standin.cmd_port}")
     command.send_json({"Action": "Ping"})
     assert command.recv_json()[0]["Ping"] == "Pong"
+
+
+def numeric_ping(pairs: int) -> bytes:
+    """A Ping whose header lines (each number read as "(null)") are about twice its JSON."""
+    return json.dumps({"Action": "Ping", **{f"k{i:04}": 0 for i in range(pairs)}},
+                      separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("request_raw, crashes", [
+    (numeric_ping(681), False),  # 6,827 bytes of JSON, 10,229 of header lines
+    (numeric_ping(682), True),   # 10,244 bytes of header lines: over the module's 10,240
+    (json.dumps({"Action": "Ping", "ActionID": "x" * 2038}).encode(), False),  # a 2,048-byte line
+    (json.dumps({"Action": "Ping", "ActionID": "x" * 2039}).encode(), True),   # its reply's line
+])
+def test_the_stand_in_dies_where_the_module_overflows_its_buffers(standins, context, request_raw,
+                                                                  crashes):
+    standin, = standins(1)
+    command = context.socket(zmq.REQ)
+    command.setsockopt(zmq.RCVTIMEO, 300 if crashes else 5000)
+    command.setsockopt(zmq.LINGER, 0)
+    command.connect(f"tcp://127.0.0.1:{standin.cmd_port}")
+    command.send(request_raw)
+    if crashes:
+        with pytest.raises(zmq.Again):
+            command.recv()
+        assert "overflows the module" in standin.control.state()["crashes"][0]
+    else:
+        assert json.loads(command.recv())[0]["Response"] == "Success"
+        assert standin.control.state()["mode"] == "normal"
+
+
+@pytest.mark.parametrize("length, crashes", [(4087, False), (4088, True)])
+def test_an_event_line_over_the_module_buffer_kills_it(standins, length, crashes):
+    standin, = standins(1)
+    standin.control.set_presence("CustomPresence:1", "away", message="m" * length)  # Message: ...
+    state = standin.control.state()
+    assert (state["mode"] == "crashed") == crashes, state["crashes"]

@@ -37,7 +37,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 import zmq
 
 from .config import setup_logging
-from .loop import READ_BATCH, EventLoop
+from .loop import READ_BATCH, EventLoop, send_frames
 from .ami import AmiParser, format_action
 from .standin_voicemail import Voicemail
 from .rules import (CRASHING_ACTIONS, CUSTOM_DEVICE, CUSTOM_PRESENCE, DEVICE_STATES, BadInput,
@@ -82,6 +82,9 @@ _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def module_json(obj: Any) -> bytes:
     """JSON as the module writes it: no spaces, raw UTF-8."""
     return _COMPACT_JSON.encode(obj).encode("utf-8")
+
+
+INTERNAL_ERROR_JSON = module_json(INTERNAL_ERROR)
 
 
 class StandinAsterisk:
@@ -174,13 +177,15 @@ class StandinAsterisk:
 
     # --- the evt socket --------------------------------------------------------------------------
     def publish(self, event: Dict[str, Any]) -> None:
-        # The module's hook sees every event, however caused (short events skip the count).
-        longest = longest_line_bytes([event]) if len(str(event)) * 4 > MODULE_EVENT_LINE else 0
+        # The module's hook sees every event, however caused.  (No line is longer than the
+        # compact JSON it is in: only a long event needs its lines counted.)
+        data = module_json(event)
+        longest = longest_line_bytes([event]) if len(data) > MODULE_EVENT_LINE else 0
         if longest > MODULE_EVENT_LINE:
             self._play_dead(f"an event line of {longest} bytes overflows the module's "
                             f"{MODULE_EVENT_LINE}-byte buffer")
         if self.mode != "crashed":
-            self.evt.send(module_json(event))
+            send_frames(self.evt, [data])
             if self.ami is not None:
                 self.ami.publish(event)
 
@@ -256,38 +261,43 @@ class StandinAsterisk:
         self._send_reply(reply)
         return True
 
-    def _send_reply(self, reply: List[Dict[str, str]], resume: bool = False) -> None:
-        self.cmd.send(module_json(reply))
+    def _send_reply(self, reply: bytes, resume: bool = False) -> None:
+        send_frames(self.cmd, [reply])
         if resume:
             self.loop.add_reader(self.cmd, self._on_request)
 
-    def answer(self, raw: bytes) -> Optional[List[Dict[str, str]]]:
-        """The module's reply to one request; None when the request crashes Asterisk."""
+    def answer(self, raw: bytes) -> Optional[bytes]:
+        """The module's reply to one request, as it sends it; None when the request crashes
+        Asterisk."""
         try:
             request = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            return INTERNAL_ERROR
+            return INTERNAL_ERROR_JSON
         if not isinstance(request, dict) or "Action" not in request:
-            return INTERNAL_ERROR
+            return INTERNAL_ERROR_JSON
         # The module writes every key as a header line, a non-string value as "(null)"; the
         # "Action" key must be spelt so for the module, but Asterisk then reads the lines.
-        headers = asterisk_headers((str(k), v if isinstance(v, str) else "(null)")
-                                   for k, v in request.items())
+        lines = [(str(k), v if isinstance(v, str) else "(null)") for k, v in request.items()]
+        headers = asterisk_headers(lines)
         action = headers["action"].lower()
         if action in CRASHING_ACTIONS:
             return self._play_dead(f"{action} crashes a real Asterisk")
-        size = sum(len(f"{k}: {v}\r\n".encode("utf-8")) for k, v in request.items())
+        # The lines are at most twice the JSON they came from (a pair `"":0,` of 5 bytes makes
+        # `: (null)\r\n`, 10): only a long request needs them counted.
+        size = sum(len(f"{k}: {v}\r\n".encode("utf-8")) for k, v in lines) \
+            if 2 * len(raw) > MODULE_ACTION_BUFFER else 0
         if size > MODULE_ACTION_BUFFER:
             return self._play_dead(f"an action of {size} bytes overflows the module's "
                                    f"{MODULE_ACTION_BUFFER}-byte buffer")
         reply = self.dispatch(headers)
         if reply is None:
-            return INTERNAL_ERROR  # unknown actions, Login
-        longest = longest_line_bytes(reply)
+            return INTERNAL_ERROR_JSON  # unknown actions, Login
+        encoded = module_json(reply)
+        longest = longest_line_bytes(reply) if len(encoded) > MODULE_REPLY_LINE else 0
         if longest > MODULE_REPLY_LINE:
             return self._play_dead(f"a reply line of {longest} bytes overflows the module's "
                                    f"{MODULE_REPLY_LINE}-byte line buffer")
-        return reply
+        return encoded
 
     def _play_dead(self, why: str) -> None:
         """What kills a real Asterisk (docs/protocol.md) makes the stand-in stop answering."""
@@ -477,7 +487,7 @@ class StandinAsterisk:
             self.stuck = False
             # The REP socket read a request it never answered: answer it now (if its sender has
             # gone, ZeroMQ drops the answer) so that the socket reads again.
-            self._send_reply(INTERNAL_ERROR, resume=True)
+            self._send_reply(INTERNAL_ERROR_JSON, resume=True)
         return {}
 
     def _control_writes(self, command: Dict[str, Any]) -> Dict[str, Any]:
