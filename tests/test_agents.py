@@ -9,6 +9,7 @@ import zmq.auth
 
 from harness import (ROOT, HubClient, Script, flood_until_packed, mirrored, python_settings,
                      run_script, setvars, wait_until)
+from zmqami.status import fetch_status
 
 
 def test_a_state_change_reaches_the_other_agents_and_not_its_own(standins, agents, hub, context):
@@ -50,10 +51,12 @@ def test_every_state_of_an_agentstates_is_written_and_stays_writable(standins, a
 
 
 def test_states_taken_together_go_together_unless_an_original_agent_may_listen(
-        standins, agents, hub, context):
+        standins, agents, hub, context, tmp_path):
     x, y = standins(2)
     monitor = HubClient(context, hub, name="monitor", topics=["[*]"])
-    (packing,), (auto,) = agents([x], PACK_EVENTS=True), agents([y], names="Y")
+    status = f"ipc://{tmp_path}/Y.status"
+    (packing,), (auto,) = agents([x], PACK_EVENTS=True), agents([y], names="Y",
+                                                                STATUS_SOCKET=status)
     flood_until_packed(x, y, monitor, "X")
     for pack in monitor.find("AsteriskEvents", "X"):
         assert 2 <= len(pack["x_events"]) <= 50
@@ -71,6 +74,8 @@ def test_states_taken_together_go_together_unless_an_original_agent_may_listen(
              data={"Action": "Ping", "Response": "Success", "Timestamp": "1.0"})
     auto.wait_for_output("An original agent (Old) is on the network")
     assert not packing.lines("An original agent")
+    assert fetch_status(status)["totals"]["states_together"].startswith(
+        "no: original agent Old heard")
 
 
 def test_unknown_and_custom_devices_are_not_relayed(standins, agents, hub, context):

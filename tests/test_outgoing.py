@@ -77,6 +77,7 @@ def test_auto_packs_only_while_no_original_agent_has_been_heard_for_five_minutes
     assert sent == [("AsteriskEvents", 3)]
     # An original agent's Ping report: one state a message for the next five minutes.
     states.heard(message("AsteriskActionStatus"))
+    assert states.status() == "no: original agent Old heard 0 s ago"
     clock.now += ORIGINAL_AGENT_QUIET - 1
     sent.clear()
     take(states, 3)
@@ -90,6 +91,15 @@ def test_auto_packs_only_while_no_original_agent_has_been_heard_for_five_minutes
     sent.clear()
     take(states, 3)
     assert sent == [("AsteriskEvents", 3)]
+    assert states.status() == "yes (no original agent heard for 300 s)"
+
+
+@pytest.mark.parametrize("mode, packing, expected", [
+    (True, True, "yes (PACK_EVENTS = True)"), (False, True, "no (PACK_EVENTS = False)"),
+    ("auto", True, "not yet: no original agent heard in the 0 s since the start"),
+    ("auto", False, None)])
+def test_the_status_says_whether_states_go_together(mode, packing, expected):
+    assert sender(mode, packing)[0].status() == expected
 
 
 def test_a_full_pack_of_the_largest_presences_fits_a_hub_message():

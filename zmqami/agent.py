@@ -203,6 +203,7 @@ class Agent(Service):
                                           "dropped", self.drops.counts[self.network.source])}}
 
     def status_report(self) -> Dict[str, Any]:
+        together = self.outgoing.status()  # (None over NATS)
         return {"servers": [link_status(self.asterisk, self.drops.counts["Asterisk"])],
                 "peers": [{"name": name, "up": peer.up,
                            "last_seen": when(time.time() - (time.monotonic() - peer.last_seen))}
@@ -212,6 +213,7 @@ class Agent(Service):
                            "messages_from_another_agent_with_my_name": self.inbox.name_clashes,
                            "unproven_origins": self.inbox.unproven_origins,
                            "input_dropped": sum(self.drops.counts.values()),
+                           **({"states_together": together} if together else {}),
                            **self.network.status()}}
 
     def describe_devices(self, names: Optional[List[str]]) -> Dict[str, Any]:

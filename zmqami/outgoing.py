@@ -12,7 +12,7 @@ of its own states, all without x_heartbeat).  Over NATS each state has its key: 
 """
 import logging
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from .envelope import ALL, Envelope, is_heartbeat
 from .loop import EventLoop
@@ -72,6 +72,19 @@ class StateSender:
                      "under load.", ORIGINAL_AGENT_QUIET, self.original_agent)
             self.original_agent = ""
         return True
+
+    def status(self) -> Optional[str]:
+        """Whether states go together, and why (--status); None over NATS."""
+        if not self.packing:
+            return None
+        if self.mode != "auto":
+            return f"{'yes' if self.mode else 'no'} (PACK_EVENTS = {self.mode})"
+        quiet = self.clock() - self.quiet_since
+        if quiet >= ORIGINAL_AGENT_QUIET:
+            return f"yes (no original agent heard for {ORIGINAL_AGENT_QUIET:g} s)"
+        if self.original_agent:
+            return f"no: original agent {self.original_agent} heard {quiet:.0f} s ago"
+        return f"not yet: no original agent heard in the {quiet:.0f} s since the start"
 
     def heard(self, message: Envelope) -> None:
         """Any message from the network: one an original agent sent puts packing off."""
