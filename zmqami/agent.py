@@ -94,7 +94,7 @@ class Agent(Service):
         self.network = network(self.loop, context, settings, self.name,
                                on_message=lambda *args: self.inbox.take(*args),
                                on_connected=self.on_hub_connection)
-        self.outgoing = StateSender(self.loop, self.send, settings["PACK_EVENTS"],
+        self.outgoing = StateSender(self.loop, self.transmit, settings["PACK_EVENTS"],
                                     packing=network is HubNetwork)
         self.set_pack_events(settings["PACK_EVENTS"])
         self.inbox = Inbox(self.name, self.network, self.drops, self.peers, handlers={
@@ -223,6 +223,11 @@ class Agent(Service):
         return describe_states(names, self.states, {self.name: self.asterisk})
 
     def send(self, target: str, msg_type: str, **fields: Any) -> None:
+        """A message other than its own states: the states taken before it go first."""
+        self.outgoing.flush()
+        self.transmit(target, msg_type, **fields)
+
+    def transmit(self, target: str, msg_type: str, **fields: Any) -> None:
         uuid = unique_id()
         self.inbox.sent.add(uuid)
         body = envelope.body_of(msg_type, self.name, uuid, **fields,
@@ -269,7 +274,6 @@ class Agent(Service):
         requesters, self.state_requesters = self.state_requesters, set()
         if not readings:
             return  # it relays neither device states nor presences
-        self.outgoing.flush()  # the changes taken before these readings go first
         for requester in ([ALL] if ALL in requesters else sorted(requesters)):
             self.send(requester, "AgentStates", events=events)
         log.info("Sent %d states of Asterisk to %s", len(events),

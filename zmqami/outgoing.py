@@ -9,6 +9,8 @@ PACK_EVENTS = 'auto' an agent packs only once it has heard no original agent for
 ORIGINAL_AGENT_QUIET seconds (an original agent reports its Asterisk's Ping to
 ``[AsteriskStats]`` every KEEP_ALIVE_INTERVAL, 30 s by default, and sends AsteriskEvent for each
 of its own states, all without x_heartbeat).  Over NATS each state has its key: never packed.
+Any other message the agent sends (Agent.send) first sends the states queued before it, so that
+its peers see everything in the order it happened.
 """
 import logging
 import time
@@ -28,7 +30,7 @@ ORIGINAL_AGENT_QUIET = 300.0  # s without a word from an original agent before '
 # client without x_heartbeat, e.g. one that sends AsteriskAction, is not an agent.)
 ORIGINAL_AGENT_SENDS = ("AsteriskEvent", "AsteriskActionStatus", "AgentPong")
 
-Send = Callable[..., None]  # agent.send(target, msg_type, **fields)
+Send = Callable[..., None]  # agent.transmit(target, msg_type, **fields)
 
 
 class StateSender:
@@ -52,6 +54,8 @@ class StateSender:
         self.loop.soon(self.flush)
 
     def flush(self) -> None:
+        if not self.queued:
+            return
         queued, self.queued = self.queued, []
         if len(queued) > 1 and self.may_pack():
             for start in range(0, len(queued), PACK_MAX):
