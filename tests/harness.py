@@ -262,6 +262,14 @@ def mirrored(standin, device: str, state: str) -> Callable[[], bool]:
     return lambda: custom_states(standin).get("Custom:" + device) == state
 
 
+def all_mirrored(standin, devices: List[str], state: str) -> Callable[[], bool]:
+    """A condition: the stand-in's mirrors of all these devices show state."""
+    def condition() -> bool:
+        mirrors = custom_states(standin)
+        return all(mirrors.get("Custom:" + device) == state for device in devices)
+    return condition
+
+
 def ami_session(port: int, data: bytes) -> List:
     """Send data on a new AMI connection; the messages received until the server closes it
     (data ends with a Logoff)."""
@@ -343,8 +351,7 @@ def flood_until_packed(source, destination, monitor, name: str) -> None:
     for attempt in range(20):
         state = ("INUSE", "BUSY")[attempt % 2]
         source.control.set_devices({device: state for device in devices})
-        for device in devices:
-            wait_until(mirrored(destination, device, state), message=f"{device} {state}")
+        wait_until(all_mirrored(destination, devices, state), message=f"50 devices {state}")
         if monitor.find("AsteriskEvents", name):
             return
     raise AssertionError(f"{name} never sent states together")

@@ -7,8 +7,8 @@ import sys
 import pytest
 import zmq.auth
 
-from harness import (ROOT, HubClient, Script, flood_until_packed, mirrored, python_settings,
-                     run_script, setvars, wait_until)
+from harness import (ROOT, HubClient, Script, all_mirrored, flood_until_packed, mirrored,
+                     python_settings, run_script, setvars, wait_until)
 from zmqami.status import fetch_status
 
 
@@ -63,9 +63,9 @@ def test_states_taken_together_go_together_unless_an_original_agent_may_listen(
         assert all(event.keys() == {"Event", "Device", "State"} for event in pack["x_events"])
     # 'auto': nothing together in the first five minutes, when an original agent may not have
     # reported yet; each change in an AsteriskEvent of its own, as the original sent it.
-    y.control.set_devices({f"SIP/{i}": "RINGING" for i in range(50)})
-    for i in range(50):
-        wait_until(mirrored(x, f"SIP/{i}", "RINGING"), message=f"SIP/{i} RINGING")
+    devices = [f"SIP/{i}" for i in range(50)]
+    y.control.set_devices({device: "RINGING" for device in devices})
+    wait_until(all_mirrored(x, devices, "RINGING"), message="50 devices RINGING")
     assert not monitor.find("AsteriskEvents", "Y")
     assert len(monitor.find("AsteriskEvent", "Y")) >= 50
     # An original agent's Ping report (no x_heartbeat) is heard by the agent that would pack.

@@ -91,11 +91,12 @@ class StateSender:
         return f"not yet: no original agent heard in the {quiet:.0f} s since the start"
 
     def heard(self, message: Envelope) -> None:
-        """Any message from the network: one an original agent sent puts packing off."""
-        if message.msg_type not in ORIGINAL_AGENT_SENDS or \
+        """Any message from the network: one an original agent sent puts packing off.  (On the
+        path of every message: over NATS, where nothing is packed, it returns at once.)"""
+        if not self.packing or message.msg_type not in ORIGINAL_AGENT_SENDS or \
                 is_heartbeat(message.field("heartbeat")):
             return
-        if not self.original_agent and self.mode == "auto" and self.packing:
+        if not self.original_agent and self.mode == "auto":
             log.info("An original agent (%s) is on the network: each state goes in a message "
                      "of its own until none is heard for %g s.", message.origin,
                      ORIGINAL_AGENT_QUIET)
