@@ -9,9 +9,15 @@ event leaving the source Asterisk to the Setvar reaching the other.
 
 The baseline is the original broker's algorithm (one blocking request at a time, destination after
 destination, a fixed 1000 ms timeout), run the same way: python bench.py --baseline-broker CONFIG.
+The rate rows stream devices the relays know, as an estate's are: each row's devices are streamed
+once in another state before the measured stream (--first-sight: devices never seen, whose
+first sight makes every relay's memory, and Python's garbage collections, grow meanwhile).
+
 The floor is the least any relay can do here: the broker's loop and pacing, and nothing else (no
-checks, no state, no retries): python bench.py --floor-broker CONFIG.  Its rows show what this
-machine, its stand-ins and pyzmq allow a relay in Python on the day, whatever the relay's logic.
+checks, no state, no retries): python bench.py --floor-broker CONFIG; and likewise for agents
+behind a hub (--floor-hub, --floor-agent) and over NATS (--floor-nats-agent).  Their rows show
+what this machine, its stand-ins, pyzmq and nats-py allow relays in Python on the day, whatever
+the relays' logic.
 """
 import argparse
 import configparser
@@ -24,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import zmq
 
@@ -139,9 +145,10 @@ class Cluster:
 
     def agents(self, servers: List[Standin], nats_nodes: int = 0, ami: bool = False,
                nats_urls: Optional[List[str]] = None, first_index: int = 0,
-               max_devices: int = 10_000_000, log_level: str = LOG_LEVEL) -> None:
+               max_devices: int = 10_000_000, log_level: str = LOG_LEVEL,
+               floor: bool = False) -> None:
         """An agent per server, through a hub, or through a NATS cluster of nats_nodes (or the
-        NATS servers at nats_urls)."""
+        NATS servers at nats_urls); floor: bench.py's floor agents (and hub) instead."""
         if nats_urls:
             network = f"NATS_URLS = {nats_urls!r}\n"
         elif nats_nodes:
@@ -154,10 +161,21 @@ class Cluster:
             with open(hub_config, "w") as handle:
                 handle.write(f"LOG_LEVEL = 'warning'\nPUB_BIND_URL = {pub!r}\n"
                              f"SUB_BIND_URL = {pull!r}\n")
-            self.run("server.py", hub_config)
+            if floor:
+                self.run("bench.py", "--floor-hub", pull, pub)
+            else:
+                self.run("server.py", hub_config)
             # every agent here is of this version: what 'auto' does after five minutes
             network = f"ZMQ_PUB_URL = {pull!r}\nZMQ_SUB_URL = {pub!r}\nPACK_EVENTS = True\n"
         for i, server in enumerate(servers, first_index):
+            cmd_url, evt_url = (f"tcp://127.0.0.1:{port}" for port in (server.cmd_port,
+                                                                        server.evt_port))
+            if floor:  # (bench.py's own, with what the agents would be given)
+                self.run("bench.py", *(["--floor-nats-agent", f"node{i}", cmd_url,
+                                        evt_url, ",".join(self.nats.urls)] if nats_nodes
+                                       else ["--floor-agent", f"node{i}", cmd_url,
+                                             evt_url, pull, pub]))
+                continue
             config = os.path.join(self.workdir, f"agent{len(self.relays)}.py")
             with open(config, "w") as handle:
                 handle.write(
@@ -226,27 +244,39 @@ class Cluster:
 
 def stream(cluster: Cluster, source: Standin, live: List[Standin], name: str, rate: float,
            count: int, devices: Optional[int] = None, drain: float = DRAIN_SECONDS,
-           others: int = 0) -> Row:
+           others: int = 0, known: bool = False) -> Row:
     """A paced stream from source; latency of each event's Setvar on every live destination.
-    others: a call's other events published before each state (testing.standins.CALL_EVENTS)."""
+    others: a call's other events published before each state (testing.standins.CALL_EVENTS).
+    known: the same devices are streamed once before, at the same rate, in another state, and
+    the second stream is measured: devices the relays know, as an estate's phones are (the
+    first sight of a device makes memory grow, and with it Python's full collections)."""
     prefix = f"b{int(time.time() * 1000) % 10**8}-"
+    if known:
+        source.control.call("stream", prefix=prefix, count=count, devices=count, rate=rate,
+                            others=others, states=["NOT_INUSE"])
+        collect(cluster, source, live, "", prefix, count, count, drain, {}, "NOT_INUSE")
+    measured = {"states": ["INUSE"]} if known else {}  # (else the stand-in's, in turn)
     cpu_before = cluster.cpu_by_process()
     source.control.call("stream", prefix=prefix, count=count, devices=devices or count, rate=rate,
-                        others=others)
+                        others=others, **measured)
     return collect(cluster, source, live, name, prefix, count, devices or count, drain,
-                   cpu_before)
+                   cpu_before, "INUSE" if known else None)
 
 
 def collect(cluster: Cluster, source: Standin, live: List[Standin], name: str, prefix: str,
-            count: int, devices: int, drain: float, cpu_before: Dict[str, float]) -> Row:
-    """Once source's stream is sent: wait up to drain s for its writes, and measure them."""
+            count: int, devices: int, drain: float, cpu_before: Dict[str, float],
+            state: Optional[str] = None) -> Row:
+    """Once source's stream is sent: wait up to drain s for its writes (of state, if given),
+    and measure them."""
     while not source.control.call("stream_status")["done"]:
         time.sleep(0.05)
     sent = source.control.call("stream_status", times=True)["sent"]
     deadline = time.monotonic() + drain
     writes = [{} for _ in live]
     while time.monotonic() < deadline:
-        writes = [d.control.call("writes", prefix=prefix)["writes"] for d in live]
+        writes = [{device: written for device, written in
+                   d.control.call("writes", prefix=prefix)["writes"].items()
+                   if state is None or written[0] == state} for d in live]
         if all(len(w) >= devices for w in writes):
             break
         time.sleep(0.1)
@@ -291,14 +321,16 @@ def scenario_isolation(context: zmq.Context, workdir: str, baseline: bool, secon
 
 
 def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: List[int],
-                   seconds: float, others: int = 0) -> List[Row]:
+                   seconds: float, others: int = 0, known: bool = True) -> List[Row]:
     """Paced streams of distinct devices from one server to two others; others: each state
-    among so many other events of a call, as Asterisk publishes them through res_zmq_manager."""
+    among so many other events of a call, as Asterisk publishes them through res_zmq_manager;
+    known: to devices the relays know (stream)."""
     cluster = Cluster(context, workdir)
     try:
         source, first, second = cluster.standin(), cluster.standin(), cluster.standin()
-        if topology in ("agents", "nats"):
-            cluster.agents([source, first, second], nats_nodes=3 if topology == "nats" else 0)
+        if topology in ("agents", "nats", "floor-agents", "floor-nats"):
+            cluster.agents([source, first, second], nats_nodes=3 if "nats" in topology else 0,
+                           floor=topology.startswith("floor"))
         else:
             cluster.broker([source, first, second], ami=topology == "ami",
                            relay=topology if topology in ("baseline", "floor") else "broker")
@@ -306,13 +338,14 @@ def scenario_rates(context: zmq.Context, workdir: str, topology: str, rates: Lis
         label = {"broker": "broker", "agents": "agent -> hub -> 2 agents",
                  "nats": "agent -> 3-node NATS (R3 bucket) -> 2 agents",
                  "baseline": "baseline broker", "ami": "broker over AMI",
-                 "floor": "floor relay"}[topology]
+                 "floor": "floor relay", "floor-agents": "floor agents -> floor hub",
+                 "floor-nats": "floor agents -> 3-node NATS (R3)"}[topology]
         rows = []
         for rate in rates:
             among = f" among {rate * (others + 1)} events/s" if others else ""
             rows.append(stream(cluster, source, [first, second],
                                f"{label}: {rate}/s{among} into 2", rate, int(rate * seconds),
-                               others=others))
+                               others=others, known=known))
         return rows
     finally:
         cluster.close()
@@ -546,35 +579,42 @@ def scenario_memory_and_idle(context: zmq.Context, workdir: str, devices: int) -
         cluster.close()
 
 
-SCENARIOS = {
-    "broker": lambda ctx, wd, quick: scenario_rates(ctx, wd, "broker", [1000, 3000, 6000],
-                                                    2 if quick else 4),
-    "ami": lambda ctx, wd, quick: scenario_rates(ctx, wd, "ami", [1000, 3000, 6000],
-                                                 2 if quick else 4),
-    "agents": lambda ctx, wd, quick: scenario_rates(ctx, wd, "agents", [1000, 3000, 6000],
-                                                    2 if quick else 4),
-    "nats": lambda ctx, wd, quick: scenario_rates(ctx, wd, "nats", [1000, 3000],
-                                                  2 if quick else 4),
-    "nats-failover": lambda ctx, wd, quick: [scenario_nats_failover(ctx, wd, 2 if quick else 4)],
-    "baseline": lambda ctx, wd, quick: scenario_rates(ctx, wd, "baseline", [1000, 3000, 6000],
-                                                      2 if quick else 4),
-    "floor": lambda ctx, wd, quick: scenario_rates(ctx, wd, "floor", [1000, 3000, 6000],
-                                                   2 if quick else 4),
+def rates(topology: str, per_second: List[int], others: int = 0) -> Callable[..., List[Row]]:
+    """A scenario of paced streams at each rate (scenario_rates)."""
+    return lambda ctx, wd, options: scenario_rates(
+        ctx, wd, topology, per_second, 2 if options.quick else 4, others=others,
+        known=not options.first_sight)
+
+
+SCENARIOS: Dict[str, Callable[..., List[Row]]] = {
+    "broker": rates("broker", [1000, 3000, 6000]),
+    "ami": rates("ami", [1000, 3000, 6000]),
+    "agents": rates("agents", [1000, 3000, 6000]),
+    "nats": rates("nats", [1000, 3000]),
+    "nats-failover": lambda ctx, wd, options: [
+        scenario_nats_failover(ctx, wd, 2 if options.quick else 4)],
+    "baseline": rates("baseline", [1000, 3000, 6000]),
+    "floor": rates("floor", [1000, 3000, 6000]),
+    "floor-agents": rates("floor-agents", [1000, 3000, 6000]),
+    "floor-nats": rates("floor-nats", [1000, 3000]),
     # A call publishes 34 events through res_zmq_manager, 6 of them states: 5 others per state.
-    "calls": lambda ctx, wd, quick: [
+    "calls": lambda ctx, wd, options: [
         row for topology in ("broker", "baseline")
-        for row in scenario_rates(ctx, wd, topology, [1000], 2 if quick else 4, others=5)],
-    "burst": lambda ctx, wd, quick: [scenario_burst(ctx, wd, False, 20_000 if quick else 100_000),
-                                     scenario_burst(ctx, wd, True, 20_000 if quick else 100_000)],
-    "isolation": lambda ctx, wd, quick: [
-        scenario_isolation(ctx, wd, baseline=False, seconds=2 if quick else 5),
-        scenario_isolation(ctx, wd, baseline=True, seconds=2 if quick else 5)],
-    "nats-hostile": lambda ctx, wd, quick: [
-        scenario_nats_hostile(ctx, wd, 20_000 if quick else 100_000, 30 if quick else 150)],
-    "recovery": lambda ctx, wd, quick: scenario_recovery(ctx, wd, 2 if quick else 5),
-    "hinted": lambda ctx, wd, quick: scenario_hinted(ctx, wd, 20, 10, 1000 if quick else 4000),
-    "memory": lambda ctx, wd, quick: scenario_memory_and_idle(ctx, wd,
-                                                              20_000 if quick else 100_000),
+        for row in rates(topology, [1000], others=5)(ctx, wd, options)],
+    "burst": lambda ctx, wd, options: [
+        scenario_burst(ctx, wd, baseline, 20_000 if options.quick else 100_000)
+        for baseline in (False, True)],
+    "isolation": lambda ctx, wd, options: [
+        scenario_isolation(ctx, wd, baseline=baseline, seconds=2 if options.quick else 5)
+        for baseline in (False, True)],
+    "nats-hostile": lambda ctx, wd, options: [
+        scenario_nats_hostile(ctx, wd, 20_000 if options.quick else 100_000,
+                              30 if options.quick else 150)],
+    "recovery": lambda ctx, wd, options: scenario_recovery(ctx, wd, 2 if options.quick else 5),
+    "hinted": lambda ctx, wd, options: scenario_hinted(ctx, wd, 20, 10,
+                                                       1000 if options.quick else 4000),
+    "memory": lambda ctx, wd, options: scenario_memory_and_idle(
+        ctx, wd, 20_000 if options.quick else 100_000),
 }
 
 
@@ -587,7 +627,7 @@ def print_table(rows: List[Row]) -> None:
             print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
 
 
-# --- the relays bench.py runs itself: the original's algorithm (baseline), and the floor -----------
+# --- the relays bench.py runs itself: the original's algorithm (baseline), and the floors --------
 
 def servers_in(config_path: str) -> List[Dict[str, str]]:
     """The cmd and evt addresses of each server of a broker's config file."""
@@ -671,14 +711,130 @@ def floor_broker(config_path: str) -> None:
     loop.run()
 
 
+def floor_hub(pull_url: str, pub_url: str) -> None:
+    """The least a hub does: each message its agents push, published to all of them."""
+    loop = EventLoop(BATCH_INTERVAL)
+    context = zmq.Context()
+    pull, pub = context.socket(zmq.PULL), context.socket(zmq.PUB)
+    pull.bind(pull_url)
+    pub.bind(pub_url)
+    loop.add_reader(pull, lambda: drain(pull, lambda frames: send_frames(pub, frames)))
+    loop.run()
+
+
+def floor_agent(name: str, cmd_url: str, evt_url: str, push_url: str, sub_url: str) -> None:
+    """The least an agent behind a hub does, with the broker's loop: the states a wake-up took
+    from its Asterisk go to the hub in one message, and each state a peer sent is written as a
+    Setvar; replies and echoes are read and dropped."""
+    loop = EventLoop(BATCH_INTERVAL)
+    context = zmq.Context()
+    evt, cmd, push, sub = (context.socket(kind) for kind in (zmq.SUB, zmq.DEALER, zmq.PUSH,
+                                                             zmq.SUB))
+    evt.setsockopt(zmq.SUBSCRIBE, b"{")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    for sock, url in ((evt, evt_url), (cmd, cmd_url), (push, push_url), (sub, sub_url)):
+        sock.connect(url)
+    own, pack, action_ids = name.encode() + b"\n", [], itertools.count()
+
+    def send_pack() -> None:
+        send_frames(push, [own + b"\n".join(pack)])
+        pack.clear()
+
+    def take_event(frames: List[bytes]) -> None:
+        if ECHO_MARK not in frames[0] and json.loads(frames[0]).get("Event") == "DeviceStateChange":
+            if not pack:
+                loop.soon(send_pack)
+            pack.append(frames[0])
+
+    def take_pack(frames: List[bytes]) -> None:
+        if not frames[0].startswith(own):
+            for line in frames[0].split(b"\n")[1:]:
+                send_frames(cmd, (b"", setvar(json.loads(line), str(next(action_ids))).encode()))
+
+    loop.add_reader(evt, lambda: drain(evt, take_event))
+    loop.add_reader(sub, lambda: drain(sub, take_pack))
+    loop.add_reader(cmd, lambda: drain(cmd, lambda frames: None))
+    loop.run()
+
+
+def floor_nats_agent(name: str, cmd_url: str, evt_url: str, nats_urls: str) -> None:
+    """The least an agent over NATS does, in one asyncio loop: its Asterisk's states put in the
+    bucket together at most every natsbucket.PUT_INTERVAL (unacknowledged), each change the bucket
+    republishes written as a Setvar (the peers'); replies and echoes read and dropped."""
+    import asyncio
+
+    import nats
+    import zmq.asyncio
+    from nats.js.api import RePublish
+    from zmqami.natsbucket import PUT_INTERVAL
+
+    async def run() -> None:
+        context = zmq.asyncio.Context()
+        evt, cmd = context.socket(zmq.SUB), context.socket(zmq.DEALER)
+        evt.setsockopt(zmq.SUBSCRIBE, b"{")
+        evt.connect(evt_url)
+        cmd.connect(cmd_url)
+        client = await nats.connect(nats_urls.split(","))
+        for _ in range(60):  # (until the cluster has elected its JetStream leader)
+            try:
+                await client.jetstream().create_key_value(
+                    bucket="floor", history=1, replicas=3,
+                    republish=RePublish(src="$KV.floor.>", dest="floor.kv.>"))
+                break
+            except nats.errors.Error:
+                await asyncio.sleep(0.5)
+        action_ids = itertools.count()
+
+        async def write_change(msg) -> None:
+            owner, device = msg.headers["Nats-Subject"].split(".", 3)[2:]
+            if owner != name:
+                send_frames(cmd, (b"", setvar({"Device": device, "State": msg.data.decode()},
+                                             str(next(action_ids))).encode()))
+
+        async def drop_replies() -> None:
+            while True:
+                await cmd.recv_multipart()
+
+        async def put_states() -> None:
+            while True:
+                await asyncio.sleep(PUT_INTERVAL)
+                for device, state in puts.items():
+                    await client.publish(f"$KV.floor.{name}.{device}", state.encode())
+                puts.clear()
+
+        async def take_events() -> None:
+            while True:
+                raw = await evt.recv()
+                event = json.loads(raw) if ECHO_MARK not in raw else {}
+                if event.get("Event") == "DeviceStateChange":
+                    puts[event["Device"]] = event["State"]
+
+        puts: Dict[str, str] = {}
+        await client.subscribe("floor.kv.>", cb=write_change)
+        await asyncio.gather(take_events(), drop_replies(), put_states())
+
+    asyncio.run(run())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("scenarios", nargs="*", choices=[[]] + list(SCENARIOS),
                         help="scenarios to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--first-sight", action="store_true",
+                        help="the rate rows stream devices the relays never saw (before "
+                             "2026-12-03, every row did): each makes their memory grow")
     parser.add_argument("--baseline-broker", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--floor-broker", metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-hub", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-agent", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-nats-agent", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for floor, relay in ((args.floor_hub, floor_hub), (args.floor_agent, floor_agent),
+                         (args.floor_nats_agent, floor_nats_agent)):
+        if floor:
+            relay(*floor)
+            return 0
     if args.baseline_broker:
         baseline_broker(args.baseline_broker)
         return 0
@@ -689,7 +845,7 @@ def main() -> int:
     rows: List[Row] = []
     with tempfile.TemporaryDirectory(prefix="zmq-ami-bench-") as workdir:
         for name in args.scenarios or list(SCENARIOS):
-            rows += SCENARIOS[name](context, workdir, args.quick)
+            rows += SCENARIOS[name](context, workdir, args)
     print_table(rows)
     context.destroy(linger=0)
     return 0
