@@ -25,10 +25,12 @@ class PeerStates:
         self.kinds: Tuple[bool, bool, bool] = (True, False, False)  # DEVICE_STATE, PRESENCE, MWI
 
     def apply_event(self, message: Envelope) -> None:
-        self.apply(message, message.field("data"))
+        # (written with the message's uuid as its ActionID, as the original agent wrote it)
+        self.apply(message, message.field("data"), action_id=message.uuid)
 
     def apply_events(self, message: Envelope) -> None:
-        """A peer's changes, sent together: each as an AsteriskEvent's."""
+        """A peer's changes, sent together: each as an AsteriskEvent's (each written with an
+        ActionID of its own: in flight at once, they could not share the message's)."""
         for event in self.events_of(message) or ():
             self.apply(message, event)
 
@@ -47,26 +49,28 @@ class PeerStates:
         self.drop(message, "x_events is not a list")
         return None
 
-    def apply(self, message: Envelope, data: Any, snapshot: bool = False) -> None:
-        """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here.
+    def apply(self, message: Envelope, data: Any, snapshot: bool = False,
+              action_id: str = "") -> None:
+        """A peer's state (an AsteriskEvent's x_data, or one of its AgentStates): mirror it here
+        (action_id: of the write; by default a new one).
 
         A presence is taken only if it changed no earlier than the one known (its ChangedAt;
         without one, an event is a change seen now, a snapshot's value the oldest of all)."""
+        origin = message.origin
         try:
             if not isinstance(data, dict):
                 raise BadInput("not an object")
             update = relayed_update(data, *self.kinds)
-            self.states.check_room(message.origin, update)
+            self.states.check_room(origin, update)
         except BadInput as exc:
             self.drop(message, str(exc), repr(data).encode())
             return
-        stale = message.age > 0 and self.peers.is_down(message.origin)  # a stopped peer's (NATS)
-        if update is None or not self.states.record(message.origin, update,
-                                                    changed_at(data, snapshot), down=stale):
+        stale = message.age > 0 and self.peers.is_down(origin)  # a stopped peer's (NATS)
+        if update is None or not self.states.record(origin, update, changed_at(data, snapshot),
+                                                    down=stale):
             return
-        log.debug("Other device: %s - %s (from %s).", update.variable, update.value,
-                  message.origin)
-        self.relay.write_mirrors(update.variable, message.uuid)
+        log.debug("Other device: %s - %s (from %s).", update.variable, update.value, origin)
+        self.relay.write_mirrors(update.variable, action_id)
 
 
 def changed_at(data: Dict[str, Any], snapshot: bool) -> Optional[float]:

@@ -128,6 +128,11 @@ class Relay:
                     self.write(source, StateUpdate(variable, value), action_id)
             return
         # One source reports it (the common case): one value, and one action for all the others.
+        choosy = self.accept_filters or self.hinted_only
+        targets = [link for source, link in self.links.items()
+                   if source != owner and (not choosy or self.accepted(source, variable))]
+        if not targets:
+            return  # (an agent's own device: its one server is the owner)
         update = StateUpdate(variable, self.states.mirror_value(variable, ""))
         action_id = action_id or unique_id()
         if self.verbose:
@@ -135,10 +140,8 @@ class Relay:
                                                        indent=1))
         self.log.debug("Relaying %s=%s from %s", variable, update.value, owner)
         encoded = update.encoded_action(action_id, self.verb)  # the same bytes for every server
-        choosy = self.accept_filters or self.hinted_only
-        for source, link in self.links.items():
-            if source != owner and (not choosy or self.accepted(source, variable)):
-                link.write_state(update, action_id, self.verb, encoded)
+        for link in targets:
+            link.write_state(update, action_id, self.verb, encoded)
 
     def write(self, source: str, update: StateUpdate, action_id: str = "") -> None:
         """Write update on a local server, the way that server takes it."""
