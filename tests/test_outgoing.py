@@ -108,3 +108,13 @@ def test_a_full_pack_of_the_largest_presences_fits_a_hub_message():
              "Status": "away", "Subtype": text, "Message": text, "ChangedAt": "1764800000.000"}
     frames = build("*", "AsteriskEvents", "Moscow", events=[event] * PACK_MAX, heartbeat="30")
     assert len(frames[1]) < HUB_MAX_BYTES / 2
+
+
+def test_an_original_agent_heard_while_always_packing_is_told_once(caplog):
+    states, sent, _ = sender(True)
+    for _ in range(3):
+        states.heard(message("AgentPong"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "Old" in warnings[0] and "PACK_EVENTS" in warnings[0]
+    take(states, 3)
+    assert sent == [("AsteriskEvents", 3)]  # (as set: every agent is said to be of this version)

@@ -100,5 +100,9 @@ class StateSender:
             log.info("An original agent (%s) is on the network: each state goes in a message "
                      "of its own until none is heard for %g s.", message.origin,
                      ORIGINAL_AGENT_QUIET)
+        elif not self.original_agent and self.mode is True:
+            log.warning("An original agent (%s) is on the network: it misses the states sent "
+                        "together (PACK_EVENTS = True); set PACK_EVENTS = 'auto' until every "
+                        "agent is of this version.", message.origin)
         self.original_agent = str(message.origin)
         self.quiet_since = self.clock()
